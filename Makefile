@@ -1,0 +1,36 @@
+# Two commands: `make serve` (embedded default on CPU, port 8000) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.atelier-installed
+TINY_MODELS := models/tiny
+TORCH_VERSION ?= 2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: serve test venv models bench clean
+
+# The CPU torch wheel goes in first with pip (it honours pip's configured find-links and
+# PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, e.g. PyTorch's CPU index); uv then keeps it and installs
+# the rest fast, with CUDA-only torchvision/torchaudio/torchcodec overridden away.
+$(STAMP): pyproject.toml constraints/cpu-overrides.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check uv "torch==$(TORCH_VERSION)"
+	$(VENV)/bin/uv pip install -q --python $(PY) --overrides constraints/cpu-overrides.txt -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+models: venv
+	$(PY) -m configs.tiny_models --out $(TINY_MODELS)
+
+serve: models
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run configs/local.yaml
+
+test: models
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
+
+bench: models
+	$(PY) benchmarks/bench_images.py
+
+clean:
+	rm -rf var .pytest_cache

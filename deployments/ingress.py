@@ -1,0 +1,416 @@
+"""HTTP ingress: FastAPI behind Ray Serve. OpenAI shapes for images; a job API for long work.
+
+Routes validate input, then either await a model deployment (sync) or write a durable job and
+enqueue it (`?async=true` or `Prefer: respond-async`, answered 202). Every error, whatever its
+origin, leaves through `error_response` in one JSON shape.
+"""
+
+
+import asyncio
+import base64
+import json
+import logging
+import mimetypes
+import time
+from typing import Any, Literal
+
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from pydantic import BaseModel, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
+from deployments.job_runner import JobQueueConfig, enqueue_job
+from deployments.media import check_size, decode_image, parse_size
+from deployments.protocol import (
+    ErrorResponse,
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    JobList,
+    JobOutputView,
+    JobView,
+    ModelCard,
+    ModelList,
+)
+from deployments.sdxl import SDXLRequest, SDXLResponse
+from storage.fs import Storage
+from storage.jobs import JobStore
+from storage.fs import InvalidKeyError, ObjectNotFoundError
+from storage.jobs import TERMINAL_STATUSES, JobNotFoundError, JobRecord
+from storage.keys import new_id
+
+logger = logging.getLogger("ray.serve")
+
+SERVED_PREFIXES = ("outputs/",)
+
+
+class IngressConfig(BaseModel):
+    storage_root: str = "var/storage"
+    storage_options: dict[str, Any] = {}
+    queue: JobQueueConfig
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_upload_pixels: int = Field(4096 * 4096, gt=0)
+    presign_urls: bool = Field(True, description="With S3 storage, output URLs are presigned S3 URLs.")
+    sse_poll_s: float = 0.25
+
+
+# --- errors: one shape, one place -------------------------------------------------------------
+
+
+def error_response(status: int, type_: str, message: str, param: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"type": type_, "message": message, "param": param}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _param_of(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "form", "header")]
+    return ".".join(parts) or None
+
+
+async def _atelier_error(request: Request, exc: Exception) -> JSONResponse:
+    exc = getattr(exc, "cause", exc)  # a RayTaskError wraps what the replica raised
+    return error_response(exc.status_code, exc.error_type, exc.message, exc.param, exc.headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    param = _param_of(tuple(first.get("loc", ())))
+    details = "; ".join(f"{_param_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
+    if first.get("type") == "json_invalid":
+        param, details = "body", "request body is not valid JSON"
+    return error_response(400, "invalid_request_error", details, param)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = {404: "not_found_error", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
+    return error_response(exc.status_code, kind, str(exc.detail), None, getattr(exc, "headers", None))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    from ray.serve.exceptions import BackPressureError
+
+    cause = getattr(exc, "cause", exc)
+    if isinstance(cause, AtelierError):
+        return await _atelier_error(request, cause)
+    if isinstance(cause, BackPressureError):
+        return error_response(503, "overloaded_error", "the model is at capacity; retry shortly", None,
+                              {"Retry-After": "1"})
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return error_response(500, "server_error", "internal error; it has been logged", None)
+
+
+class BodySizeLimitMiddleware:
+    """Refuses oversized bodies from Content-Length before reading them, and while streaming."""
+
+    def __init__(self, app, limit_of):
+        self.app = app
+        self.limit_of = limit_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit_of()
+        param = "image" if scope.get("path", "").endswith("/images/edits") else "body"
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, receive, send, int(declared), limit, param)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes", param)
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+    async def _refuse(self, scope, receive, send, size, limit, param):
+        response = error_response(413, PayloadTooLargeError.error_type,
+                                  f"{param} upload is {size} bytes, over the limit of {limit} bytes", param,
+                                  {"Connection": "close"})
+        await response(scope, receive, send)
+
+
+app = FastAPI(
+    title="Atelier",
+    version="0.1.0",
+    description="Generative media on Ray Serve: SDXL images (OpenAI Images shapes) and durable jobs.",
+    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+)
+app.state.max_body_bytes = 20 * 1024 * 1024
+app.add_middleware(BodySizeLimitMiddleware, limit_of=lambda: app.state.max_body_bytes)
+app.add_exception_handler(AtelierError, _atelier_error)
+app.add_exception_handler(RequestValidationError, _validation_error)
+app.add_exception_handler(ValidationError, _validation_error)
+app.add_exception_handler(StarletteHTTPException, _http_error)
+app.add_exception_handler(Exception, _unexpected_error)
+
+
+def _wants_async(request: Request, async_flag: bool) -> bool:
+    return async_flag or "respond-async" in request.headers.get("prefer", "")
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(app)
+class IngressDeployment:
+    def __init__(self, config: IngressConfig | dict, sdxl: DeploymentHandle,
+                 job_runner: DeploymentHandle | None = None):
+        from ray.serve.task_consumer import instantiate_adapter_from_config
+
+        self.config = IngressConfig.model_validate(config)
+        self.sdxl = sdxl
+        self.job_runner = job_runner  # bound so the consumer is part of the app; talked to via the queue
+        self.storage = Storage(self.config.storage_root, self.config.storage_options)
+        self.jobs = JobStore(self.storage)
+        self.queue = instantiate_adapter_from_config(self.config.queue.task_processor_config())
+        self._sdxl_info: dict | None = None
+        app.state.max_body_bytes = self.config.max_upload_bytes
+
+    # --- health and models ----------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(self) -> ModelList:
+        info = await self.sdxl_info()
+        card = ModelCard(
+            id=info["model"], kind="image", capabilities=["images.generations", "images.edits"],
+            metadata={k: info[k] for k in ("source", "default_size", "min_size", "max_size", "default_steps",
+                                           "max_steps", "allowed_n", "styles")},
+        )
+        return ModelList(data=[card])
+
+    async def sdxl_info(self) -> dict:
+        if self._sdxl_info is None:
+            self._sdxl_info = await self.sdxl.describe.remote()
+        return self._sdxl_info
+
+    # --- images ---------------------------------------------------------------------------------
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse,
+              responses={202: {"model": JobView, "description": "Accepted as a job (?async=true)."}})
+    async def create_images(self, body: ImageGenerationRequest, request: Request,
+                            async_: bool = Query(False, alias="async", description="Run as a job; answer 202.")):
+        sdxl_request = await self._sdxl_request(body, mode="text_to_image")
+        if _wants_async(request, async_):
+            return await self._submit_job("images.generations", sdxl_request, request)
+        return await self._generate(sdxl_request, body.response_format, request)
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse,
+              responses={202: {"model": JobView}, 413: {"model": ErrorResponse}})
+    async def edit_images(
+        self,
+        request: Request,
+        image: UploadFile = File(..., description="PNG, JPEG or WebP to edit."),
+        prompt: str = Form(...),
+        mask: UploadFile | None = File(None, description="Inpainting mask, same size as image; white is repainted."),
+        model: str | None = Form(None),
+        n: int = Form(1),
+        size: str | None = Form(None),
+        response_format: Literal["url", "b64_json"] = Form("url"),
+        negative_prompt: str | None = Form(None),
+        seed: int | None = Form(None),
+        steps: int | None = Form(None),
+        guidance_scale: float | None = Form(None),
+        strength: float = Form(0.8, gt=0, le=1),
+        style: str | None = Form(None),
+        async_: bool = Query(False, alias="async"),
+    ):
+        body = ImageGenerationRequest(
+            prompt=prompt, model=model, n=n, size=size, response_format=response_format,
+            negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, style=style,
+        )
+        image_bytes = await self._read_upload(image, "image")
+        mask_bytes = await self._read_upload(mask, "mask") if mask is not None else None
+        # Decode here so a bad upload is a 400 now, not a failed job later.
+        decoded = decode_image(image_bytes, "image", max_pixels=self.config.max_upload_pixels)
+        if mask_bytes is not None:
+            decoded_mask = decode_image(mask_bytes, "mask", max_pixels=self.config.max_upload_pixels, mode="L")
+            if decoded_mask.size != decoded.size:
+                raise InvalidRequestError(
+                    f"mask is {decoded_mask.width}x{decoded_mask.height} but image is "
+                    f"{decoded.width}x{decoded.height}; they must match", "mask")
+        sdxl_request = await self._sdxl_request(
+            body, mode="inpaint" if mask_bytes is not None else "image_to_image", strength=strength,
+            default_size=(decoded.width // 8 * 8, decoded.height // 8 * 8),
+        )
+        if _wants_async(request, async_):
+            upload_id = new_id("upload")
+            sdxl_request.image_key = await asyncio.to_thread(
+                self.storage.put_bytes, f"uploads/{upload_id}/image", image_bytes)
+            if mask_bytes is not None:
+                sdxl_request.mask_key = await asyncio.to_thread(
+                    self.storage.put_bytes, f"uploads/{upload_id}/mask", mask_bytes)
+            return await self._submit_job("images.edits", sdxl_request, request)
+        sdxl_request.image, sdxl_request.mask = image_bytes, mask_bytes
+        return await self._generate(sdxl_request, body.response_format, request)
+
+    async def _read_upload(self, upload: UploadFile, param: str) -> bytes:
+        limit = self.config.max_upload_bytes
+        if upload.size is not None and upload.size > limit:
+            raise PayloadTooLargeError(f"{param} is {upload.size} bytes, over the limit of {limit} bytes", param)
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLargeError(f"{param} is over the limit of {limit} bytes", param)
+        return data
+
+    async def _sdxl_request(self, body: ImageGenerationRequest, mode: str, strength: float = 0.8,
+                            default_size: tuple[int, int] | None = None) -> SDXLRequest:
+        """Check the request against the model's limits, so jobs never fail on bad input."""
+        info = await self.sdxl_info()
+        if body.model is not None and body.model != info["model"]:
+            raise InvalidRequestError(f"unknown model {body.model!r}; available: [{info['model']!r}]", "model")
+        if body.lora is not None:
+            raise InvalidRequestError(f"unknown LoRA {body.lora!r}; GET /v1/models lists registered adapters",
+                                      "lora")
+        if body.style is not None and body.style not in info["styles"]:
+            raise InvalidRequestError(f"unknown style {body.style!r}; known: {sorted(info['styles'])}", "style")
+        if body.steps is not None and body.steps > info["max_steps"]:
+            raise InvalidRequestError(f"steps must be at most {info['max_steps']}; got {body.steps}", "steps")
+        if body.size is not None:
+            width, height = parse_size(body.size)
+        else:
+            width, height = default_size or (info["default_size"], info["default_size"])
+        check_size(width, height, min_size=info["min_size"], max_size=info["max_size"])
+        return SDXLRequest(
+            mode=mode, prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, width=width,
+            height=height, steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
+            strength=strength, style=body.style,
+        )
+
+    async def _generate(self, sdxl_request: SDXLRequest, response_format: str, request: Request) -> ImagesResponse:
+        store = response_format == "url"
+        if store:
+            sdxl_request.store, sdxl_request.output_id = True, new_id("img")
+        result: SDXLResponse = await self.sdxl.generate.remote(sdxl_request)
+        data = []
+        for image in result.images:
+            if store:
+                data.append(ImageData(url=self._url_for(image.key, request), seed=image.seed,
+                                      revised_prompt=result.prompt))
+            else:
+                data.append(ImageData(b64_json=base64.b64encode(image.png).decode(), seed=image.seed,
+                                      revised_prompt=result.prompt))
+        first = result.images[0]
+        return ImagesResponse(created=int(time.time()), data=data, model=result.model,
+                              size=f"{first.width}x{first.height}", steps=result.steps,
+                              elapsed_s=round(result.elapsed_s, 4))
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def _submit_job(self, kind: str, sdxl_request: SDXLRequest, request: Request) -> JSONResponse:
+        payload = {"sdxl": sdxl_request.model_dump(mode="json", exclude={"image", "mask"})}
+        record = await asyncio.to_thread(self._create_and_enqueue, kind, payload)
+        view = self._job_view(record, request)
+        return JSONResponse(view.model_dump(mode="json"), status_code=202,
+                            headers={"Location": f"/v1/jobs/{record.id}"})
+
+    def _create_and_enqueue(self, kind: str, payload: dict) -> JobRecord:
+        depth = self.jobs.count_active()
+        if depth >= self.config.queue.max_queue_depth:
+            raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
+        record = self.jobs.create(kind, payload, stages=[], max_attempts=self.config.queue.max_attempts)
+        try:
+            enqueue_job(self.queue, self.jobs, record)
+        except Exception as exc:
+            logger.exception("enqueue of job %s failed", record.id)
+            self.jobs.update(record.id, status="failed", finished_at=time.time(),
+                             error={"type": "queue_unavailable", "message": f"could not enqueue: {exc}"})
+            raise OverloadedError("the job queue is unavailable; retry later", retry_after=5) from exc
+        return record
+
+    @app.get("/v1/jobs", response_model=JobList)
+    def list_jobs(self, request: Request, limit: int = Query(20, ge=1, le=100), after: str | None = None,
+                  status: Literal["queued", "in_progress", "completed", "failed", "cancelled"] | None = None,
+                  kind: str | None = None) -> JobList:
+        records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind)
+        views = [self._job_view(r, request) for r in records[:limit]]
+        return JobList(data=views, has_more=len(records) > limit, last_id=views[-1].id if views else None)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobView)
+    def get_job(self, job_id: str, request: Request) -> JobView:
+        return self._job_view(self._get_job(job_id), request)
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
+    def cancel_job(self, job_id: str, request: Request) -> JobView:
+        self._get_job(job_id)
+        return self._job_view(self.jobs.request_cancel(job_id), request)
+
+    @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def job_events(self, job_id: str, request: Request) -> StreamingResponse:
+        """Server-sent events: one `job` event per change, ending with the terminal state."""
+        await asyncio.to_thread(self._get_job, job_id)
+
+        async def events():
+            last = None
+            while True:
+                record = await asyncio.to_thread(self.jobs.get_with_cancel, job_id)
+                view = self._job_view(record, request).model_dump(mode="json")
+                if view != last:
+                    yield f"event: job\ndata: {json.dumps(view)}\n\n"
+                    last = view
+                if record.status in TERMINAL_STATUSES:
+                    yield "event: done\ndata: [DONE]\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(self.config.sse_poll_s)
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _get_job(self, job_id: str) -> JobRecord:
+        try:
+            return self.jobs.get_with_cancel(job_id)
+        except JobNotFoundError:
+            raise NotFoundError(f"no job with id {job_id!r}", "job_id") from None
+
+    def _job_view(self, record: JobRecord, request: Request) -> JobView:
+        data = record.model_dump(mode="json")
+        data["outputs"] = [
+            JobOutputView(url=self._url_for(o.key, request), **o.model_dump(include={
+                "key", "content_type", "width", "height", "seed"}))
+            for o in record.outputs
+        ]
+        return JobView.model_validate(data)
+
+    # --- files ----------------------------------------------------------------------------------
+
+    def _url_for(self, key: str, request: Request) -> str:
+        if self.config.presign_urls and self.storage.protocol != "file":
+            signed = self.storage.presign(key)
+            if signed:
+                return signed
+        return f"{str(request.base_url).rstrip('/')}/v1/files/{key}"
+
+    @app.get("/v1/files/{key:path}", responses={200: {"content": {"image/png": {}, "video/mp4": {}}}})
+    def get_file(self, key: str):
+        if not key.startswith(SERVED_PREFIXES):
+            raise NotFoundError(f"no file {key!r}", "key")
+        try:
+            size = self.storage.size(key)
+            handle = self.storage.open(key)
+        except (InvalidKeyError, ObjectNotFoundError, FileNotFoundError):
+            raise NotFoundError(f"no file {key!r}", "key") from None
+        if self.config.presign_urls and self.storage.protocol != "file":
+            handle.close()
+            return RedirectResponse(self.storage.presign(key), status_code=307)
+
+        def chunks():
+            with handle:
+                while chunk := handle.read(1 << 20):
+                    yield chunk
+
+        media_type = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        return StreamingResponse(chunks(), media_type=media_type, headers={"Content-Length": str(size)})

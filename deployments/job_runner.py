@@ -1,0 +1,259 @@
+"""Job consumer: runs durable jobs taken from the queue engine (Ray Serve async inference, Celery).
+
+The ingress writes the job record and enqueues `atelier.run_job(job_id)` before it answers, so a
+job is durable before its id is returned. A replica of this deployment runs the job's pipeline
+(graphs.pipelines), calling the model deployments through DeploymentHandles, and is the only
+writer of the record while the job runs; cancel arrives as a separate marker.
+
+A job is never silently lost:
+- a model replica that dies mid-call is retried on another replica, up to `max_attempts`;
+- a runner replica that dies stops heartbeating; the reaper on any surviving or replacement
+  replica re-enqueues the job or, out of attempts, fails it with a clear error. This matters
+  because with the SQL broker a message taken by a dead worker is never redelivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, Field
+from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
+from ray.serve.task_consumer import task_handler
+
+from deployments.errors import AtelierError, JobCancelledError
+from storage.fs import Storage
+from storage.jobs import JobStore
+from storage.jobs import TERMINAL_STATUSES, JobOutput, JobRecord
+
+logger = logging.getLogger("ray.serve")
+
+RUN_JOB_TASK = "atelier.run_job"
+
+
+class JobQueueConfig(BaseModel):
+    broker_url: str = Field(description="Celery broker: sqla+sqlite:////abs/broker.db locally, redis://… in production.")
+    backend_url: str = Field(description="Celery result backend: db+sqlite:////abs/results.db or redis://….")
+    queue_name: str = "atelier-jobs"
+    concurrency: int = Field(4, ge=1, description="Jobs one runner replica runs at once.")
+    heartbeat_s: float = Field(2.0, gt=0)
+    lease_s: float = Field(30.0, gt=0, description="A running job silent for this long is taken as lost.")
+    reap_interval_s: float = Field(5.0, gt=0)
+    max_attempts: int = Field(2, ge=1)
+    max_queue_depth: int = Field(1000, ge=1, description="Unfinished jobs past which submission gets 503.")
+
+    def task_processor_config(self) -> TaskProcessorConfig:
+        return TaskProcessorConfig(
+            queue_name=self.queue_name,
+            adapter_config=CeleryAdapterConfig(
+                broker_url=os.path.expandvars(self.broker_url),
+                backend_url=os.path.expandvars(self.backend_url),
+                # One message reserved per running thread: a dead worker then strands only the
+                # jobs it was running, which the reaper recovers.
+                app_custom_config={"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True},
+            ),
+            # Failures are recorded on the job itself; the task never asks Celery to retry.
+            max_retries=0,
+        )
+
+
+def enqueue_job(adapter, store: JobStore, record: JobRecord) -> str:
+    """Persist the record with its task id, then enqueue; a task finding another id on the record is stale."""
+    record.task_id = str(uuid.uuid4())
+    store.save(record)
+    adapter.enqueue_task_sync(RUN_JOB_TASK, kwargs={"job_id": record.id}, task_id=record.task_id)
+    return record.task_id
+
+
+class ReplicaLostError(AtelierError):
+    status_code = 503
+    error_type = "replica_lost"
+
+
+def is_replica_failure(exc: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(exc, (RayActorError, ActorDiedError, ActorUnavailableError))
+
+
+class JobContext:
+    """The running job as its pipeline sees it: progress by stage and step, outputs, cancel."""
+
+    def __init__(self, store: JobStore, record: JobRecord, write_interval_s: float = 0.2):
+        self.store = store
+        self.record = record
+        self._lock = threading.Lock()
+        self._write_interval_s = write_interval_s
+        self._last_write = 0.0
+        self._last_cancel_check = 0.0
+        self._cancelled = False
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def request(self) -> dict:
+        return self.record.request
+
+    def save(self, force: bool = True, **fields: Any) -> None:
+        with self._lock:
+            for name, value in fields.items():
+                setattr(self.record, name, value)
+            now = time.time()
+            if force or now - self._last_write >= self._write_interval_s:
+                self.record.heartbeat_at = now
+                self.record = self.store.save(self.record)
+                self._last_write = now
+
+    def start_stage(self, stage: str) -> None:
+        if stage not in self.record.stages:
+            self.record.stages.append(stage)
+        self.save(stage=stage, stage_progress=0.0, step=None, total_steps=None, progress=self._overall(stage, 0.0))
+
+    def step(self, step: int, total_steps: int) -> None:
+        stage = self.record.stage or "run"
+        within = 100.0 * step / max(total_steps, 1)
+        self.save(force=step >= total_steps, step=step, total_steps=total_steps,
+                  stage_progress=within, progress=self._overall(stage, within))
+
+    def add_output(self, output: JobOutput) -> None:
+        self.record.outputs.append(output)
+
+    def check_cancelled(self) -> None:
+        """Raise JobCancelledError once the cancel marker exists (checked at most every 0.25 s)."""
+        now = time.monotonic()
+        if not self._cancelled and now - self._last_cancel_check > 0.25:
+            self._last_cancel_check = now
+            self._cancelled = self.store.is_cancel_requested(self.id)
+        if self._cancelled:
+            raise JobCancelledError("cancelled by request")
+
+    def heartbeat(self) -> None:
+        self.save(force=True)
+
+    def _overall(self, stage: str, within: float) -> float:
+        stages = self.record.stages or [stage]
+        index = stages.index(stage) if stage in stages else 0
+        return round((index + within / 100.0) / len(stages) * 100.0, 2)
+
+
+class JobRunnerDeployment:
+    """Wrapped with `task_consumer` and `serve.deployment` in graphs.app, where its queue config is known."""
+
+    def __init__(self, queue: JobQueueConfig | dict, storage_root: str, storage_options: dict | None = None,
+                 **handles: Any):
+        from graphs.pipelines import JOB_PIPELINES
+
+        self.queue = JobQueueConfig.model_validate(queue)
+        self.store = JobStore(Storage(storage_root, storage_options))
+        self.handles = handles
+        self.pipelines = JOB_PIPELINES
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_forever, name="job-reaper", daemon=True)
+        self._reaper.start()
+
+    # Registered as a Celery task by `task_consumer`; Celery runs it in one of its threads.
+    @task_handler(name=RUN_JOB_TASK)
+    def run_job(self, job_id: str) -> dict:
+        from celery import current_task
+
+        task_id = current_task.request.id if current_task else None
+        try:
+            record = self.store.get(job_id)
+        except KeyError:
+            logger.warning("job %s has no record; dropping its task", job_id)
+            return {"job_id": job_id, "status": "missing"}
+        if record.status in TERMINAL_STATUSES or (record.task_id and task_id and record.task_id != task_id):
+            return {"job_id": job_id, "status": record.status}  # finished, or superseded by a re-enqueue
+
+        ctx = JobContext(self.store, record)
+        if self.store.is_cancel_requested(job_id):
+            ctx.save(status="cancelled", finished_at=time.time())
+            return {"job_id": job_id, "status": "cancelled"}
+        ctx.save(status="in_progress", attempts=record.attempts + 1, started_at=record.started_at or time.time())
+
+        beat = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(ctx, beat), daemon=True).start()
+        try:
+            self._run_with_retries(ctx)
+            ctx.save(status="completed", progress=100.0, stage_progress=100.0, finished_at=time.time(), error=None)
+        except JobCancelledError:
+            ctx.save(status="cancelled", finished_at=time.time())
+        except Exception as exc:  # every failure ends the job with its reason, never a silent loss
+            error = exc if isinstance(exc, AtelierError) else None
+            logger.exception("job %s failed", job_id)
+            ctx.save(status="failed", finished_at=time.time(),
+                     error={"type": error.error_type if error else type(exc).__name__,
+                            "message": error.message if error else str(exc) or repr(exc)})
+        finally:
+            beat.set()
+        return {"job_id": job_id, "status": ctx.record.status}
+
+    def _run_with_retries(self, ctx: JobContext) -> None:
+        pipeline = self.pipelines[ctx.record.kind]
+        attempts = max(ctx.record.max_attempts, 1)
+        for attempt in range(1, attempts + 1):
+            try:
+                pipeline(ctx, self.handles)
+                return
+            except Exception as exc:
+                if not is_replica_failure(exc):
+                    raise
+                logger.warning("job %s: a replica died (attempt %d/%d): %s", ctx.id, attempt, attempts, exc)
+                if attempt == attempts:
+                    raise ReplicaLostError(
+                        f"the replica running stage {ctx.record.stage!r} died {attempts} times; giving up"
+                    ) from exc
+                ctx.record.outputs = []
+
+    def _heartbeat(self, ctx: JobContext, stop: threading.Event) -> None:
+        while not stop.wait(self.queue.heartbeat_s):
+            try:
+                ctx.heartbeat()
+            except Exception:  # storage hiccup: the next beat tries again
+                logger.exception("heartbeat for job %s failed", ctx.id)
+
+    # --- reaper -------------------------------------------------------------------------------
+
+    def _reap_forever(self) -> None:
+        while not self._stop.wait(self.queue.reap_interval_s):
+            try:
+                self.reap_once()
+            except Exception:
+                logger.exception("job reaper pass failed")
+
+    def reap_once(self) -> list[str]:
+        """Recover running jobs whose heartbeat stopped: re-enqueue, or fail when out of attempts."""
+        now = time.time()
+        recovered = []
+        for record in self.store.list_active():
+            if record.status != "in_progress":
+                continue
+            last_seen = record.heartbeat_at or record.started_at or record.created_at
+            if now - last_seen < self.queue.lease_s:
+                continue
+            if record.attempts < record.max_attempts:
+                record.status = "queued"
+                record.task_id = enqueue_job(self._adapter, self.store, record)
+                logger.warning("job %s lost its runner; re-enqueued (attempt %d)", record.id, record.attempts + 1)
+            else:
+                record.status = "failed"
+                record.finished_at = now
+                record.error = {"type": "replica_lost",
+                                "message": f"the replica running this job stopped after {record.attempts} attempts"}
+                self.store.save(record)
+                logger.warning("job %s lost its runner %d times; failed", record.id, record.attempts)
+            recovered.append(record.id)
+        return recovered
+
+    def check_health(self) -> None:
+        if not self._reaper.is_alive():
+            raise RuntimeError("job reaper thread died")
+
+    def __del__(self):
+        self._stop.set()

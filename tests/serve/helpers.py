@@ -1,0 +1,70 @@
+"""Decoding and polling helpers for the serve tests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+from PIL import Image
+
+
+def decode_b64_png(b64: str) -> Image.Image:
+    data = base64.b64decode(b64)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return png_bytes(Image.fromarray(array.squeeze() if channels == 1 else array, mode))
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} not finished after {timeout_s}s: {job}")
+
+
+def read_events(client: httpx.Client, job_id: str, timeout_s: float = 120) -> list[dict]:
+    """All `job` events of a job's SSE stream until it ends."""
+    events, name = [], None
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout_s) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and name == "job":
+                events.append(json.loads(line.split(":", 1)[1]))
+            elif line.startswith("data:") and name == "done":
+                break
+    return events
+
+
+def assert_error(response: httpx.Response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, (response.status_code, response.text)
+    error = response.json()["error"]
+    assert set(error) == {"type", "message", "param"}
+    assert error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+    return error

@@ -1,0 +1,89 @@
+"""Every bad input is a 4xx in the one error shape, naming the field; never a 5xx."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serve.helpers import assert_error, noise_image
+
+pytestmark = pytest.mark.serve
+
+VALID = {"prompt": "a cat", "size": "64x64", "steps": 2}
+
+
+@pytest.mark.parametrize("override, param", [
+    ({"n": 3}, "n"),
+    ({"n": 0}, "n"),
+    ({"size": "7x7"}, "size"),
+    ({"size": "100000x100000"}, "size"),
+    ({"size": "big"}, "size"),
+    ({"steps": -1}, "steps"),
+    ({"steps": 10_000}, "steps"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"model": "dall-e-9"}, "model"),
+    ({"style": "no-such-style"}, "style"),
+    ({"lora": "no-such-lora"}, "lora"),
+    ({"seed": -5}, "seed"),
+    ({"response_format": "gif"}, "response_format"),
+    ({"unknown_field": 1}, "unknown_field"),
+])
+def test_bad_generation_parameters(client, override, param):
+    assert_error(client.post("/v1/images/generations", json={**VALID, **override}), 400, param)
+
+
+@pytest.mark.parametrize("async_", [False, True])
+def test_bad_input_is_refused_before_a_job_is_made(client, async_):
+    before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    response = client.post("/v1/images/generations", params={"async": async_}, json={**VALID, "n": 3})
+    assert_error(response, 400, "n")
+    assert client.get("/v1/jobs", params={"limit": 100}).json()["data"] == before
+
+
+def test_malformed_json_and_missing_prompt(client):
+    response = client.post("/v1/images/generations", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(response, 400, None)
+    assert_error(client.post("/v1/images/generations", json={"n": 1}), 400, "prompt")
+
+
+def test_non_image_upload(client):
+    response = client.post("/v1/images/edits", files={"image": ("x.png", b"this is text, not a PNG", "image/png")},
+                           data={"prompt": "x"})
+    assert_error(response, 400, "image")
+
+
+def test_mask_of_the_wrong_size(client):
+    response = client.post("/v1/images/edits", files={
+        "image": ("in.png", noise_image(64, 64), "image/png"),
+        "mask": ("mask.png", noise_image(32, 32, mode="L"), "image/png")}, data={"prompt": "x"})
+    error = assert_error(response, 400, "mask")
+    assert "32x32" in error["message"] and "64x64" in error["message"]
+
+
+def test_missing_image_upload(client):
+    assert_error(client.post("/v1/images/edits", data={"prompt": "x"}, files={"mask": ("m.png", b"x", "image/png")}),
+                 400, "image")
+
+
+def test_fifty_megabyte_upload_is_413(client):
+    big = b"\0" * (50 * 1024 * 1024)
+    response = client.post("/v1/images/edits", files={"image": ("big.png", big, "image/png")}, data={"prompt": "x"})
+    error = assert_error(response, 413, "image")
+    assert "limit" in error["message"]
+
+
+def test_unknown_job_id(client):
+    assert_error(client.get("/v1/jobs/job_doesnotexist"), 404, "job_id")
+    assert_error(client.get("/v1/jobs/..%2F..%2Fetc%2Fpasswd"), 404, None)
+    assert_error(client.post("/v1/jobs/job_doesnotexist/cancel"), 404, "job_id")
+    assert_error(client.get("/v1/jobs/job_doesnotexist/events"), 404, "job_id")
+
+
+def test_file_outside_outputs_or_traversal_is_404(client):
+    assert_error(client.get("/v1/files/jobs/anything.json"), 404, "key")
+    assert_error(client.get("/v1/files/outputs/../jobs/x.json"), 404, None)
+    assert_error(client.get("/v1/files/outputs/none.png"), 404, "key")
+
+
+def test_unknown_route_has_the_error_shape(client):
+    assert_error(client.get("/v1/nothing-here"), 404, None)
