@@ -229,7 +229,10 @@ class SDXLDeployment:
             getter.cancel()
             while not item.events.empty():
                 yield item.events.get_nowait()
-            yield task.result()
+            result = task.result()
+            if isinstance(result, BaseException):  # serve.batch hands back per-item errors as values
+                raise result
+            yield result
             return
 
     def check_health(self) -> None:

@@ -1,0 +1,91 @@
+"""Runs configs/local.yaml with `serve run` in a subprocess, isolated in a scratch folder.
+
+Used by the serve tests and the benchmarks: storage, queue and HTTP port point at the scratch
+folder and a free port, so a run never touches `var/` or a `make serve` on port 8000.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def isolated_local_config(scratch: Path, port: int, args_update: dict | None = None) -> Path:
+    config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    config["http_options"]["port"] = port
+    args = config["applications"][0]["args"]
+    args["base_dir"] = str(REPO)
+    args["storage_root"] = str(scratch / "storage")
+    args["queue"]["broker_url"] = f"sqla+sqlite:///{scratch}/queue/broker.db"
+    args["queue"]["backend_url"] = f"db+sqlite:///{scratch}/queue/results.db"
+    for section, values in (args_update or {}).items():
+        args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
+    path = scratch / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class LocalServeApp:
+    def __init__(self, scratch: Path, args_update: dict | None = None, ready_timeout_s: float = 300):
+        scratch.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.config_path = isolated_local_config(scratch, self.port, args_update)
+        self.log_path = scratch / "serve.log"
+        self.ready_timeout_s = ready_timeout_s
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "LocalServeApp":
+        bin_dir = Path(sys.executable).parent
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+               "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+        self.process = subprocess.Popen(
+            [str(bin_dir / "serve"), "run", str(self.config_path)], cwd=REPO, env=env,
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"serve run exited early:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/v1/models", timeout=5).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"app not ready after {self.ready_timeout_s}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> "LocalServeApp":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

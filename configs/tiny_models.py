@@ -1,0 +1,479 @@
+"""Tiny random-weight stand-ins for the four Atelier models.
+
+Each builder writes a folder in the normal Hugging Face / diffusers layout with
+`save_pretrained`, so the real `from_pretrained(path)` loading code runs against it
+on a CPU machine with no hub access. Weights are random (images are noise, text is
+gibberish) but deterministic: the same seed gives byte-identical safetensors files.
+
+Usage:
+    python -m configs.tiny_models [--out models/tiny] [--seed 0] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+MODEL_NAMES = ("sdxl", "svd", "upscaler", "gemma")
+
+# Written last into a finished folder; a folder without it is treated as half-built.
+COMPLETE_MARKER = ".complete"
+
+# Shared by every CLIP text encoder below: 256 byte chars x 2 (+ "</w>") + 2 specials.
+CLIP_VOCAB_SIZE = 514
+
+
+# ---------------------------------------------------------------------------
+# Tokenizers, built in code (no downloads)
+# ---------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte -> printable unicode char map.
+
+    Same table as transformers' `bytes_to_unicode`, copied here because transformers 5
+    moved it out of `models.clip.tokenization_clip` (it now lives in
+    `convert_slow_tokenizer`), and a private import path is not worth depending on.
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    assert len(vocab) == CLIP_VOCAB_SIZE
+    # transformers 5 ignores vocab_file/merges_file: pass the dict and list directly.
+    # Without model_max_length the tokenizer thinks it is unbounded and prompts overflow
+    # the 77 position embeddings.
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _clip_text_config(projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    # Ids must match _clip_tokenizer(): CLIP pools at eos_token_id, and pads with eos.
+    return CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE,
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        layer_norm_eps=1e-05,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+    )
+
+
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+
+# Gemma's own template, except that a system message is folded into the first user turn
+# (as Gemma 2/3 do) instead of raising, since OpenAI-style clients often send one.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim + '\n\n' %}{% set messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{% set content = (system if loop.first else '') + message['content'] | trim %}"
+    "{{ '<start_of_turn>' + role + '\n' + content + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+# Enough varied text for a few hundred byte-level merges.
+_GEMMA_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A photo of an astronaut riding a horse on the moon, highly detailed, 4k.",
+    "Write a short poem about the sea, the wind and the lighthouse keeper.",
+    "Hello! How are you today? I am fine, thank you for asking.",
+    "Stable Diffusion XL generates images from text prompts in a few seconds.",
+    "Upscale this picture four times and keep the fine details sharp.",
+    "Turn the still image into a short video clip of twenty five frames.",
+    "Summarize the following paragraph in one sentence, please.",
+    "def main():\n    print('hello world')\n    return 0\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000 3.14 2.71 42",
+    "user model assistant system prompt response question answer",
+    "painting, watercolor, oil on canvas, cinematic lighting, portrait, landscape",
+    "Ray Serve scales model deployments across replicas and nodes.",
+    "Once upon a time there was a little cat who lived in a big old house.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Explain how diffusion models remove noise step by step.",
+]
+
+
+def _gemma_tokenizer(vocab_size: int = 512):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    # Byte-level, so any input text (and any byte the model emits) round-trips.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=GEMMA_SPECIALS,  # ids 0..5, in Gemma's order (pad=0, eos=1, bos=2)
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_GEMMA_CORPUS * 4, trainer=trainer)
+    # Like Gemma: plain encode() prepends <bos>; the chat template writes its own, and
+    # apply_chat_template encodes with add_special_tokens=False, so it is not doubled.
+    bos_id = tok.token_to_id("<bos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        chat_template=GEMMA_CHAT_TEMPLATE,
+        model_max_length=1024,
+        padding_side="left",  # decoder-only: batch generation needs left padding
+    )
+
+
+# ---------------------------------------------------------------------------
+# Builders: one plain function per model, each re-seeding before every component
+# ---------------------------------------------------------------------------
+
+
+def build_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
+    """StableDiffusionXLPipeline folder; default output 64x64. Also usable through
+    StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline.from_pipe."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):  # don't disturb the caller's RNG
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32,  # latent size; x2 VAE scale factor -> 64x64 default images
+            in_channels=4,  # 4-channel: the inpaint pipeline then blends latents itself
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
+            cross_attention_dim=64,  # both text encoders' hidden states concatenated (32 + 32)
+            norm_num_groups=1,
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            latent_channels=4,
+            sample_size=64,
+            force_upcast=False,  # the real SDXL VAE upcasts fp16; pointless on CPU fp32
+        )
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_clip_text_config(projection_dim=32))
+        torch.manual_seed(seed)
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(projection_dim=32))
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=_clip_tokenizer(),
+            tokenizer_2=_clip_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+        )
+        pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_svd(path: str | Path, seed: int = 0) -> Path:
+    """StableVideoDiffusionPipeline folder; default 64x64, 4 frames."""
+    from diffusers import (
+        AutoencoderKLTemporalDecoder,
+        EulerDiscreteScheduler,
+        StableVideoDiffusionPipeline,
+        UNetSpatioTemporalConditionModel,
+    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNetSpatioTemporalConditionModel(
+            sample_size=32,  # x2 VAE scale factor -> 64x64 default frames
+            in_channels=8,  # noisy latents + image latents
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            cross_attention_dim=32,  # = image encoder projection_dim
+            num_attention_heads=8,
+            projection_class_embeddings_input_dim=96,  # 3 added time ids (fps, motion, noise) x 32
+            addition_time_embed_dim=32,
+            num_frames=4,  # only the pipeline's default num_frames
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderKLTemporalDecoder(
+            block_out_channels=[32, 64],
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            latent_channels=4,
+            sample_size=64,
+        )
+        torch.manual_seed(seed)
+        # The pipeline always resizes the conditioning image to 224, so the vision encoder
+        # must take 224 inputs; patch 32 keeps that to 49 patches.
+        image_encoder = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(
+                image_size=224,
+                patch_size=32,
+                hidden_size=32,
+                projection_dim=32,
+                num_hidden_layers=5,
+                num_attention_heads=4,
+                intermediate_size=37,
+            )
+        )
+        feature_extractor = CLIPImageProcessor(crop_size=224, size=224)
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            interpolation_type="linear",
+            num_train_timesteps=1000,
+            prediction_type="v_prediction",
+            sigma_max=700.0,
+            sigma_min=0.002,
+            steps_offset=1,
+            timestep_spacing="leading",
+            timestep_type="continuous",
+            use_karras_sigmas=True,
+        )
+        pipe = StableVideoDiffusionPipeline(
+            vae=vae,
+            image_encoder=image_encoder,
+            unet=unet,
+            scheduler=scheduler,
+            feature_extractor=feature_extractor,
+        )
+        # Without torchvision, transformers 5 hands back CLIPImageProcessorPil and diffusers
+        # would record that class in model_index.json; record the generic name so the folder
+        # loads with whichever backend the loading environment has.
+        pipe.register_to_config(feature_extractor=("transformers", "CLIPImageProcessor"))
+        pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_upscaler(path: str | Path, seed: int = 0) -> Path:
+    """StableDiffusionUpscalePipeline folder: 32x32 in -> 128x128 out (x4)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel
+
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=7,  # 4 noisy latents + 3 low-res RGB channels
+            out_channels=4,
+            block_out_channels=(32, 32, 64),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            use_linear_projection=True,
+            only_cross_attention=(True, True, False),
+            num_class_embeds=100,  # noise level conditioning
+        )
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            block_out_channels=[32, 32, 64],  # 3 blocks -> x4 scale factor
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 3,
+            up_block_types=["UpDecoderBlock2D"] * 3,
+            latent_channels=4,
+            scaling_factor=0.08333,  # the upscaler's value; otherwise the pipeline warns and patches it
+        )
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(_clip_text_config(projection_dim=512))
+        pipe = StableDiffusionUpscalePipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=_clip_tokenizer(),
+            unet=unet,
+            low_res_scheduler=DDPMScheduler(),
+            scheduler=DDIMScheduler(prediction_type="v_prediction"),
+            max_noise_level=350,
+        )
+        pipe.save_pretrained(path)
+    return path
+
+
+def build_tiny_gemma(path: str | Path, seed: int = 0) -> Path:
+    """Gemma causal LM + tokenizer + generation config, saved as float32."""
+    from transformers import GemmaConfig, GemmaForCausalLM, GenerationConfig
+
+    path = Path(path)
+    tokenizer = _gemma_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS}
+    config = GemmaConfig(
+        vocab_size=len(tokenizer),  # must equal the tokenizer, or vLLM/HF index out of range
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,  # vLLM's CPU attention wants a regular head size
+        max_position_embeddings=1024,
+        pad_token_id=ids["<pad>"],
+        eos_token_id=ids["<eos>"],
+        bos_token_id=ids["<bos>"],
+        dtype="float32",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GemmaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<bos>"],
+        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],  # chat turns end with <end_of_turn>
+        pad_token_id=ids["<pad>"],
+    )
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+BUILDERS = {
+    "sdxl": build_tiny_sdxl,
+    "svd": build_tiny_svd,
+    "upscaler": build_tiny_upscaler,
+    "gemma": build_tiny_gemma,
+}
+
+
+# ---------------------------------------------------------------------------
+# Idempotent, crash-safe building of the whole set
+# ---------------------------------------------------------------------------
+
+
+def is_complete(folder: str | Path, seed: int | None = None) -> bool:
+    """True if `folder` was finished by this module (and, if given, with this seed)."""
+    marker = Path(folder) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    if seed is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("seed") == seed
+    except (ValueError, AttributeError):
+        return False
+
+
+def build_model(name: str, root: str | Path, seed: int = 0, force: bool = False) -> tuple[Path, bool]:
+    """Build root/<name> unless already complete. Returns (folder, built)."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r}; expected one of {MODEL_NAMES}")
+    root = Path(root)
+    final = root / name
+    if not force and is_complete(final, seed):
+        return final, False
+
+    root.mkdir(parents=True, exist_ok=True)
+    # Build in a unique sibling so a crash leaves only a stray `.name.tmp-*` folder, and a
+    # concurrent builder (another replica) cannot see or clobber our half-written files.
+    tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        BUILDERS[name](tmp, seed=seed)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"model": name, "seed": seed}) + "\n")
+        if final.exists():
+            # Stale (no marker), other seed, or forced: move it aside, then swap in.
+            trash = root / f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(final, trash)
+            except FileNotFoundError:  # a concurrent builder moved it first
+                pass
+            shutil.rmtree(trash, ignore_errors=True)
+        try:
+            os.rename(tmp, final)  # atomic: `final` is either absent or complete
+        except OSError:
+            if not is_complete(final, seed):  # someone else won the race with a good copy?
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final, True
+
+
+def build_all(root: str | Path, seed: int = 0, force: bool = False) -> dict[str, Path]:
+    """Write root/sdxl, root/svd, root/upscaler, root/gemma, skipping complete folders."""
+    return {name: build_model(name, root, seed=seed, force=force)[0] for name in MODEL_NAMES}
+
+
+def ensure_tiny_models(root: str | Path, seed: int = 0) -> dict[str, Path]:
+    return build_all(root, seed=seed, force=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="models/tiny", help="root folder (default: models/tiny)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if complete")
+    args = parser.parse_args(argv)
+
+    for name in MODEL_NAMES:
+        start = time.perf_counter()
+        folder, built = build_model(name, args.out, seed=args.seed, force=args.force)
+        took = time.perf_counter() - start
+        print(f"{name:9s} {'built' if built else 'skipped':8s} {folder}  ({took:.1f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Key layout under the storage root.
+
+Every artifact Atelier writes lives at a key built by one of these functions, so the layout is
+defined in one place::
+
+    outputs/YYYY/MM/DD/<id>/<index>.<ext>     generated images / videos (UTC date)
+    jobs/<job_id>.json                        job record
+    jobs/<job_id>.cancel                      cancel marker (written by the ingress only)
+    models/loras/<name>/<version>/            LoRA adapter files
+    datasets/<id>/ , datasets/<id>/v<N>/      training datasets
+
+Ids that end up inside keys are validated with :func:`validate_id`: only ``[A-Za-z0-9_.-]``,
+no leading dot (so ``.``/``..``/hidden names are impossible), at most 200 characters.
+A bad id raises ``ValueError`` with a message naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from datetime import datetime, timezone
+
+__all__ = [
+    "validate_id",
+    "new_id",
+    "output_key",
+    "job_key",
+    "job_cancel_key",
+    "lora_prefix",
+    "dataset_prefix",
+    "JOBS_PREFIX",
+    "JOBS_ACTIVE_PREFIX",
+    "job_active_key",
+    "OUTPUTS_PREFIX",
+    "LORAS_PREFIX",
+    "DATASETS_PREFIX",
+]
+
+JOBS_PREFIX = "jobs/"
+OUTPUTS_PREFIX = "outputs/"
+LORAS_PREFIX = "models/loras/"
+DATASETS_PREFIX = "datasets/"
+
+MAX_ID_LENGTH = 200
+_ID_RE = re.compile(r"[A-Za-z0-9_.\-]+")
+_EXT_RE = re.compile(r"[A-Za-z0-9]{1,16}")
+
+
+def validate_id(value: object, what: str = "id") -> str:
+    """Return ``value`` if it is a safe id for use inside a key, else raise ``ValueError``."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise ValueError(f"{what} is too long ({len(value)} > {MAX_ID_LENGTH} characters)")
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(f"{what} {value!r} may only contain letters, digits, '_', '.' and '-'")
+    if value.startswith("."):
+        raise ValueError(f"{what} {value!r} must not start with '.'")
+    return value
+
+
+# --- time-sortable ids -------------------------------------------------------------------
+
+_id_lock = threading.Lock()
+_last_ms = -1
+_last_rand = 0
+_RAND_MAX = 0xFFFFFFFF
+
+
+def _after_fork() -> None:  # a forked child must not continue the parent's sequence
+    global _id_lock, _last_ms, _last_rand
+    _id_lock = threading.Lock()
+    _last_ms, _last_rand = -1, 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def new_id(prefix: str) -> str:
+    """A unique id ``f"{prefix}_" + 12 hex (ms timestamp) + 8 hex (random)``.
+
+    Lexicographic order equals creation order: across processes to the millisecond, and
+    strictly within one process (ids made in the same millisecond, or after the clock stepped
+    back, increment the previous random part, ULID-style).
+    """
+    validate_id(prefix, "id prefix")
+    global _last_ms, _last_rand
+    with _id_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms <= _last_ms:
+            ms = _last_ms
+            rand = _last_rand + 1
+            if rand > _RAND_MAX:  # 4 billion ids in one ms: borrow the next millisecond
+                ms += 1
+                rand = int.from_bytes(os.urandom(4), "big") >> 1
+        else:
+            # top bit clear leaves room to increment within the millisecond
+            rand = int.from_bytes(os.urandom(4), "big") >> 1
+        _last_ms, _last_rand = ms, rand
+    return f"{prefix}_{ms & 0xFFFFFFFFFFFF:012x}{rand:08x}"
+
+
+# --- key builders ------------------------------------------------------------------------
+
+
+def _ext(ext: str) -> str:
+    if not isinstance(ext, str):
+        raise ValueError("ext must be a string")
+    e = ext[1:] if ext.startswith(".") else ext
+    if not _EXT_RE.fullmatch(e):
+        raise ValueError(f"ext {ext!r} must be 1-16 letters or digits")
+    return e.lower()
+
+
+def _nonneg_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def output_key(
+    job_or_request_id: str, index: int, ext: str = "png", when: datetime | None = None
+) -> str:
+    """``outputs/YYYY/MM/DD/<id>/<index>.<ext>``; the date is UTC (``when`` defaults to now).
+
+    A naive ``when`` is taken as already being UTC.
+    """
+    validate_id(job_or_request_id, "job or request id")
+    _nonneg_int(index, "index")
+    if when is None:
+        when = datetime.now(timezone.utc)
+    elif when.tzinfo is not None:
+        when = when.astimezone(timezone.utc)
+    return (
+        f"{OUTPUTS_PREFIX}{when.year:04d}/{when.month:02d}/{when.day:02d}/"
+        f"{job_or_request_id}/{index}.{_ext(ext)}"
+    )
+
+
+def job_key(job_id: str) -> str:
+    """``jobs/<job_id>.json``"""
+    return f"{JOBS_PREFIX}{validate_id(job_id, 'job id')}.json"
+
+
+JOBS_ACTIVE_PREFIX = f"{JOBS_PREFIX}active/"
+
+
+def job_active_key(job_id: str) -> str:
+    """``jobs/active/<job_id>``: present while the job is unfinished (queue depth, reaper)."""
+    return f"{JOBS_ACTIVE_PREFIX}{validate_id(job_id, 'job id')}"
+
+
+def job_cancel_key(job_id: str) -> str:
+    """``jobs/<job_id>.cancel``"""
+    return f"{JOBS_PREFIX}{validate_id(job_id, 'job id')}.cancel"
+
+
+def lora_prefix(name: str, version: str | int) -> str:
+    """``models/loras/<name>/<version>/``"""
+    validate_id(name, "LoRA name")
+    if isinstance(version, int) and not isinstance(version, bool):
+        version = str(_nonneg_int(version, "LoRA version"))
+    validate_id(version, "LoRA version")
+    return f"{LORAS_PREFIX}{name}/{version}/"
+
+
+def dataset_prefix(dataset_id: str, version: int | None = None) -> str:
+    """``datasets/<id>/`` or, with a version, ``datasets/<id>/v<version>/``."""
+    validate_id(dataset_id, "dataset id")
+    if version is None:
+        return f"{DATASETS_PREFIX}{dataset_id}/"
+    return f"{DATASETS_PREFIX}{dataset_id}/v{_nonneg_int(version, 'dataset version')}/"

@@ -1,0 +1,71 @@
+"""Both configs are valid Ray Serve configs whose args build the app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from graphs.app import AtelierArgs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
+def test_config_validates_against_ray_serve_schema(path):
+    config = yaml.safe_load((REPO / path).read_text())
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    app = schema.applications[0]
+    assert app.import_path == "graphs.app:build_app"
+    names = {d.name for d in app.deployments}
+    assert {"SDXLDeployment", "JobRunnerDeployment", "IngressDeployment"} <= names
+    AtelierArgs.model_validate(app.args)
+
+
+def test_production_config_uses_real_models_gpus_s3_and_redis():
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    app = config["applications"][0]
+    args = AtelierArgs.model_validate(app["args"])
+    assert args.sdxl["model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert args.sdxl["dtype"] == "float16"
+    assert args.storage_root.startswith("s3://")
+    assert args.queue.broker_url.startswith("redis://")
+    sdxl = next(d for d in app["deployments"] if d["name"] == "SDXLDeployment")
+    assert 0 < sdxl["ray_actor_options"]["num_gpus"] < 1
+    assert sdxl["autoscaling_config"]["max_replicas"] > sdxl["autoscaling_config"]["min_replicas"]
+    assert args.sdxl["gpu_memory_fraction"] <= sdxl["ray_actor_options"]["num_gpus"]
+
+
+def test_relative_paths_resolve_against_base_dir(tmp_path):
+    (tmp_path / "models" / "tiny" / "sdxl").mkdir(parents=True)
+    args = AtelierArgs.model_validate({
+        "base_dir": str(tmp_path), "storage_root": "var/storage",
+        "queue": {"broker_url": "sqla+sqlite:///var/queue/broker.db", "backend_url": "db+sqlite:///var/q/r.db"},
+        "sdxl": {"model": "models/tiny/sdxl"},
+    }).resolved()
+    assert args.storage_root == str(tmp_path / "var" / "storage")
+    assert args.sdxl["model"] == str(tmp_path / "models" / "tiny" / "sdxl")
+    assert args.queue.broker_url == f"sqla+sqlite:///{tmp_path}/var/queue/broker.db"
+    assert (tmp_path / "var" / "queue").is_dir()
+
+
+def test_hub_ids_and_urls_are_left_alone(tmp_path):
+    args = AtelierArgs.model_validate({
+        "base_dir": str(tmp_path), "storage_root": "s3://bucket/prefix",
+        "queue": {"broker_url": "redis://${HOST}:6379/0", "backend_url": "redis://${HOST}:6379/1"},
+        "sdxl": {"model": "stabilityai/stable-diffusion-xl-base-1.0"},
+    }).resolved()
+    assert args.storage_root == "s3://bucket/prefix"
+    assert args.sdxl["model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert args.queue.broker_url == "redis://${HOST}:6379/0"
+
+
+def test_queue_urls_expand_environment_variables(monkeypatch):
+    from deployments.job_runner import JobQueueConfig
+
+    monkeypatch.setenv("ATELIER_REDIS_HOST", "redis.internal")
+    config = JobQueueConfig(broker_url="redis://${ATELIER_REDIS_HOST}:6379/0", backend_url="redis://x/1")
+    assert config.task_processor_config().adapter_config.broker_url == "redis://redis.internal:6379/0"
