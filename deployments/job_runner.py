@@ -28,7 +28,7 @@ from ray.serve.task_consumer import task_handler
 from deployments.errors import AtelierError, JobCancelledError
 from storage.fs import Storage
 from storage.jobs import JobStore
-from storage.jobs import TERMINAL_STATUSES, JobOutput, JobRecord
+from storage.jobs import TERMINAL_STATUSES, JobError, JobOutput, JobRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -188,8 +188,8 @@ class JobRunnerDeployment:
             error = exc if isinstance(exc, AtelierError) else None
             logger.exception("job %s failed", job_id)
             ctx.save(status="failed", finished_at=time.time(),
-                     error={"type": error.error_type if error else type(exc).__name__,
-                            "message": error.message if error else str(exc) or repr(exc)})
+                     error=JobError(type=error.error_type if error else type(exc).__name__,
+                                    message=error.message if error else str(exc) or repr(exc)))
         finally:
             beat.set()
         return {"job_id": job_id, "status": ctx.record.status}
@@ -244,8 +244,8 @@ class JobRunnerDeployment:
             else:
                 record.status = "failed"
                 record.finished_at = now
-                record.error = {"type": "replica_lost",
-                                "message": f"the replica running this job stopped after {record.attempts} attempts"}
+                record.error = JobError(
+                    type="replica_lost", message=f"the replica running this job stopped after {record.attempts} attempts")
                 self.store.save(record)
                 logger.warning("job %s lost its runner %d times; failed", record.id, record.attempts)
             recovered.append(record.id)

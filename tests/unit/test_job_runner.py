@@ -1,0 +1,148 @@
+"""The job runner without Ray: pipelines, failures, retries on dead replicas, the reaper."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+from ray.exceptions import ActorDiedError
+
+from deployments.errors import InvalidRequestError, JobCancelledError
+from deployments.job_runner import RUN_JOB_TASK, JobContext, JobRunnerDeployment
+from storage.fs import Storage
+from storage.jobs import JobStore
+
+
+class FakeQueue:
+    def __init__(self):
+        self.sent = []
+
+    def enqueue_task_sync(self, name, args=None, kwargs=None, **options):
+        self.sent.append((name, kwargs, options.get("task_id")))
+        return SimpleNamespace(id=options.get("task_id"))
+
+
+@pytest.fixture()
+def runner(tmp_path, monkeypatch):
+    monkeypatch.setattr("celery.current_task", None)
+    queue = {"broker_url": "memory://", "backend_url": "cache+memory://", "reap_interval_s": 3600,
+             "lease_s": 5, "heartbeat_s": 0.05}
+    runner = JobRunnerDeployment(queue, storage_root=str(tmp_path))
+    runner._adapter = FakeQueue()
+    yield runner
+    runner._stop.set()
+
+
+def with_pipeline(runner, fn):
+    runner.pipelines = {"test": fn}
+    return runner.store.create("test", {}, max_attempts=2)
+
+
+def test_completed_job_reports_stages_and_progress(runner):
+    def pipeline(ctx, handles):
+        for stage in ("one", "two"):
+            ctx.start_stage(stage)
+            for step in range(1, 5):
+                ctx.step(step, 4)
+
+    record = with_pipeline(runner, pipeline)
+    assert runner.run_job(record.id)["status"] == "completed"
+    done = runner.store.get(record.id)
+    assert (done.status, done.progress, done.stages, done.attempts) == ("completed", 100.0, ["one", "two"], 1)
+    assert runner.store.count_active() == 0
+
+
+def test_overall_progress_spans_stages(tmp_path):
+    store = JobStore(Storage(str(tmp_path)))
+    ctx = JobContext(store, store.create("k", {}, stages=["a", "b"]))
+    ctx.start_stage("b")
+    ctx.step(2, 4)  # step writes are throttled; the heartbeat persists the latest
+    ctx.heartbeat()
+    assert store.get(ctx.id).progress == 75.0
+
+
+def test_failure_is_recorded_with_its_reason(runner):
+    def pipeline(ctx, handles):
+        raise InvalidRequestError("image is not readable", "image")
+
+    record = with_pipeline(runner, pipeline)
+    runner.run_job(record.id)
+    failed = runner.store.get(record.id)
+    assert failed.status == "failed"
+    assert failed.error.type == "invalid_request_error" and "not readable" in failed.error.message
+
+
+def test_dead_model_replica_is_retried_then_completes(runner):
+    calls = []
+
+    def pipeline(ctx, handles):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ActorDiedError()
+
+    record = with_pipeline(runner, pipeline)
+    assert runner.run_job(record.id)["status"] == "completed"
+    assert len(calls) == 2
+
+
+def test_dead_model_replica_every_time_fails_clearly(runner):
+    def pipeline(ctx, handles):
+        ctx.start_stage("generate")
+        raise ActorDiedError()
+
+    record = with_pipeline(runner, pipeline)
+    runner.run_job(record.id)
+    failed = runner.store.get(record.id)
+    assert failed.status == "failed" and failed.error.type == "replica_lost"
+    assert "generate" in failed.error.message
+
+
+def test_cancel_before_start_and_while_running(runner):
+    def pipeline(ctx, handles):
+        runner.store.request_cancel(ctx.id)
+        time.sleep(0.3)
+        ctx.check_cancelled()
+        raise AssertionError("not reached")
+
+    record = with_pipeline(runner, pipeline)
+    assert runner.run_job(record.id)["status"] == "cancelled"
+    queued = runner.store.create("test", {})
+    runner.store.request_cancel(queued.id)
+    assert runner.run_job(queued.id)["status"] == "cancelled"
+
+
+def test_superseded_task_does_nothing(runner, monkeypatch):
+    record = with_pipeline(runner, lambda ctx, handles: pytest.fail("must not run"))
+    runner.store.update(record.id, task_id="the-current-task")
+    monkeypatch.setattr("celery.current_task", SimpleNamespace(request=SimpleNamespace(id="an-old-task")))
+    assert runner.run_job(record.id)["status"] == "queued"
+
+
+def test_heartbeat_keeps_a_long_job_alive(runner):
+    def pipeline(ctx, handles):
+        first = runner.store.get(ctx.id).heartbeat_at
+        time.sleep(0.3)
+        assert runner.store.get(ctx.id).heartbeat_at > first
+
+    record = with_pipeline(runner, pipeline)
+    assert runner.run_job(record.id)["status"] == "completed"
+
+
+def test_reaper_requeues_a_job_whose_runner_died_then_fails_it(runner):
+    record = runner.store.create("test", {}, max_attempts=2)
+    stale = time.time() - 60
+    runner.store.update(record.id, status="in_progress", attempts=1, heartbeat_at=stale)
+    fresh = runner.store.create("test", {})
+    runner.store.update(fresh.id, status="in_progress", attempts=1, heartbeat_at=time.time())
+
+    assert runner.reap_once() == [record.id]
+    requeued = runner.store.get(record.id)
+    assert requeued.status == "queued"
+    assert runner._adapter.sent == [(RUN_JOB_TASK, {"job_id": record.id}, requeued.task_id)]
+
+    runner.store.update(record.id, status="in_progress", attempts=2, heartbeat_at=stale)
+    assert runner.reap_once() == [record.id]
+    lost = runner.store.get(record.id)
+    assert lost.status == "failed" and lost.error.type == "replica_lost"
+    assert runner.store.get(fresh.id).status == "in_progress"  # a live job is left alone
