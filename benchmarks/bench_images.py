@@ -30,7 +30,7 @@ from configs.local_runner import LocalServeApp, free_port  # noqa: E402
 from configs.tiny_models import ensure_tiny_models  # noqa: E402
 
 PLAIN_SERVER = textwrap.dedent("""
-    import base64, io, sys, torch
+    import base64, io, sys, threading, torch
     from diffusers import StableDiffusionXLPipeline
     from fastapi import FastAPI
     from pydantic import BaseModel
@@ -40,6 +40,9 @@ PLAIN_SERVER = textwrap.dedent("""
     pipe = StableDiffusionXLPipeline.from_pretrained(sys.argv[1])
     pipe.set_progress_bar_config(disable=True)
     app = FastAPI()
+    # Without this lock, concurrent requests share the scheduler's state and fail (500s seen
+    # here with 32 concurrent requests); a working plain server has to serialize calls.
+    lock = threading.Lock()
 
     class Req(BaseModel):
         prompt: str
@@ -50,8 +53,9 @@ PLAIN_SERVER = textwrap.dedent("""
     @app.post("/v1/images/generations")
     def generate(req: Req):
         width, height = map(int, req.size.split("x"))
-        image = pipe(req.prompt, num_inference_steps=req.steps, width=width, height=height,
-                     generator=torch.Generator().manual_seed(req.seed)).images[0]
+        with lock:
+            image = pipe(req.prompt, num_inference_steps=req.steps, width=width, height=height,
+                         generator=torch.Generator().manual_seed(req.seed)).images[0]
         buf = io.BytesIO(); image.save(buf, format="PNG")
         return {"data": [{"b64_json": base64.b64encode(buf.getvalue()).decode()}]}
 
@@ -142,7 +146,9 @@ def main() -> None:
         plain.wait()
 
     # 3. Atelier: configs/local.yaml under `serve run`.
-    with tempfile.TemporaryDirectory() as scratch, LocalServeApp(Path(scratch)) as app:
+    # One SDXL replica, like the plain server: the comparison is of serving, not of replica count.
+    one_replica = {"SDXLDeployment": {"autoscaling_config": None, "num_replicas": 1}}
+    with tempfile.TemporaryDirectory() as scratch, LocalServeApp(Path(scratch), deployments_update=one_replica) as app:
         url = f"{app.base_url}/v1/images/generations"
         asyncio.run(burst(url, 4, args.steps))
         results["atelier"] = asyncio.run(burst(url, args.requests, args.steps))

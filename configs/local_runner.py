@@ -26,7 +26,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def isolated_local_config(scratch: Path, port: int, args_update: dict | None = None) -> Path:
+def isolated_local_config(scratch: Path, port: int, args_update: dict | None = None,
+                          deployments_update: dict[str, dict] | None = None) -> Path:
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
     config["http_options"]["port"] = port
     args = config["applications"][0]["args"]
@@ -36,17 +37,20 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
     args["queue"]["backend_url"] = f"db+sqlite:///{scratch}/queue/results.db"
     for section, values in (args_update or {}).items():
         args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
+    for deployment in config["applications"][0]["deployments"]:
+        deployment.update((deployments_update or {}).get(deployment["name"], {}))
     path = scratch / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
 
 class LocalServeApp:
-    def __init__(self, scratch: Path, args_update: dict | None = None, ready_timeout_s: float = 300):
+    def __init__(self, scratch: Path, args_update: dict | None = None,
+                 deployments_update: dict[str, dict] | None = None, ready_timeout_s: float = 300):
         scratch.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.config_path = isolated_local_config(scratch, self.port, args_update)
+        self.config_path = isolated_local_config(scratch, self.port, args_update, deployments_update)
         self.log_path = scratch / "serve.log"
         self.ready_timeout_s = ready_timeout_s
         self.process: subprocess.Popen | None = None

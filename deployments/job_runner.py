@@ -195,21 +195,22 @@ class JobRunnerDeployment:
         return {"job_id": job_id, "status": ctx.record.status}
 
     def _run_with_retries(self, ctx: JobContext) -> None:
+        """Run the job's pipeline; a model replica dying mid-call costs one attempt, not the job."""
         pipeline = self.pipelines[ctx.record.kind]
-        attempts = max(ctx.record.max_attempts, 1)
-        for attempt in range(1, attempts + 1):
+        while True:
             try:
                 pipeline(ctx, self.handles)
                 return
             except Exception as exc:
                 if not is_replica_failure(exc):
                     raise
-                logger.warning("job %s: a replica died (attempt %d/%d): %s", ctx.id, attempt, attempts, exc)
-                if attempt == attempts:
+                logger.warning("job %s: a replica died on attempt %d/%d: %s", ctx.id, ctx.record.attempts,
+                               ctx.record.max_attempts, exc)
+                if ctx.record.attempts >= ctx.record.max_attempts:
                     raise ReplicaLostError(
-                        f"the replica running stage {ctx.record.stage!r} died {attempts} times; giving up"
-                    ) from exc
-                ctx.record.outputs = []
+                        f"the replica running stage {ctx.record.stage!r} died; "
+                        f"gave up after {ctx.record.attempts} attempts") from exc
+                ctx.save(attempts=ctx.record.attempts + 1, outputs=[])
 
     def _heartbeat(self, ctx: JobContext, stop: threading.Event) -> None:
         while not stop.wait(self.queue.heartbeat_s):

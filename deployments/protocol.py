@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.sdxl import ALLOWED_N, MAX_SEED
+from deployments.sdxl import MAX_SEED, ImageCount, Prompt
 
 
 class ErrorDetail(BaseModel):
@@ -24,9 +24,9 @@ class ImageGenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1, max_length=4000)
+    prompt: Prompt
     model: str | None = None
-    n: int = Field(1, description="1, 2, 4 or 8 images.")
+    n: ImageCount = Field(1, description="1, 2, 4 or 8 images.")
     size: str | None = Field(None, description="WIDTHxHEIGHT, multiples of 8 within the model's limits.")
     response_format: Literal["url", "b64_json"] = "url"
     negative_prompt: str | None = Field(None, max_length=4000)
@@ -38,20 +38,6 @@ class ImageGenerationRequest(BaseModel):
     # OpenAI fields accepted for compatibility and not used by diffusion models.
     quality: str | None = None
     user: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, n: int) -> int:
-        if n not in ALLOWED_N:
-            raise ValueError(f"n must be one of {list(ALLOWED_N)}")
-        return n
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return prompt
 
     @field_validator("style")
     @classmethod

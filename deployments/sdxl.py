@@ -13,9 +13,9 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 
 from configs.styles import StylePreset, load_styles
@@ -30,6 +30,23 @@ logger = logging.getLogger("ray.serve")
 ALLOWED_N = (1, 2, 4, 8)
 MAX_SEED = 2**32 - 1
 Mode = Literal["text_to_image", "image_to_image", "inpaint"]
+
+
+def _check_n(n: int) -> int:
+    if n not in ALLOWED_N:
+        raise ValueError(f"n must be one of {list(ALLOWED_N)}")
+    return n
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must not be empty")
+    return prompt
+
+
+# Field types shared with the HTTP protocol models.
+ImageCount = Annotated[int, AfterValidator(_check_n)]
+Prompt = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(_check_prompt)]
 
 
 class SDXLConfig(BaseModel):
@@ -57,9 +74,9 @@ class SDXLRequest(BaseModel):
     """What the deployment runs; the ingress maps the OpenAI shapes onto it."""
 
     mode: Mode = "text_to_image"
-    prompt: str = Field(min_length=1, max_length=4000)
+    prompt: Prompt
     negative_prompt: str | None = Field(None, max_length=4000)
-    n: int = 1
+    n: ImageCount = 1
     width: int | None = None
     height: int | None = None
     steps: int | None = Field(None, ge=1)
@@ -74,20 +91,6 @@ class SDXLRequest(BaseModel):
     job_id: str | None = None
     store: bool = False
     output_id: str | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _check_n(cls, n: int) -> int:
-        if n not in ALLOWED_N:
-            raise ValueError(f"n must be one of {ALLOWED_N}")
-        return n
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt must not be empty")
-        return prompt
 
 
 class SDXLImage(BaseModel):

@@ -83,7 +83,7 @@ def test_dead_model_replica_is_retried_then_completes(runner):
 
     record = with_pipeline(runner, pipeline)
     assert runner.run_job(record.id)["status"] == "completed"
-    assert len(calls) == 2
+    assert len(calls) == 2 and runner.store.get(record.id).attempts == 2
 
 
 def test_dead_model_replica_every_time_fails_clearly(runner):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 import time
-import uuid
 
 import pytest
 
@@ -18,25 +17,12 @@ from storage.jobs import (
     JobStore,
 )
 from storage.keys import job_cancel_key, job_key
-from tests.s3_server import S3Server
-
-BUCKET = "atelier-jobs-test"
 
 
-@pytest.fixture(scope="module")
-def s3_server():
-    with S3Server() as server:
-        server.make_bucket(BUCKET)
-        yield server
 
-
-@pytest.fixture(params=["local", "s3"])
-def store(request, tmp_path) -> JobStore:
-    if request.param == "local":
-        return JobStore(Storage(str(tmp_path / "root")))
-    server = request.getfixturevalue("s3_server")
-    root = f"s3://{BUCKET}/prefix-{uuid.uuid4().hex[:10]}"
-    return JobStore(Storage(root, server.storage_options()))
+@pytest.fixture()
+def store(storage) -> JobStore:
+    return JobStore(storage)
 
 
 def test_create_get_round_trip(store):

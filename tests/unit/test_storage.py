@@ -16,25 +16,10 @@ import pytest
 
 from storage import InvalidKeyError, ObjectNotFoundError, Storage, StorageError
 from storage import keys as K
-from tests.s3_server import S3Server
+from tests.conftest import S3_BUCKET as BUCKET
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "atelier-test"
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    with S3Server() as server:
-        server.make_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request, tmp_path) -> Storage:
-    if request.param == "local":
-        return Storage(str(tmp_path / "root"))
-    server = request.getfixturevalue("s3_server")
-    return Storage(f"s3://{BUCKET}/prefix-{uuid.uuid4().hex[:10]}", server.storage_options())
 
 
 # -- construction -------------------------------------------------------------------------
