@@ -197,7 +197,7 @@ class IngressDeployment:
 
     # --- images ---------------------------------------------------------------------------------
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse,
+    @app.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True,
               responses={202: {"model": JobView, "description": "Accepted as a job (?async=true)."}})
     async def create_images(self, body: ImageGenerationRequest, request: Request,
                             async_: bool = Query(False, alias="async", description="Run as a job; answer 202.")):
@@ -206,7 +206,7 @@ class IngressDeployment:
             return await self._submit_job("images.generations", sdxl_request, request)
         return await self._generate(sdxl_request, body.response_format, request)
 
-    @app.post("/v1/images/edits", response_model=ImagesResponse,
+    @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
               responses={202: {"model": JobView}, 413: {"model": ErrorResponse}})
     async def edit_images(
         self,

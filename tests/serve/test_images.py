@@ -113,3 +113,11 @@ def test_healthz_and_openapi_docs(client):
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/images/generations", "/v1/images/edits", "/v1/jobs/{job_id}"} <= set(paths)
+
+
+def test_response_carries_only_the_requested_format(client):
+    body = client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "steps": 1}).json()
+    assert "url" in body["data"][0] and "b64_json" not in body["data"][0]
+    body = client.post("/v1/images/generations", json={"prompt": "x", "size": "64x64", "steps": 1,
+                                                        "response_format": "b64_json"}).json()
+    assert "b64_json" in body["data"][0] and "url" not in body["data"][0]
