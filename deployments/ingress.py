@@ -399,13 +399,14 @@ class IngressDeployment:
         if not key.startswith(SERVED_PREFIXES):
             raise NotFoundError(f"no file {key!r}", "key")
         try:
+            if self.config.presign_urls and self.storage.protocol != "file":
+                if not self.storage.exists(key):
+                    raise ObjectNotFoundError(key)
+                return RedirectResponse(self.storage.presign(key), status_code=307)
             size = self.storage.size(key)
             handle = self.storage.open(key)
         except (InvalidKeyError, ObjectNotFoundError, FileNotFoundError):
             raise NotFoundError(f"no file {key!r}", "key") from None
-        if self.config.presign_urls and self.storage.protocol != "file":
-            handle.close()
-            return RedirectResponse(self.storage.presign(key), status_code=307)
 
         def chunks():
             with handle:
