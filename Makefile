@@ -6,6 +6,8 @@ STAMP := $(VENV)/.atelier-installed
 TINY_MODELS := models/tiny
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
+# llm-cpu is vLLM's CPU build; on a GPU host use EXTRAS=test,gpu.
+EXTRAS ?= test,llm-cpu
 
 .PHONY: serve test venv models bench clean
 
@@ -15,7 +17,7 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml constraints/cpu-overrides.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv "torch==$(TORCH_VERSION)"
-	$(VENV)/bin/uv pip install -q --python $(PY) --overrides constraints/cpu-overrides.txt -e '.[test]'
+	$(VENV)/bin/uv pip install -q --python $(PY) --overrides constraints/cpu-overrides.txt -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -162,12 +162,15 @@ def _wants_async(request: Request, async_flag: bool) -> bool:
 @serve.ingress(app)
 class IngressDeployment:
     def __init__(self, config: IngressConfig | dict, sdxl: DeploymentHandle,
-                 job_runner: DeploymentHandle | None = None):
+                 job_runner: DeploymentHandle | None = None, **handles: DeploymentHandle | None):
         from ray.serve.task_consumer import instantiate_adapter_from_config
 
         self.config = IngressConfig.model_validate(config)
         self.sdxl = sdxl
         self.job_runner = job_runner  # bound so the consumer is part of the app; talked to via the queue
+        # Other model deployments by name (svd, upscaler, llm, ...); None where not deployed.
+        self.handles: dict[str, DeploymentHandle] = {"sdxl": sdxl, **{k: v for k, v in handles.items() if v}}
+        app.state.ingress = self  # area routers (deployments/api/) reach the replica through this
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
         self.jobs = JobStore(self.storage)
         self.queue = instantiate_adapter_from_config(self.config.queue.task_processor_config())
@@ -203,7 +206,7 @@ class IngressDeployment:
                             async_: bool = Query(False, alias="async", description="Run as a job; answer 202.")):
         sdxl_request = await self._sdxl_request(body, mode="text_to_image")
         if _wants_async(request, async_):
-            return await self._submit_job("images.generations", sdxl_request, request)
+            return await self.submit_job("images.generations", self._sdxl_payload(sdxl_request), request)
         return await self._generate(sdxl_request, body.response_format, request)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
@@ -230,8 +233,8 @@ class IngressDeployment:
             prompt=prompt, model=model, n=n, size=size, response_format=response_format,
             negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, style=style,
         )
-        image_bytes = await self._read_upload(image, "image")
-        mask_bytes = await self._read_upload(mask, "mask") if mask is not None else None
+        image_bytes = await self.read_upload(image, "image")
+        mask_bytes = await self.read_upload(mask, "mask") if mask is not None else None
         # Decode here so a bad upload is a 400 now, not a failed job later.
         decoded = decode_image(image_bytes, "image", max_pixels=self.config.max_upload_pixels)
         if mask_bytes is not None:
@@ -251,11 +254,11 @@ class IngressDeployment:
             if mask_bytes is not None:
                 sdxl_request.mask_key = await asyncio.to_thread(
                     self.storage.put_bytes, f"uploads/{upload_id}/mask", mask_bytes)
-            return await self._submit_job("images.edits", sdxl_request, request)
+            return await self.submit_job("images.edits", self._sdxl_payload(sdxl_request), request)
         sdxl_request.image, sdxl_request.mask = image_bytes, mask_bytes
         return await self._generate(sdxl_request, body.response_format, request)
 
-    async def _read_upload(self, upload: UploadFile, param: str) -> bytes:
+    async def read_upload(self, upload: UploadFile, param: str) -> bytes:
         limit = self.config.max_upload_bytes
         if upload.size is not None and upload.size > limit:
             raise PayloadTooLargeError(f"{param} is {upload.size} bytes, over the limit of {limit} bytes", param)
@@ -296,7 +299,7 @@ class IngressDeployment:
         data = []
         for image in result.images:
             if store:
-                data.append(ImageData(url=self._url_for(image.key, request), seed=image.seed,
+                data.append(ImageData(url=self.url_for(image.key, request), seed=image.seed,
                                       revised_prompt=result.prompt))
             else:
                 data.append(ImageData(b64_json=base64.b64encode(image.png).decode(), seed=image.seed,
@@ -308,14 +311,18 @@ class IngressDeployment:
 
     # --- jobs -----------------------------------------------------------------------------------
 
-    async def _submit_job(self, kind: str, sdxl_request: SDXLRequest, request: Request) -> JSONResponse:
-        payload = {"sdxl": sdxl_request.model_dump(mode="json", exclude={"image", "mask"})}
-        record = await asyncio.to_thread(self._create_and_enqueue, kind, payload)
-        view = self._job_view(record, request)
+    @staticmethod
+    def _sdxl_payload(sdxl_request: SDXLRequest) -> dict:
+        return {"sdxl": sdxl_request.model_dump(mode="json", exclude={"image", "mask"})}
+
+    async def submit_job(self, kind: str, payload: dict, request: Request) -> JSONResponse:
+        """Durably record a job, enqueue it, and answer 202 with its view."""
+        record = await asyncio.to_thread(self.create_and_enqueue, kind, payload)
+        view = self.job_view(record, request)
         return JSONResponse(view.model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/v1/jobs/{record.id}"})
 
-    def _create_and_enqueue(self, kind: str, payload: dict) -> JobRecord:
+    def create_and_enqueue(self, kind: str, payload: dict) -> JobRecord:
         depth = self.jobs.count_active()
         if depth >= self.config.queue.max_queue_depth:
             raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
@@ -334,29 +341,29 @@ class IngressDeployment:
                   status: Literal["queued", "in_progress", "completed", "failed", "cancelled"] | None = None,
                   kind: str | None = None) -> JobList:
         records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind)
-        views = [self._job_view(r, request) for r in records[:limit]]
+        views = [self.job_view(r, request) for r in records[:limit]]
         return JobList(data=views, has_more=len(records) > limit, last_id=views[-1].id if views else None)
 
     @app.get("/v1/jobs/{job_id}", response_model=JobView)
     def get_job(self, job_id: str, request: Request) -> JobView:
-        return self._job_view(self._get_job(job_id), request)
+        return self.job_view(self.get_job_record(job_id), request)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
     def cancel_job(self, job_id: str, request: Request) -> JobView:
-        self._get_job(job_id)
-        return self._job_view(self.jobs.request_cancel(job_id), request)
+        self.get_job_record(job_id)
+        return self.job_view(self.jobs.request_cancel(job_id), request)
 
     @app.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}}})
     async def job_events(self, job_id: str, request: Request) -> StreamingResponse:
         """Server-sent events: one `job` event per change, ending with the terminal state."""
-        await asyncio.to_thread(self._get_job, job_id)
+        await asyncio.to_thread(self.get_job_record, job_id)
 
         async def events():
             last = None
             while True:
                 record = await asyncio.to_thread(self.jobs.get_with_cancel, job_id)
-                view = self._job_view(record, request).model_dump(mode="json")
+                view = self.job_view(record, request).model_dump(mode="json")
                 if view != last:
                     yield f"event: job\ndata: {json.dumps(view)}\n\n"
                     last = view
@@ -370,16 +377,16 @@ class IngressDeployment:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    def _get_job(self, job_id: str) -> JobRecord:
+    def get_job_record(self, job_id: str) -> JobRecord:
         try:
             return self.jobs.get_with_cancel(job_id)
         except JobNotFoundError:
             raise NotFoundError(f"no job with id {job_id!r}", "job_id") from None
 
-    def _job_view(self, record: JobRecord, request: Request) -> JobView:
+    def job_view(self, record: JobRecord, request: Request) -> JobView:
         data = record.model_dump(mode="json")
         data["outputs"] = [
-            JobOutputView(url=self._url_for(o.key, request), **o.model_dump(include={
+            JobOutputView(url=self.url_for(o.key, request), **o.model_dump(include={
                 "key", "content_type", "width", "height", "seed"}))
             for o in record.outputs
         ]
@@ -387,7 +394,7 @@ class IngressDeployment:
 
     # --- files ----------------------------------------------------------------------------------
 
-    def _url_for(self, key: str, request: Request) -> str:
+    def url_for(self, key: str, request: Request) -> str:
         if self.config.presign_urls and self.storage.protocol != "file":
             signed = self.storage.presign(key)
             if signed:
