@@ -1,10 +1,15 @@
-"""Image encoding, decoding and checks shared by the deployments and the ingress."""
+"""Image and video encoding, decoding and checks shared by the deployments and the ingress."""
 
 from __future__ import annotations
 
 import io
+import os
 import re
+import tempfile
+from fractions import Fraction
+from typing import Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from deployments.errors import InvalidRequestError
@@ -57,3 +62,95 @@ def decode_image(data: bytes, param: str = "image", *, max_pixels: int | None = 
             raise
         raise InvalidRequestError(f"{param} is not a readable image (PNG, JPEG or WebP)", param) from exc
     return image.convert(mode)
+
+
+def _as_rgb_arrays(frames: Sequence[Image.Image] | np.ndarray) -> list[np.ndarray]:
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be an array of shape (frames, height, width, 3); got {frames.shape}")
+        if frames.dtype != np.uint8:  # float frames in [0, 1], as diffusers' output_type="np" gives them
+            frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
+        return list(frames)
+    return [np.asarray(frame.convert("RGB")) for frame in frames]
+
+
+def encode_mp4(
+    frames: Sequence[Image.Image] | np.ndarray, fps: float, *, crf: int = 18, preset: str = "medium"
+) -> bytes:
+    """H.264 (libx264, yuv420p) MP4 of RGB frames, playable in browsers and QuickTime.
+
+    yuv420p needs even sides: an odd width or height is padded by repeating the last column or
+    row. `+faststart` puts the index first so a player can start before the download ends.
+    """
+    import imageio_ffmpeg
+
+    arrays = _as_rgb_arrays(frames)
+    if not arrays:
+        raise ValueError("a video needs at least one frame")
+    height, width = arrays[0].shape[:2]
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise ValueError("all frames must have the same size")
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be positive; got {fps}")
+    if height % 2 or width % 2:
+        arrays = [np.pad(a, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge") for a in arrays]
+    with tempfile.TemporaryDirectory(prefix="atelier-mp4-") as folder:
+        # The MP4 index is written after the frames, so ffmpeg needs a seekable file, not a pipe.
+        path = os.path.join(folder, "video.mp4")
+        writer = imageio_ffmpeg.write_frames(
+            path,
+            (arrays[0].shape[1], arrays[0].shape[0]),
+            fps=Fraction(fps).limit_denominator(1001),
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            quality=None,  # rate control is the -crf below
+            macro_block_size=1,  # never let imageio rescale; sides are already even
+            ffmpeg_log_level="error",
+            output_params=["-crf", str(crf), "-preset", preset, "-movflags", "+faststart"],
+        )
+        writer.send(None)
+        for array in arrays:
+            writer.send(np.ascontiguousarray(array))
+        writer.close()
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def decode_mp4(
+    data: bytes, param: str = "video", *, max_frames: int | None = None, max_pixels: int | None = None
+) -> tuple[list[Image.Image], float]:
+    """(RGB frames, fps) of a video (MP4, or anything ffmpeg reads); limits are checked while decoding."""
+    import imageio_ffmpeg
+
+    if not data:
+        raise InvalidRequestError(f"{param} is empty", param)
+    with tempfile.TemporaryDirectory(prefix="atelier-mp4-") as folder:
+        path = os.path.join(folder, "video.mp4")
+        with open(path, "wb") as f:
+            f.write(data)
+        reader = imageio_ffmpeg.read_frames(path, pix_fmt="rgb24")
+        try:
+            try:
+                meta = next(reader)
+            except (OSError, RuntimeError, StopIteration) as exc:
+                raise InvalidRequestError(f"{param} is not a readable video (MP4)", param) from exc
+            width, height = meta["size"]
+            if max_pixels is not None and width * height > max_pixels:
+                raise InvalidRequestError(
+                    f"{param} frames have {width}x{height} pixels, more than the limit of {max_pixels}", param
+                )
+            frames = []
+            try:
+                for raw in reader:
+                    if max_frames is not None and len(frames) >= max_frames:
+                        raise InvalidRequestError(f"{param} has more than {max_frames} frames", param)
+                    frames.append(Image.frombytes("RGB", (width, height), raw))
+            except RuntimeError as exc:
+                raise InvalidRequestError(f"{param} is truncated or corrupt", param) from exc
+        finally:
+            reader.close()
+    if not frames:
+        raise InvalidRequestError(f"{param} has no frames", param)
+    if not meta.get("fps"):
+        raise InvalidRequestError(f"{param} has no frame rate", param)
+    return frames, float(meta["fps"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Callable, Literal
@@ -21,6 +20,14 @@ from ray import serve
 from configs.styles import StylePreset, load_styles
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import check_size, decode_image, encode_png
+from deployments.runtime import (
+    MAX_SEED,
+    CancelCheck,
+    configure_torch,
+    drain_events,
+    load_diffusers_pipeline,
+    random_seed,
+)
 from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.keys import output_key
@@ -28,7 +35,6 @@ from storage.keys import output_key
 logger = logging.getLogger("ray.serve")
 
 ALLOWED_N = (1, 2, 4, 8)
-MAX_SEED = 2**32 - 1
 Mode = Literal["text_to_image", "image_to_image", "inpaint"]
 
 
@@ -154,33 +160,20 @@ def _images_in(items: list[_BatchItem]) -> int:
 
 
 def load_sdxl_pipeline(config: SDXLConfig):
-    import torch
     from diffusers import StableDiffusionXLPipeline
 
-    device = config.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype_name = config.dtype
-    if dtype_name == "auto":
-        dtype_name = "float16" if device == "cuda" else "float32"
-    pipe = StableDiffusionXLPipeline.from_pretrained(
-        config.model, torch_dtype=getattr(torch, dtype_name), variant=config.variant, use_safetensors=True
+    return load_diffusers_pipeline(
+        StableDiffusionXLPipeline, config.model, device=config.device, dtype=config.dtype, variant=config.variant
     )
-    return pipe.to(device)
 
 
 @serve.deployment(max_ongoing_requests=16)
 class SDXLDeployment:
     def __init__(self, config: SDXLConfig | dict, pipeline_factory: Callable[[SDXLConfig], Any] | None = None):
-        import torch
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
         self.config = SDXLConfig.model_validate(config)
-        if self.config.torch_num_threads:
-            torch.set_num_threads(self.config.torch_num_threads)
-        if self.config.gpu_memory_fraction and torch.cuda.is_available():
-            # Models sharing a GPU by fraction each cap their allocator, so one cannot starve another.
-            torch.cuda.set_per_process_memory_fraction(self.config.gpu_memory_fraction)
+        configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
 
         self.pipe = (pipeline_factory or load_sdxl_pipeline)(self.config)
         self.pipe.set_progress_bar_config(disable=True)
@@ -223,20 +216,10 @@ class SDXLDeployment:
         prepared = self.check_inputs(SDXLRequest.model_validate(request))
         item = _BatchItem(prepared, asyncio.get_running_loop())
         task = asyncio.ensure_future(self._generate_batch(item))
-        while True:
-            getter = asyncio.ensure_future(item.events.get())
-            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield getter.result()
-                continue
-            getter.cancel()
-            while not item.events.empty():
-                yield item.events.get_nowait()
-            result = task.result()
-            if isinstance(result, BaseException):  # serve.batch hands back per-item errors as values
-                raise result
-            yield result
-            return
+        async for event in drain_events(item.events, task):
+            if isinstance(event, BaseException):  # serve.batch hands back per-item errors as values
+                raise event
+            yield event
 
     def check_health(self) -> None:
         if self.pipe is None:
@@ -264,7 +247,7 @@ class SDXLDeployment:
         guidance = request.guidance_scale
         if guidance is None:
             guidance = style.guidance_scale if style and style.guidance_scale is not None else c.default_guidance_scale
-        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(4), "little")
+        seed = request.seed if request.seed is not None else random_seed()
         if seed + request.n - 1 > MAX_SEED:
             raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED}", "seed")
 
@@ -324,19 +307,15 @@ class SDXLDeployment:
         generators = [
             torch.Generator("cpu").manual_seed(item.prepared.seed + i) for item in group for i in range(item.prepared.request.n)
         ]
-        job_ids = [item.prepared.request.job_id for item in group]
-        last_cancel_check = [0.0]
+        cancel_requested = CancelCheck(self.jobs, [item.prepared.request.job_id for item in group])
 
         # 2. Per-step progress and cooperative cancel through the diffusers step callback.
         def on_step_end(pipeline, step: int, timestep, callback_kwargs):
             total = getattr(pipeline, "num_timesteps", None) or first.steps
             for item in group:
                 item.emit(SDXLProgress(step=step + 1, total_steps=total))
-            now = time.monotonic()
-            if all(job_ids) and now - last_cancel_check[0] > 0.25:
-                last_cancel_check[0] = now
-                if all(self.jobs.is_cancel_requested(job_id) for job_id in job_ids):
-                    pipeline._interrupt = True
+            if cancel_requested():
+                pipeline._interrupt = True
             return callback_kwargs
 
         # 3. Run the pipeline for the mode.

@@ -1,0 +1,124 @@
+"""Torch setup, cancel checks and progress streaming shared by the diffusion deployments.
+
+SDXL, SVD and the upscaler load a diffusers pipeline the same way, run it in a worker thread,
+report each denoising step back to an async generator, and poll the same job cancel marker.
+Torch is imported inside the functions, like in the deployments, so importing this is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, AsyncIterator, Callable, Iterable
+
+from deployments.errors import InvalidRequestError
+from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
+from storage.jobs import JobStore
+
+MAX_SEED = 2**32 - 1
+
+
+def resolve_device(device: str) -> str:
+    """'auto' → 'cuda' when a GPU is visible, else 'cpu'."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """'auto' → float16 on CUDA (the released weights' precision), float32 on CPU."""
+    import torch
+
+    if dtype == "auto":
+        dtype = "float16" if device == "cuda" else "float32"
+    return getattr(torch, dtype)
+
+
+def configure_torch(num_threads: int | None = None, gpu_memory_fraction: float | None = None) -> None:
+    import torch
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if gpu_memory_fraction and torch.cuda.is_available():
+        # Models sharing a GPU by fraction each cap their allocator, so one cannot starve another.
+        torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
+
+
+def load_diffusers_pipeline(pipeline_cls, model: str, *, device: str = "auto", dtype: str = "auto",
+                            variant: str | None = None):
+    """`pipeline_cls.from_pretrained(model)` in the configured precision, moved to its device."""
+    device = resolve_device(device)
+    pipe = pipeline_cls.from_pretrained(
+        model, torch_dtype=resolve_dtype(dtype, device), variant=variant, use_safetensors=True
+    )
+    return pipe.to(device)
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def get_input_bytes(storage: Storage, key: str, param: str) -> bytes:
+    """An input stored under `key` (e.g. an earlier output); a bad or missing key is the caller's error."""
+    try:
+        return storage.get_bytes(key)
+    except InvalidKeyError as exc:
+        raise InvalidRequestError(f"{param} is not a valid storage key: {exc}", param) from exc
+    except ObjectNotFoundError as exc:
+        raise InvalidRequestError(f"no stored object at {param} {key!r}", param) from exc
+
+
+class CancelCheck:
+    """Whether every job in a run asked to be cancelled, reading the markers at most every `interval_s`.
+
+    A run with no job id (a synchronous call) is never cancelled this way.
+    """
+
+    def __init__(self, jobs: JobStore, job_ids: Iterable[str | None], interval_s: float = 0.25):
+        self.jobs = jobs
+        self.job_ids = list(job_ids)
+        self.interval_s = interval_s
+        self._last_check = 0.0
+
+    def __call__(self) -> bool:
+        if not self.job_ids or not all(self.job_ids):
+            return False
+        now = time.monotonic()
+        if now - self._last_check <= self.interval_s:
+            return False
+        self._last_check = now
+        return all(self.jobs.is_cancel_requested(job_id) for job_id in self.job_ids)
+
+
+async def drain_events(events: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[Any]:
+    """Yields events from `events` as they arrive while `task` runs, then the rest, then its result.
+
+    The task's exception, if it raised one, propagates.
+    """
+    while True:
+        getter = asyncio.ensure_future(events.get())
+        done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in done:
+            yield getter.result()
+            continue
+        getter.cancel()
+        while not events.empty():
+            yield events.get_nowait()
+        yield task.result()
+        return
+
+
+async def stream_from_thread(run: Callable[[Callable[[Any], None]], Any]) -> AsyncIterator[Any]:
+    """Runs `run(emit)` in a worker thread; yields what it emits, as it does, then its return value."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def emit(event: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    task = asyncio.ensure_future(asyncio.to_thread(run, emit))
+    async for event in drain_events(events, task):
+        yield event
