@@ -79,6 +79,19 @@ class LocalServeApp:
     def log_tail(self, chars: int = 6000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def ray_address(self) -> str:
+        """The GCS address of the Ray instance this `serve run` started, for `ray.init(address=...)`
+        (address="auto" is ambiguous when several instances run on one machine)."""
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            cmdline = child.cmdline()
+            if cmdline and cmdline[0].endswith("gcs_server"):
+                ip = next(a.split("=", 1)[1] for a in cmdline if a.startswith("--node-ip-address="))
+                port = next(c.laddr.port for c in child.net_connections("tcp") if c.status == psutil.CONN_LISTEN)
+                return f"{ip}:{port}"
+        raise RuntimeError("no gcs_server under this serve run")
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)

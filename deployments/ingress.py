@@ -22,6 +22,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.api import text as text_api
+from deployments.api import videos as videos_api
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
 from deployments.job_runner import JobQueueConfig, enqueue_job
 from deployments.media import check_size, decode_image, parse_size
@@ -36,7 +38,10 @@ from deployments.protocol import (
     ModelCard,
     ModelList,
 )
+from configs.styles import StylePreset
+from deployments.gemma import GemmaConfig, RefinedPrompt, RefineRequest, RefineSettings, build_refine_chat
 from deployments.sdxl import SDXLRequest, SDXLResponse
+from graphs.pipelines import apply_refined
 from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.fs import InvalidKeyError, ObjectNotFoundError
@@ -56,6 +61,7 @@ class IngressConfig(BaseModel):
     max_upload_pixels: int = Field(4096 * 4096, gt=0)
     presign_urls: bool = Field(True, description="With S3 storage, output URLs are presigned S3 URLs.")
     sse_poll_s: float = 0.25
+    llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
 
 
 # --- errors: one shape, one place -------------------------------------------------------------
@@ -152,6 +158,8 @@ app.add_exception_handler(RequestValidationError, _validation_error)
 app.add_exception_handler(ValidationError, _validation_error)
 app.add_exception_handler(StarletteHTTPException, _http_error)
 app.add_exception_handler(Exception, _unexpected_error)
+app.include_router(text_api.router)
+app.include_router(videos_api.router)
 
 
 def _wants_async(request: Request, async_flag: bool) -> bool:
@@ -175,6 +183,8 @@ class IngressDeployment:
         self.jobs = JobStore(self.storage)
         self.queue = instantiate_adapter_from_config(self.config.queue.task_processor_config())
         self._sdxl_info: dict | None = None
+        self.llm_info: dict | None = self.config.llm.describe() if self.config.llm else None
+        self.llm_settings: RefineSettings = self.config.llm.refine if self.config.llm else RefineSettings()
         app.state.max_body_bytes = self.config.max_upload_bytes
 
     # --- health and models ----------------------------------------------------------------------
@@ -191,12 +201,31 @@ class IngressDeployment:
             metadata={k: info[k] for k in ("source", "default_size", "min_size", "max_size", "default_steps",
                                            "max_steps", "allowed_n", "styles")},
         )
-        return ModelList(data=[card])
+        cards = [card]
+        if self.llm_info is not None and "llm" in self.handles:
+            cards.append(ModelCard(id=self.llm_info["model"], kind="text",
+                                   capabilities=["chat.completions", "completions", "prompts.refine"],
+                                   metadata={"source": self.llm_info["source"],
+                                             "max_model_len": self.llm_info["max_model_len"]}))
+        return ModelList(data=cards)
 
     async def sdxl_info(self) -> dict:
         if self._sdxl_info is None:
             self._sdxl_info = await self.sdxl.describe.remote()
         return self._sdxl_info
+
+    async def style_preset(self, name: str | None) -> StylePreset | None:
+        if name is None:
+            return None
+        styles = (await self.sdxl_info())["styles"]
+        if name not in styles:
+            raise InvalidRequestError(f"unknown style {name!r}; known: {sorted(styles)}", "style")
+        return StylePreset.model_validate(styles[name])
+
+    async def lora_trigger_word(self, name: str | None) -> str | None:
+        if name is not None:
+            raise InvalidRequestError(f"unknown LoRA {name!r}; GET /v1/models lists registered adapters", "lora")
+        return None
 
     # --- images ---------------------------------------------------------------------------------
 
@@ -205,9 +234,16 @@ class IngressDeployment:
     async def create_images(self, body: ImageGenerationRequest, request: Request,
                             async_: bool = Query(False, alias="async", description="Run as a job; answer 202.")):
         sdxl_request = await self._sdxl_request(body, mode="text_to_image")
+        refine = await self._refine_payload(body) if body.refine else None
         if _wants_async(request, async_):
-            return await self.submit_job("images.generations", self._sdxl_payload(sdxl_request), request)
-        return await self._generate(sdxl_request, body.response_format, request)
+            payload = {**self._sdxl_payload(sdxl_request), "refine": refine}
+            stages = ["refine", "generate"] if refine else ["generate"]
+            return await self.submit_job("images.generations", payload, request, stages)
+        refined = None
+        if refine is not None:
+            refined = await text_api.refine_prompt(self, RefineRequest.model_validate(refine["request"]))
+            sdxl_request = SDXLRequest.model_validate(apply_refined(sdxl_request.model_dump(), refined))
+        return await self._generate(sdxl_request, body.response_format, request, refined)
 
     @app.post("/v1/images/edits", response_model=ImagesResponse, response_model_exclude_none=True,
               responses={202: {"model": JobView}, 413: {"model": ErrorResponse}})
@@ -254,9 +290,18 @@ class IngressDeployment:
             if mask_bytes is not None:
                 sdxl_request.mask_key = await asyncio.to_thread(
                     self.storage.put_bytes, f"uploads/{upload_id}/mask", mask_bytes)
-            return await self.submit_job("images.edits", self._sdxl_payload(sdxl_request), request)
+            return await self.submit_job("images.edits", self._sdxl_payload(sdxl_request), request, ["generate"])
         sdxl_request.image, sdxl_request.mask = image_bytes, mask_bytes
         return await self._generate(sdxl_request, body.response_format, request)
+
+    async def _refine_payload(self, body: ImageGenerationRequest) -> dict:
+        """What a job needs to run the refine stage: the request and the chat body to send."""
+        text_api.llm_handle(self, None)  # 404 now, not a failed job, when no LLM is deployed
+        refine_request = RefineRequest(prompt=body.prompt, style=body.style, lora=body.lora, seed=body.seed)
+        style = await self.style_preset(body.style)
+        trigger_word = await self.lora_trigger_word(body.lora)
+        chat = build_refine_chat(refine_request, self.llm_info["model"], self.llm_settings, style, trigger_word)
+        return {"request": refine_request.model_dump(mode="json"), "chat": chat, "trigger_word": trigger_word}
 
     async def read_upload(self, upload: UploadFile, param: str) -> bytes:
         limit = self.config.max_upload_bytes
@@ -291,7 +336,8 @@ class IngressDeployment:
             strength=strength, style=body.style,
         )
 
-    async def _generate(self, sdxl_request: SDXLRequest, response_format: str, request: Request) -> ImagesResponse:
+    async def _generate(self, sdxl_request: SDXLRequest, response_format: str, request: Request,
+                        refined: RefinedPrompt | None = None) -> ImagesResponse:
         store = response_format == "url"
         if store:
             sdxl_request.store, sdxl_request.output_id = True, new_id("img")
@@ -307,7 +353,8 @@ class IngressDeployment:
         first = result.images[0]
         return ImagesResponse(created=int(time.time()), data=data, model=result.model,
                               size=f"{first.width}x{first.height}", steps=result.steps,
-                              elapsed_s=round(result.elapsed_s, 4))
+                              elapsed_s=round(result.elapsed_s, 4),
+                              refine=refined.model_dump() if refined else None)
 
     # --- jobs -----------------------------------------------------------------------------------
 
@@ -315,18 +362,19 @@ class IngressDeployment:
     def _sdxl_payload(sdxl_request: SDXLRequest) -> dict:
         return {"sdxl": sdxl_request.model_dump(mode="json", exclude={"image", "mask"})}
 
-    async def submit_job(self, kind: str, payload: dict, request: Request) -> JSONResponse:
+    async def submit_job(self, kind: str, payload: dict, request: Request,
+                         stages: list[str] | None = None) -> JSONResponse:
         """Durably record a job, enqueue it, and answer 202 with its view."""
-        record = await asyncio.to_thread(self.create_and_enqueue, kind, payload)
+        record = await asyncio.to_thread(self.create_and_enqueue, kind, payload, stages)
         view = self.job_view(record, request)
         return JSONResponse(view.model_dump(mode="json"), status_code=202,
                             headers={"Location": f"/v1/jobs/{record.id}"})
 
-    def create_and_enqueue(self, kind: str, payload: dict) -> JobRecord:
+    def create_and_enqueue(self, kind: str, payload: dict, stages: list[str] | None = None) -> JobRecord:
         depth = self.jobs.count_active()
         if depth >= self.config.queue.max_queue_depth:
             raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
-        record = self.jobs.create(kind, payload, stages=[], max_attempts=self.config.queue.max_attempts)
+        record = self.jobs.create(kind, payload, stages=stages or [], max_attempts=self.config.queue.max_attempts)
         try:
             enqueue_job(self.queue, self.jobs, record)
         except Exception as exc:

@@ -147,7 +147,7 @@ class JobRunnerDeployment:
 
     def __init__(self, queue: JobQueueConfig | dict, storage_root: str, storage_options: dict | None = None,
                  **handles: Any):
-        from graphs.pipelines import JOB_PIPELINES
+        from graphs.registry import JOB_PIPELINES
 
         self.queue = JobQueueConfig.model_validate(queue)
         self.store = JobStore(Storage(storage_root, storage_options))

@@ -35,6 +35,7 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=30)
     style: str | None = Field(None, description="A style preset from GET /v1/models (styles).")
     lora: str | None = None
+    refine: bool = Field(False, description="Rewrite the prompt with Gemma first; the result is revised_prompt.")
     # OpenAI fields accepted for compatibility and not used by diffusion models.
     quality: str | None = None
     user: str | None = None
@@ -59,6 +60,7 @@ class ImagesResponse(BaseModel):
     size: str | None = None
     steps: int | None = None
     elapsed_s: float | None = None
+    refine: dict | None = Field(None, description="With refine: true, what Gemma wrote (and any warning).")
 
 
 class JobOutputView(BaseModel):

@@ -16,9 +16,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.task_consumer import task_consumer
 
+from deployments.gemma import GemmaConfig, build_gemma_deployment
 from deployments.ingress import IngressConfig, IngressDeployment
 from deployments.job_runner import JobQueueConfig, JobRunnerDeployment
 from deployments.sdxl import SDXLConfig, SDXLDeployment
+from deployments.svd import SVDConfig, SVDDeployment
+from deployments.upscaler import UpscalerConfig, UpscalerDeployment
 
 _SQLITE_PREFIXES = ("sqla+sqlite:///", "db+sqlite:///", "sqlite:///")
 
@@ -28,6 +31,10 @@ class AtelierArgs(BaseModel):
     storage_options: dict[str, Any] = {}
     queue: JobQueueConfig
     sdxl: dict[str, Any] = Field(description="SDXLConfig fields; storage is filled in from above.")
+    svd: dict[str, Any] | None = Field(None, description="SVDConfig fields; leave out to deploy no video model.")
+    upscaler: dict[str, Any] | None = Field(None, description="UpscalerConfig fields; leave out for no upscaler.")
+    llm: dict[str, Any] | None = Field(
+        None, description="GemmaConfig fields (vLLM via ray.serve.llm); leave out to deploy no language model.")
     ingress: dict[str, Any] = Field({}, description="IngressConfig fields besides storage and queue.")
     tiny_models_dir: str | None = Field(
         None, description="Build the tiny random-weight models here if missing (local default and tests).")
@@ -44,9 +51,12 @@ class AtelierArgs(BaseModel):
             from configs.tiny_models import ensure_tiny_models
 
             ensure_tiny_models(args.tiny_models_dir)
-        model = args.sdxl.get("model")
-        if model and (base / model).exists():  # else it is a hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0
-            args.sdxl["model"] = str((base / model).resolve())
+        sections = ((args.sdxl, "model"), (args.svd or {}, "model"), (args.upscaler or {}, "model"),
+                    (args.llm or {}, "model_source"))
+        for section, field in sections:
+            model = section.get(field)
+            if model and (base / model).exists():  # else a hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0
+                section[field] = str((base / model).resolve())
         for name in ("broker_url", "backend_url"):
             setattr(args.queue, name, _absolute_sqlite(getattr(args.queue, name), base))
         return args
@@ -68,11 +78,18 @@ def build_app(args: AtelierArgs | dict) -> Application:
     storage = {"storage_root": args.storage_root, "storage_options": args.storage_options}
 
     sdxl = SDXLDeployment.bind(SDXLConfig.model_validate({**args.sdxl, **storage}))
+    svd = SVDDeployment.bind(SVDConfig.model_validate({**args.svd, **storage})) if args.svd else None
+    upscaler = (UpscalerDeployment.bind(UpscalerConfig.model_validate({**args.upscaler, **storage}))
+                if args.upscaler else None)
+    llm_config = GemmaConfig.model_validate(args.llm) if args.llm is not None else None
+    llm = build_gemma_deployment(llm_config) if llm_config else None
     job_runner_cls = serve.deployment(
         task_consumer(task_processor_config=args.queue.task_processor_config())(JobRunnerDeployment),
         name="JobRunnerDeployment",
         max_ongoing_requests=args.queue.concurrency,  # Serve sizes the consumer's thread pool with this
     )
-    job_runner = job_runner_cls.bind(args.queue, sdxl=sdxl, **storage)
-    ingress_config = IngressConfig.model_validate({**args.ingress, **storage, "queue": args.queue})
-    return IngressDeployment.bind(ingress_config, sdxl=sdxl, job_runner=job_runner)
+    models = {"sdxl": sdxl, "svd": svd, "upscaler": upscaler, "llm": llm}
+    job_runner = job_runner_cls.bind(args.queue, **models, **storage)
+    ingress_config = IngressConfig.model_validate(
+        {**args.ingress, **storage, "queue": args.queue, "llm": llm_config})
+    return IngressDeployment.bind(ingress_config, job_runner=job_runner, **models)

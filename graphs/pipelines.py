@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from deployments.gemma import RefinedPrompt, RefineRequest, refined_from_response
 from deployments.sdxl import SDXLProgress, SDXLRequest, SDXLResponse
 from storage.jobs import JobOutput
 
@@ -29,10 +30,36 @@ def stream_sdxl(ctx, sdxl_handle, request: SDXLRequest) -> SDXLResponse:
     return result
 
 
+def refine_stage(ctx, handles: dict[str, Any], spec: dict) -> RefinedPrompt:
+    """Gemma rewrites the prompt; `spec` is what the ingress prepared (request, chat body, trigger word)."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    ctx.start_stage("refine")
+    chat = ChatCompletionRequest.model_validate(spec["chat"])
+    stream = handles["llm"].options(stream=True).chat.remote(chat, None)
+    try:
+        first = next(iter(stream))
+    finally:
+        stream.cancel()
+    first = first[0] if isinstance(first, list) else first
+    refined = refined_from_response(first, RefineRequest.model_validate(spec["request"]), spec.get("trigger_word"))
+    ctx.step(1, 1)
+    ctx.check_cancelled()
+    return refined
+
+
+def apply_refined(sdxl: dict, refined: RefinedPrompt) -> dict:
+    negative = ", ".join(p for p in (refined.negative_prompt, sdxl.get("negative_prompt")) if p) or None
+    return {**sdxl, "prompt": refined.prompt, "negative_prompt": negative}
+
+
 def image_generation(ctx, handles: dict[str, Any]) -> None:
-    request = SDXLRequest.model_validate(
-        {**ctx.request["sdxl"], "job_id": ctx.id, "store": True, "output_id": ctx.id}
-    )
+    sdxl = ctx.request["sdxl"]
+    refined = None
+    if ctx.request.get("refine"):
+        refined = refine_stage(ctx, handles, ctx.request["refine"])
+        sdxl = apply_refined(sdxl, refined)
+    request = SDXLRequest.model_validate({**sdxl, "job_id": ctx.id, "store": True, "output_id": ctx.id})
     ctx.start_stage("generate")
     response = stream_sdxl(ctx, handles["sdxl"], request)
     for image in response.images:
@@ -42,10 +69,5 @@ def image_generation(ctx, handles: dict[str, Any]) -> None:
         "model": response.model, "mode": response.mode, "prompt": response.prompt,
         "negative_prompt": response.negative_prompt, "steps": response.steps,
         "guidance_scale": response.guidance_scale, "seeds": [image.seed for image in response.images],
+        "refine": refined.model_dump() if refined else None,
     }
-
-
-JOB_PIPELINES: dict[str, Callable[..., None]] = {
-    "images.generations": image_generation,
-    "images.edits": image_generation,
-}

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.serve
 def ray_cluster(atelier):
     import ray
 
-    ray.init(address="auto", namespace="serve", log_to_driver=False)
+    ray.init(address=atelier.ray_address(), namespace="serve", log_to_driver=False)
     yield ray
     ray.shutdown()
 

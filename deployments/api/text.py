@@ -1,0 +1,139 @@
+"""Text: OpenAI chat and completions (SSE streaming) forwarded to the Gemma LLMServer, and
+prompt refinement.
+
+The request models are vLLM's OpenAI protocol models (through `ray.serve.llm`), so the
+fields and their validation are exactly what vLLM's own server accepts. Engine errors come
+back as `ErrorResponse` items and leave in Atelier's error shape, naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+
+from deployments.api import current_ingress
+from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
+from deployments.gemma import RefinedPrompt, RefineRequest, build_refine_chat, engine_error, refined_from_response
+
+logger = logging.getLogger("ray.serve")
+
+router = APIRouter(tags=["text"])
+
+
+class LLMUnavailableError(AtelierError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+def llm_handle(ingress, model: str | None):
+    info = ingress.llm_info
+    if info is None or "llm" not in ingress.handles:
+        raise LLMUnavailableError("no language model is deployed in this application", "model")
+    if model is not None and model != info["model"]:
+        raise NotFoundError(f"unknown model {model!r}; available: [{info['model']!r}]", "model")
+    return ingress.handles["llm"].options(stream=True)
+
+
+def _check_budget(ingress, max_tokens: int | None) -> None:
+    limit = ingress.llm_info["max_model_len"]
+    if max_tokens is not None and max_tokens > limit:
+        raise InvalidRequestError(f"max_tokens must be at most the context length {limit}; got {max_tokens}",
+                                  "max_tokens")
+
+
+async def _first_item(stream) -> tuple[Any, Any]:
+    """The first engine item (unwrapped from a streaming batch) and the raw first item."""
+    try:
+        raw = await stream.__anext__()
+    except StopAsyncIteration:
+        raise OverloadedError("the language model returned nothing; retry", retry_after=1) from None
+    first = raw[0] if isinstance(raw, list) and raw else raw
+    return first, raw
+
+
+def _is_error(item: Any) -> bool:
+    # vLLM's own ErrorResponse, not only ray's subclass of it, comes back from the engine.
+    return hasattr(item, "error") and not hasattr(item, "choices")
+
+
+def _sse(item: Any) -> str:
+    if isinstance(item, list):
+        return "".join(_sse(i) for i in item)
+    if isinstance(item, str):
+        return item
+    if _is_error(item):
+        return f"data: {item.model_dump_json()}\n\n"
+    return f"data: {item.model_dump_json(exclude_unset=True)}\n\n"
+
+
+async def _forward(ingress, method: str, body: ChatCompletionRequest | CompletionRequest,
+                   prompt_field: str):
+    handle = llm_handle(ingress, body.model)
+    _check_budget(ingress, body.max_tokens)
+    body.model = ingress.llm_info["model"]
+    stream = getattr(handle, method).remote(body, None)
+    try:
+        first, raw = await _first_item(stream)
+    except BaseException:
+        stream.cancel()
+        raise
+    if _is_error(first):
+        stream.cancel()
+        raise engine_error(first, prompt_field)
+    if not body.stream:
+        stream.cancel()
+        return JSONResponse(first.model_dump(mode="json", exclude_none=True))
+
+    async def events() -> AsyncIterator[str]:
+        done = False
+        try:
+            for item in [raw]:
+                text = _sse(item)
+                done = done or text.rstrip().endswith("data: [DONE]")
+                yield text
+            async for item in stream:
+                text = _sse(item)
+                done = done or text.rstrip().endswith("data: [DONE]")
+                yield text
+            if not done:
+                yield "data: [DONE]\n\n"
+        finally:
+            # A client that hung up cancels the engine request, freeing its slot.
+            stream.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)")
+async def chat_completions(body: ChatCompletionRequest, ingress=Depends(current_ingress)):
+    return await _forward(ingress, "chat", body, "messages")
+
+
+@router.post("/v1/completions", summary="OpenAI completions (stream with `stream: true`)")
+async def completions(body: CompletionRequest, ingress=Depends(current_ingress)):
+    return await _forward(ingress, "completions", body, "prompt")
+
+
+async def refine_prompt(ingress, request: RefineRequest) -> RefinedPrompt:
+    """Refine through the LLMServer; shared by the endpoint and the ingress's graph requests."""
+    handle = llm_handle(ingress, request.model)
+    style = await ingress.style_preset(request.style)
+    trigger_word = await ingress.lora_trigger_word(request.lora)
+    body = build_refine_chat(request, ingress.llm_info["model"], ingress.llm_settings, style, trigger_word)
+    stream = handle.chat.remote(ChatCompletionRequest.model_validate(body), None)
+    try:
+        first, _ = await _first_item(stream)
+    finally:
+        stream.cancel()
+    return refined_from_response(first, request, trigger_word)
+
+
+@router.post("/v1/prompts/refine", response_model=RefinedPrompt,
+             summary="Turn a short request into a detailed image prompt and negative prompt")
+async def refine(body: RefineRequest, ingress=Depends(current_ingress)) -> RefinedPrompt:
+    return await refine_prompt(ingress, body)

