@@ -92,6 +92,15 @@ class LocalServeApp:
                 return f"{ip}:{port}"
         raise RuntimeError("no gcs_server under this serve run")
 
+    def connect_ray(self):
+        """`ray.init` as a driver of this app's Ray instance (new local clusters use token auth,
+        whose token Ray keeps in ~/.ray; an explicit address does not switch it on by itself)."""
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        ray.init(address=self.ray_address(), namespace="serve", log_to_driver=False)
+        return ray
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)

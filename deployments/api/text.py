@@ -109,8 +109,21 @@ async def _forward(ingress, method: str, body: ChatCompletionRequest | Completio
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _check_roles(messages: list) -> None:
+    # vLLM accepts any role string and lets the chat template cope; OpenAI refuses unknown ones.
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{index}].role must be one of {list(CHAT_ROLES)}; got {role!r}",
+                                      f"messages.{index}.role")
+
+
 @router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)")
 async def chat_completions(body: ChatCompletionRequest, ingress=Depends(current_ingress)):
+    _check_roles(body.messages)
     return await _forward(ingress, "chat", body, "messages")
 
 

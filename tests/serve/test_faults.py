@@ -13,9 +13,7 @@ pytestmark = pytest.mark.serve
 
 @pytest.fixture()
 def ray_cluster(atelier):
-    import ray
-
-    ray.init(address=atelier.ray_address(), namespace="serve", log_to_driver=False)
+    ray = atelier.connect_ray()
     yield ray
     ray.shutdown()
 

@@ -177,9 +177,7 @@ def _ongoing(ray, deployment: str) -> int:
 
 
 def test_client_disconnect_mid_stream_frees_slots(atelier):
-    import ray
-
-    ray.init(address=atelier.ray_address(), namespace="serve", log_to_driver=False)
+    ray = atelier.connect_ray()
     try:
         body = {"model": MODEL, "prompt": "go", "max_tokens": 240, "stream": True, "ignore_eos": True}
         for _ in range(4):

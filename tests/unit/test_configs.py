@@ -69,3 +69,35 @@ def test_queue_urls_expand_environment_variables(monkeypatch):
     monkeypatch.setenv("ATELIER_REDIS_HOST", "redis.internal")
     config = JobQueueConfig(broker_url="redis://${ATELIER_REDIS_HOST}:6379/0", backend_url="redis://x/1")
     assert config.task_processor_config().adapter_config.broker_url == "redis://redis.internal:6379/0"
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
+def test_every_model_section_validates_and_fits_its_resources(path):
+    from deployments.gemma import GemmaConfig
+    from deployments.sdxl import SDXLConfig
+    from deployments.svd import SVDConfig
+    from deployments.upscaler import UpscalerConfig
+
+    app = yaml.safe_load((REPO / path).read_text())["applications"][0]
+    args = AtelierArgs.model_validate(app["args"])
+    deployments = {d["name"]: d for d in app["deployments"]}
+    gpu_total = 0.0
+    for name, cls, section in (("SDXLDeployment", SDXLConfig, args.sdxl), ("SVDDeployment", SVDConfig, args.svd),
+                               ("UpscalerDeployment", UpscalerConfig, args.upscaler)):
+        config = cls.model_validate(section)
+        gpus = deployments[name].get("ray_actor_options", {}).get("num_gpus", 0)
+        gpu_total += gpus
+        if config.gpu_memory_fraction is not None:
+            assert config.gpu_memory_fraction <= gpus, name
+    llm = GemmaConfig.model_validate(args.llm)
+    llm_gpus = sum(b.get("GPU", 0) for b in (llm.placement_group_config or {}).get("bundles", []))
+    gpu_total += llm_gpus
+    if llm_gpus:
+        assert llm.engine_kwargs["gpu_memory_utilization"] <= llm_gpus
+    # One replica of each model fits on one GPU (production) or on no GPU (local).
+    assert gpu_total <= 1.0 + 1e-9
+    if path == "serve_config.yaml":
+        assert args.svd["model"] == "stabilityai/stable-video-diffusion-img2vid-xt"
+        assert args.upscaler["model"] == "stabilityai/stable-diffusion-x4-upscaler"
+        assert args.llm["model_source"].startswith("google/gemma")
+        assert gpu_total > 0.9
