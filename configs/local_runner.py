@@ -57,7 +57,9 @@ class LocalServeApp:
 
     def start(self) -> "LocalServeApp":
         bin_dir = Path(sys.executable).parent
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+        # A throwaway instance for tests and benchmarks: token auth off, so a test driver can join it
+        # by address (Ray only turns token auth on for drivers that find a cluster via "auto").
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
         self.process = subprocess.Popen(
             [str(bin_dir / "serve"), "run", str(self.config_path)], cwd=REPO, env=env,
@@ -93,11 +95,9 @@ class LocalServeApp:
         raise RuntimeError("no gcs_server under this serve run")
 
     def connect_ray(self):
-        """`ray.init` as a driver of this app's Ray instance (new local clusters use token auth,
-        whose token Ray keeps in ~/.ray; an explicit address does not switch it on by itself)."""
+        """`ray.init` as a driver of this app's Ray instance (tests: kill replicas, read counters)."""
         import ray
 
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(address=self.ray_address(), namespace="serve", log_to_driver=False)
         return ray
 

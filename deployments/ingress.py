@@ -22,6 +22,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.api import datasets as datasets_api
 from deployments.api import text as text_api
 from deployments.api import videos as videos_api
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
@@ -46,7 +47,9 @@ from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.fs import InvalidKeyError, ObjectNotFoundError
 from storage.jobs import TERMINAL_STATUSES, JobNotFoundError, JobRecord
+from storage.datasets import is_dataset_image_key
 from storage.keys import new_id
+from storage.url_import import DatasetImportConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,6 +64,8 @@ class IngressConfig(BaseModel):
     max_upload_pixels: int = Field(4096 * 4096, gt=0)
     presign_urls: bool = Field(True, description="With S3 storage, output URLs are presigned S3 URLs.")
     sse_poll_s: float = 0.25
+    dataset_import: DatasetImportConfig = Field(
+        DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
 
 
@@ -122,7 +127,9 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.limit_of()
-        param = "image" if scope.get("path", "").endswith("/images/edits") else "body"
+        path = scope.get("path", "")
+        param = ("image" if path.endswith(("/images/edits", "/images/upscale"))
+                 else "input_reference" if path.endswith("/v1/videos") else "body")
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared and declared.isdigit() and int(declared) > limit:
             return await self._refuse(scope, receive, send, int(declared), limit, param)
@@ -160,6 +167,12 @@ app.add_exception_handler(StarletteHTTPException, _http_error)
 app.add_exception_handler(Exception, _unexpected_error)
 app.include_router(text_api.router)
 app.include_router(videos_api.router)
+app.include_router(datasets_api.router)
+
+
+class ModelNotDeployedError(AtelierError):
+    status_code = 404
+    error_type = "model_not_found"
 
 
 def _wants_async(request: Request, async_flag: bool) -> bool:
@@ -183,6 +196,7 @@ class IngressDeployment:
         self.jobs = JobStore(self.storage)
         self.queue = instantiate_adapter_from_config(self.config.queue.task_processor_config())
         self._sdxl_info: dict | None = None
+        self._model_info: dict[str, dict] = {}
         self.llm_info: dict | None = self.config.llm.describe() if self.config.llm else None
         self.llm_settings: RefineSettings = self.config.llm.refine if self.config.llm else RefineSettings()
         app.state.max_body_bytes = self.config.max_upload_bytes
@@ -214,6 +228,14 @@ class IngressDeployment:
             self._sdxl_info = await self.sdxl.describe.remote()
         return self._sdxl_info
 
+    async def model_info(self, name: str) -> dict:
+        """`describe()` of a deployed model ("svd", "upscaler", ...), cached; 404 if it is not deployed."""
+        if name not in self._model_info:
+            if name not in self.handles:
+                raise ModelNotDeployedError(f"no {name!r} model is deployed in this application", "model")
+            self._model_info[name] = await self.handles[name].describe.remote()
+        return self._model_info[name]
+
     async def style_preset(self, name: str | None) -> StylePreset | None:
         if name is None:
             return None
@@ -235,6 +257,9 @@ class IngressDeployment:
                             async_: bool = Query(False, alias="async", description="Run as a job; answer 202.")):
         sdxl_request = await self._sdxl_request(body, mode="text_to_image")
         refine = await self._refine_payload(body) if body.refine else None
+        if body.upscale:  # text-to-image-hd: SDXL → x4 upscaler
+            return await videos_api.generate_hd(self, body, sdxl_request, refine, request,
+                                                _wants_async(request, async_))
         if _wants_async(request, async_):
             payload = {**self._sdxl_payload(sdxl_request), "refine": refine}
             stages = ["refine", "generate"] if refine else ["generate"]
@@ -451,7 +476,7 @@ class IngressDeployment:
 
     @app.get("/v1/files/{key:path}", responses={200: {"content": {"image/png": {}, "video/mp4": {}}}})
     def get_file(self, key: str):
-        if not key.startswith(SERVED_PREFIXES):
+        if not (key.startswith(SERVED_PREFIXES) or is_dataset_image_key(key)):
             raise NotFoundError(f"no file {key!r}", "key")
         try:
             if self.config.presign_urls and self.storage.protocol != "file":

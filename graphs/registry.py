@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Callable
 
+from graphs.dataset_jobs import dataset_import
 from graphs.pipelines import image_generation
 from graphs.video_pipelines import VIDEO_PIPELINES
 
 JOB_PIPELINES: dict[str, Callable[..., None]] = {
     "images.generations": image_generation,
     "images.edits": image_generation,
+    "datasets.import": dataset_import,
     **VIDEO_PIPELINES,
 }

@@ -10,7 +10,9 @@ from configs.local_runner import LocalServeApp
 
 @pytest.fixture(scope="session")
 def atelier(tmp_path_factory) -> LocalServeApp:
-    app = LocalServeApp(tmp_path_factory.mktemp("atelier"))
+    # URL imports from the tests' own HTTP server on loopback are allowed explicitly.
+    app = LocalServeApp(tmp_path_factory.mktemp("atelier"),
+                        args_update={"ingress": {"dataset_import": {"allow_private_hosts": ["127.0.0.1"]}}})
     with app:
         yield app
 

@@ -1,0 +1,914 @@
+"""Datasets: named, versioned collections of images with captions, for training.
+
+Layout under the storage root (``dataset_prefix`` in :mod:`storage.keys`)::
+
+    datasets/<id>/dataset.json              name, description, trigger word, default license
+    datasets/<id>/images/<sha256>.<ext>     image files, stored once; all versions share them
+    datasets/<id>/v<N>/manifest.parquet     version N: every row of version N-1 plus the new ones
+    datasets/_names/<name>.json             name claim: {"id": ...}
+
+A manifest has one row per image: ``key`` (storage key of the file), ``width``, ``height``,
+``caption``, ``tags`` (list<string>), ``source``, ``license``, ``sha256``, ``filename`` (as
+uploaded) and ``size_bytes``. Its Parquet schema metadata holds the version's summary.
+
+Adding images never rewrites a version: it writes the image files (content-addressed, so a
+file another version already has is not written again), then *claims* version N+1 by creating
+its manifest only if no object is there yet:
+
+* local: the manifest is written to a temp file and hard-linked to its name; ``link(2)`` fails
+  if the name exists, and a reader never sees a partial file;
+* S3: one ``PutObject`` with ``If-None-Match: *`` (S3 conditional writes; s3fs
+  ``pipe_file(mode="create")``), which S3 answers 412 if the key exists.
+
+:class:`storage.fs.Storage` offers only last-writer-wins writes, so the claim is done here, on
+its filesystem. A writer that loses the claim re-reads the newest version, re-checks
+duplicates against it and claims the next number, so two concurrent adds never lose rows.
+Image files written by an add that is then abandoned (a cancelled import) stay as unreferenced
+files under ``images/``; a later add of the same image reuses them.
+
+Names and ids are validated with :func:`storage.keys.validate_id` (no ``/``, no ``..``), and
+archive entries with ``..`` or absolute paths are refused, so nothing escapes the root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import threading
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+from storage.fs import TEMP_PREFIX, InvalidKeyError, ObjectNotFoundError, Storage, validate_key, validate_prefix
+from storage.keys import DATASETS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, validate_id
+
+__all__ = [
+    "MANIFEST_SCHEMA",
+    "DEFAULT_LICENSE",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DatasetExistsError",
+    "InvalidDatasetInputError",
+    "DatasetBusyError",
+    "ImageItem",
+    "Rejection",
+    "AddResult",
+    "VersionInfo",
+    "DatasetInfo",
+    "DatasetStore",
+    "DatasetWriter",
+    "expand_zip",
+    "expand_uploads",
+    "inspect_image",
+    "pair_captions",
+    "check_prefix_allowed",
+    "is_dataset_image_key",
+]
+
+DEFAULT_LICENSE = "unknown"
+MAX_NAME_LENGTH = 100
+MAX_CAPTION_LENGTH = 10_000
+MAX_TAGS = 100
+MAX_TAG_LENGTH = 200
+MAX_FILENAME_LENGTH = 4096  # URLs are names too
+DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 8192 * 8192
+MAX_CLAIM_ATTEMPTS = 100
+_PREFIX_CHUNK = 32
+
+NAMES_PREFIX = f"{DATASETS_PREFIX}_names/"
+_META_KEY = b"atelier.dataset"
+# format PIL reports -> file extension; what training readers can decode
+_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff"}
+_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp", "gif": "image/gif",
+                  "bmp": "image/bmp", "tiff": "image/tiff"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+MANIFEST_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("caption", pa.string()),
+    ("tags", pa.list_(pa.string())),
+    ("source", pa.string()),
+    ("license", pa.string()),
+    ("sha256", pa.string()),
+    ("filename", pa.string()),
+    ("size_bytes", pa.int64()),
+])
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class DatasetError(Exception):
+    """Base class; ``param`` names the offending argument where there is one."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class DatasetNotFoundError(DatasetError, LookupError):
+    """No such dataset (or version)."""
+
+
+class DatasetExistsError(DatasetError):
+    """A dataset with this name exists."""
+
+
+class InvalidDatasetInputError(DatasetError, ValueError):
+    """A bad name, archive, prefix or confirmation."""
+
+
+class DatasetBusyError(DatasetError):
+    """Could not claim a new version after many attempts (a storm of concurrent adds)."""
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageItem:
+    """One image to add. ``license=None`` takes the dataset's default license."""
+
+    filename: str
+    data: bytes
+    caption: str = ""
+    tags: list[str] = field(default_factory=list)
+    source: str = "upload"
+    license: str | None = None
+
+
+class Rejection(BaseModel):
+    filename: str
+    reason: str
+
+
+class AddResult(BaseModel):
+    dataset_id: str
+    version: int = Field(description="The version holding the images (unchanged when nothing was added).")
+    added: int
+    images: int = Field(description="Images in that version.")
+    duplicates: list[str] = Field(default_factory=list, description="Names skipped as already present (same sha256).")
+    rejected: list[Rejection] = Field(default_factory=list)
+
+
+class VersionInfo(BaseModel):
+    version: int
+    images: int
+    added: int
+    total_bytes: int
+    created_at: float
+
+
+class DatasetInfo(BaseModel):
+    id: str
+    name: str
+    description: str = ""
+    trigger_word: str | None = None
+    license: str = DEFAULT_LICENSE
+    created_at: float
+    latest_version: int = Field(0, description="0 until images are added.")
+    images: int = 0
+    total_bytes: int = 0
+    versions: list[VersionInfo] = Field(default_factory=list, description="Filled by get(), not list().")
+
+
+# --- validation helpers ----------------------------------------------------------------------
+
+
+def _valid_name(name: object) -> str:
+    try:
+        validate_id(name, "dataset name")
+    except ValueError as exc:
+        raise InvalidDatasetInputError(str(exc), "name") from None
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidDatasetInputError(f"dataset name is longer than {MAX_NAME_LENGTH} characters", "name")
+    return name
+
+
+def _valid_text(value: object, what: str, limit: int, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidDatasetInputError(f"{what} must be a string", what)
+    if len(value) > limit:
+        raise InvalidDatasetInputError(f"{what} is longer than {limit} characters", what)
+    return value
+
+
+def _item_problem(item: ImageItem, max_bytes: int) -> str | None:
+    """Why ``item``'s fields are unusable, or None."""
+    if not isinstance(item.filename, str) or not item.filename or len(item.filename) > MAX_FILENAME_LENGTH:
+        return "invalid file name"
+    if _CONTROL.search(item.filename):
+        return "file name contains control characters"
+    if not isinstance(item.data, (bytes, bytearray, memoryview)) or not item.data:
+        return "empty file"
+    if len(item.data) > max_bytes:
+        return f"file is {len(item.data)} bytes, over the limit of {max_bytes}"
+    if not isinstance(item.caption, str) or len(item.caption) > MAX_CAPTION_LENGTH:
+        return f"caption must be text of at most {MAX_CAPTION_LENGTH} characters"
+    if (not isinstance(item.tags, (list, tuple)) or len(item.tags) > MAX_TAGS
+            or any(not isinstance(t, str) or not t or len(t) > MAX_TAG_LENGTH for t in item.tags)):
+        return f"tags must be at most {MAX_TAGS} non-empty strings of at most {MAX_TAG_LENGTH} characters"
+    if not isinstance(item.source, str) or len(item.source) > 4096:
+        return "source must be a string of at most 4096 characters"
+    if item.license is not None and (not isinstance(item.license, str) or len(item.license) > 200):
+        return "license must be a string of at most 200 characters"
+    return None
+
+
+def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
+    """``(extension, width, height)`` of an image that fully decodes; ValueError saying why not.
+
+    Width and height are as displayed (EXIF orientation applied), as the reader decodes them.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            ext = _FORMATS.get(image.format or "")
+            if ext is None:
+                raise ValueError(f"unsupported image format {image.format}")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ValueError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
+            orientation = image.getexif().get(0x0112, 1)
+            image.load()  # a full decode: truncated or corrupt data fails here, not in training
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise ValueError("not a readable image" if isinstance(exc, UnidentifiedImageError)
+                         else "image is too large (decompression bomb)") from None
+    except (OSError, SyntaxError, EOFError) as exc:
+        raise ValueError(f"corrupt image: {exc}") from None
+    if orientation in (5, 6, 7, 8):  # rotated 90 or 270 degrees
+        width, height = height, width
+    return ext, width, height
+
+
+def is_dataset_image_key(key: str) -> bool:
+    """Whether ``key`` is an image file of some dataset (what a files route may serve)."""
+    parts = key.split("/")
+    return len(parts) == 4 and f"{parts[0]}/" == DATASETS_PREFIX and parts[2] == "images"
+
+
+# --- archives and captions -------------------------------------------------------------------
+
+
+def _check_member_name(name: str, archive: str) -> str:
+    bad = (not name or name.startswith(("/", "\\")) or "\\" in name or "\x00" in name
+           or re.match(r"^[A-Za-z]:", name) or any(seg == ".." for seg in name.split("/")))
+    if bad:
+        raise InvalidDatasetInputError(
+            f"{archive}: entry {name!r} is an absolute path or escapes the archive; nothing was added", "files")
+    return name
+
+
+def expand_zip(data: bytes | str | os.PathLike, name: str = "archive.zip", *, max_files: int = 10_000,
+               max_total_bytes: int = 2 * 1024**3) -> tuple[list[tuple[str, bytes]], list[Rejection]]:
+    """``(entry path, bytes)`` of the files in a zip, and entries that could not be read.
+
+    Refuses the whole archive if any entry is absolute or has a ``..`` segment (zip-slip), or
+    if it is over the limits. Nested zips are not expanded (they are rejected as non-images).
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidDatasetInputError(f"{name} is not a readable zip archive: {exc}", "files") from None
+    with archive:
+        infos = archive.infolist()
+        for info in infos:  # check every name before reading anything
+            _check_member_name(info.filename, name)
+        infos = [i for i in infos if not i.is_dir() and not _hidden(i.filename)]
+        if len(infos) > max_files:
+            raise InvalidDatasetInputError(f"{name} has {len(infos)} files, over the limit of {max_files}", "files")
+        files, rejected, total = [], [], 0
+        for info in infos:
+            try:
+                with archive.open(info) as member:
+                    # the declared size can lie; read at most what the budget leaves
+                    content = member.read(max_total_bytes - total + 1)
+            except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, NotImplementedError) as exc:
+                rejected.append(Rejection(filename=info.filename, reason=f"cannot read archive entry: {exc}"))
+                continue
+            total += len(content)
+            if total > max_total_bytes:
+                raise InvalidDatasetInputError(f"{name} expands to more than {max_total_bytes} bytes", "files")
+            files.append((info.filename, content))
+        return files, rejected
+
+
+def expand_uploads(files: Iterable[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], list[Rejection]]:
+    """Uploaded files with each zip replaced by its entries (one level deep)."""
+    flat: list[tuple[str, bytes]] = []
+    rejected: list[Rejection] = []
+    for name, data in files:
+        if _is_zip(name, data):
+            entries, bad = expand_zip(data, name)
+            flat += entries
+            rejected += bad
+        else:
+            flat.append((name, data))
+    return flat, rejected
+
+
+def _hidden(path: str) -> bool:
+    # macOS resource forks and dot files are noise in image archives
+    return path.startswith("__MACOSX/") or any(seg.startswith(".") for seg in path.split("/"))
+
+
+def _stem(path: str) -> str:
+    head, _, base = path.rpartition("/")
+    base = base.rsplit(".", 1)[0] if "." in base else base
+    return f"{head}/{base}" if head else base
+
+
+def _is_zip(name: str, data: bytes) -> bool:
+    return name.lower().endswith(".zip") or data[:4] == b"PK\x03\x04"
+
+
+def pair_captions(files: Iterable[tuple[str, bytes]], captions: Mapping[str, str] | None = None, *,
+                  tags: list[str] | None = None, source: str = "upload", license: str | None = None,
+                  ) -> tuple[list[ImageItem], list[Rejection]]:
+    """Images and ``.txt`` files -> ImageItems, a caption from the ``.txt`` of the same stem.
+
+    ``captions`` maps a file name (or its stem) to a caption and wins over a ``.txt``. Caption
+    files without an image are reported as rejected.
+    """
+    text_captions: dict[str, str] = {}
+    images: list[tuple[str, bytes]] = []
+    rejected: list[Rejection] = []
+    for name, data in files:
+        if name.lower().endswith(".txt"):
+            try:
+                text_captions[_stem(name)] = data.decode("utf-8-sig").strip()
+            except UnicodeDecodeError:
+                rejected.append(Rejection(filename=name, reason="caption file is not UTF-8 text"))
+        else:
+            images.append((name, data))
+    captions = dict(captions or {})
+    items = []
+    used = set()
+    for name, data in images:
+        stem = _stem(name)
+        base = name.rsplit("/", 1)[-1]
+        caption = next((captions[k] for k in (name, base, stem, _stem(base)) if k in captions),
+                       text_captions.get(stem, ""))
+        used.add(stem)
+        items.append(ImageItem(filename=name, data=data, caption=caption, tags=list(tags or []),
+                               source=source, license=license))
+    for stem in text_captions.keys() - used:
+        rejected.append(Rejection(filename=f"{stem}.txt", reason="caption file has no image of the same name"))
+    return items, rejected
+
+
+def check_prefix_allowed(prefix: str, allowed_prefixes: Iterable[str] = ()) -> str:
+    """For API imports: a key prefix inside the storage root, or a URL/path under an allowed prefix.
+
+    Returns the prefix (local paths made real, so symlinks cannot leave an allowed folder).
+    """
+    if not isinstance(prefix, str) or not prefix.strip():
+        raise InvalidDatasetInputError("prefix must be a non-empty string", "prefix")
+    if "://" not in prefix and not prefix.startswith("/"):
+        try:
+            return validate_prefix(prefix)
+        except InvalidKeyError as exc:
+            raise InvalidDatasetInputError(str(exc), "prefix") from None
+    target = _normal_location(prefix)
+    for allowed in allowed_prefixes:
+        base = _normal_location(allowed).rstrip("/") + "/"
+        if target == base.rstrip("/") or target.startswith(base):
+            return prefix
+    raise InvalidDatasetInputError(
+        f"prefix {prefix!r} is outside the storage root and not in the allowed import prefixes", "prefix")
+
+
+def _normal_location(location: str) -> str:
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if "://" in location:
+        scheme, _, rest = location.partition("://")
+        if any(seg in (".", "..") for seg in rest.split("/")):
+            raise InvalidDatasetInputError(f"prefix {location!r} has '.' or '..' segments", "prefix")
+        return f"{scheme.lower()}://{rest}"
+    return os.path.realpath(location)
+
+
+# --- the store -------------------------------------------------------------------------------
+
+
+def _empty_manifest() -> pa.Table:
+    return MANIFEST_SCHEMA.empty_table()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _put_if_absent(storage: Storage, key: str, data: bytes, content_type: str | None = None) -> bool:
+    """Create ``key`` only if nothing is there; True if this call created it (see module doc)."""
+    path = storage.full_path(key)
+    if storage.protocol == "file":
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.link(tmp, path)  # atomic, and fails if the name exists
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+    kwargs = {"ContentType": content_type} if content_type else {}
+    try:
+        storage.fs.pipe_file(path, data, mode="create", **kwargs)  # If-None-Match: *
+    except FileExistsError:  # s3fs maps 412 Precondition Failed to this
+        return False
+    return True
+
+
+class DatasetStore:
+    """Create, fill, read and delete datasets in a :class:`Storage`. Methods block."""
+
+    def __init__(self, storage: Storage, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.storage = storage
+        self.max_image_bytes = max_image_bytes
+        self.max_pixels = max_pixels
+
+    def __reduce__(self):
+        return (type(self), (self.storage,), {"max_image_bytes": self.max_image_bytes,
+                                               "max_pixels": self.max_pixels})
+
+    # -- keys -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _info_key(dataset_id: str) -> str:
+        return f"{dataset_prefix(dataset_id)}dataset.json"
+
+    @staticmethod
+    def manifest_key(dataset_id: str, version: int) -> str:
+        return f"{dataset_prefix(dataset_id, version)}manifest.parquet"
+
+    @staticmethod
+    def image_key(dataset_id: str, sha256: str, ext: str) -> str:
+        return f"{dataset_prefix(dataset_id)}images/{sha256}.{ext}"
+
+    # -- datasets ---------------------------------------------------------------------------
+
+    def create(self, name: str, description: str = "", trigger_word: str | None = None,
+               license: str = DEFAULT_LICENSE) -> DatasetInfo:
+        """A new, empty dataset (version 0). DatasetExistsError if the name is taken."""
+        _valid_name(name)
+        _valid_text(description, "description", 2000)
+        _valid_text(trigger_word, "trigger_word", 100, optional=True)
+        _valid_text(license, "license", 200)
+        if trigger_word is not None and (not trigger_word.strip() or _CONTROL.search(trigger_word)):
+            raise InvalidDatasetInputError("trigger_word must be non-blank text on one line", "trigger_word")
+        info = DatasetInfo(id=new_id("ds"), name=name, description=description, trigger_word=trigger_word,
+                           license=license, created_at=time.time())
+        name_key = f"{NAMES_PREFIX}{name}.json"
+        if not _put_if_absent(self.storage, name_key, json.dumps({"id": info.id}).encode(), "application/json"):
+            raise DatasetExistsError(f"a dataset named {name!r} exists", "name")
+        try:
+            self.storage.put_json(self._info_key(info.id), info.model_dump(
+                mode="json", include={"id", "name", "description", "trigger_word", "license", "created_at"}))
+        except BaseException:
+            self.storage.delete(name_key)
+            raise
+        return info
+
+    def _read_info(self, dataset_id: str) -> DatasetInfo:
+        try:
+            validate_id(dataset_id, "dataset id")
+            return DatasetInfo.model_validate(self.storage.get_json(self._info_key(dataset_id)))
+        except (ValueError, ObjectNotFoundError):
+            raise DatasetNotFoundError(f"no dataset with id {dataset_id!r}", "dataset_id") from None
+
+    def resolve(self, id_or_name: str) -> str:
+        """The id of a dataset given its id or its name (for CLIs)."""
+        try:
+            return self._read_info(id_or_name).id
+        except DatasetNotFoundError:
+            pass
+        try:
+            _valid_name(id_or_name)
+            return self.storage.get_json(f"{NAMES_PREFIX}{id_or_name}.json")["id"]
+        except (InvalidDatasetInputError, ObjectNotFoundError, KeyError, TypeError):
+            raise DatasetNotFoundError(f"no dataset with id or name {id_or_name!r}", "dataset_id") from None
+
+    def list(self) -> list[DatasetInfo]:
+        """All datasets, newest first, with their latest version's counts (no per-version list)."""
+        out = []
+        for entry in self.storage.list(DATASETS_PREFIX, recursive=False):
+            dataset_id = entry[len(DATASETS_PREFIX):].rstrip("/")
+            if not entry.endswith("/") or entry == NAMES_PREFIX:
+                continue
+            try:
+                info = self._read_info(dataset_id)
+            except DatasetNotFoundError:
+                continue  # being created or deleted
+            versions = self.versions(dataset_id)
+            if versions:
+                self._fill_latest(info, self._version_info(dataset_id, versions[-1]))
+            out.append(info)
+        return sorted(out, key=lambda i: i.created_at, reverse=True)
+
+    def get(self, dataset_id: str) -> DatasetInfo:
+        """The dataset with every version's counts and sizes."""
+        info = self._read_info(dataset_id)
+        info.versions = [self._version_info(dataset_id, v) for v in self.versions(dataset_id)]
+        if info.versions:
+            self._fill_latest(info, info.versions[-1])
+        return info
+
+    @staticmethod
+    def _fill_latest(info: DatasetInfo, latest: VersionInfo) -> None:
+        info.latest_version, info.images, info.total_bytes = latest.version, latest.images, latest.total_bytes
+
+    def delete(self, dataset_id: str, confirm: str | None) -> int:
+        """Delete the dataset, all versions and files. ``confirm`` must be its name or id.
+        Returns how many objects were deleted."""
+        info = self._read_info(dataset_id)
+        if confirm not in (info.name, info.id):
+            raise InvalidDatasetInputError(
+                f"to delete dataset {info.id!r}, confirm with its name {info.name!r}", "confirm")
+        # info first: the dataset disappears from get/list before its files go
+        self.storage.delete(self._info_key(dataset_id))
+        n = self.storage.delete_prefix(dataset_prefix(dataset_id)) + 1
+        self.storage.delete(f"{NAMES_PREFIX}{info.name}.json")  # the name is free once all is gone
+        return n
+
+    # -- versions ---------------------------------------------------------------------------
+
+    def versions(self, dataset_id: str) -> list[int]:
+        """Version numbers with a manifest, ascending (empty for a new dataset)."""
+        prefix = dataset_prefix(dataset_id)
+        pattern = re.compile(rf"^{re.escape(prefix)}v(\d+)/manifest\.parquet$")
+        found = (pattern.match(k) for k in self.storage.list(f"{prefix}v"))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def _version_info(self, dataset_id: str, version: int) -> VersionInfo:
+        with self.storage.open(self.manifest_key(dataset_id, version)) as f:
+            meta = pq.read_metadata(f)  # the footer only
+        summary = json.loads((meta.metadata or {}).get(_META_KEY, b"{}"))
+        return VersionInfo(version=version, images=meta.num_rows, added=summary.get("added", 0),
+                           total_bytes=summary.get("total_bytes", 0), created_at=summary.get("created_at", 0.0))
+
+    def manifest(self, dataset_id: str, version: int | None = None) -> pa.Table:
+        """The manifest of ``version`` (default: latest; 0: the empty initial version)."""
+        self._read_info(dataset_id)
+        if version is None:
+            versions = self.versions(dataset_id)
+            version = versions[-1] if versions else 0
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidDatasetInputError(f"version must be a non-negative integer, got {version!r}", "version")
+        if version == 0:
+            return _empty_manifest()
+        try:
+            data = self.storage.get_bytes(self.manifest_key(dataset_id, version))
+        except ObjectNotFoundError:
+            raise DatasetNotFoundError(f"dataset {dataset_id!r} has no version {version}", "version") from None
+        return pq.read_table(pa.BufferReader(data))
+
+    def _latest(self, dataset_id: str) -> tuple[int, pa.Table]:
+        versions = self.versions(dataset_id)
+        if not versions:
+            return 0, _empty_manifest()
+        return versions[-1], self.manifest(dataset_id, versions[-1])
+
+    # -- adding -----------------------------------------------------------------------------
+
+    def writer(self, dataset_id: str) -> "DatasetWriter":
+        """Stream images in with ``add``; ``commit`` makes them one new version."""
+        return DatasetWriter(self, self._read_info(dataset_id))
+
+    def add_images(self, dataset_id: str, items: Iterable[ImageItem],
+                   rejected: Iterable[Rejection] = ()) -> AddResult:
+        """Add ``items`` as one new version. Duplicates (by sha256, also within ``items``) are
+        skipped and corrupt images rejected, each reported by name; the rest lands.
+        ``rejected`` carries rejections found earlier (e.g. by :func:`pair_captions`)."""
+        writer = self.writer(dataset_id)
+        writer.rejected.extend(rejected)
+        writer.add_many(items)
+        return writer.commit()
+
+    def add_files(self, dataset_id: str, files: Iterable[tuple[str, bytes]],
+                  captions: Mapping[str, str] | None = None, *, tags: list[str] | None = None,
+                  source: str = "upload", license: str | None = None) -> AddResult:
+        """Add uploaded files: images, same-stem ``.txt`` captions, zips (expanded; a zip with an
+        escaping entry is refused whole, before anything is added)."""
+        self._read_info(dataset_id)
+        flat, unreadable = expand_uploads(files)
+        items, rejected = pair_captions(flat, captions, tags=tags, source=source, license=license)
+        return self.add_images(dataset_id, items, unreadable + rejected)
+
+    def add_zip(self, dataset_id: str, archive: bytes | str | os.PathLike, *, tags: list[str] | None = None,
+                source: str | None = None, license: str | None = None) -> AddResult:
+        """Add a zip of images with same-stem ``.txt`` captions."""
+        name = "archive.zip" if isinstance(archive, (bytes, bytearray)) else os.path.basename(os.fspath(archive))
+        self._read_info(dataset_id)
+        entries, unreadable = expand_zip(archive, name)
+        items, rejected = pair_captions(entries, tags=tags, source=source or f"zip:{name}", license=license)
+        return self.add_images(dataset_id, items, unreadable + rejected)
+
+    def add_from_prefix(self, dataset_id: str, prefix: str, storage_options: dict | None = None, *,
+                        tags: list[str] | None = None, license: str | None = None,
+                        max_files: int = 100_000,
+                        progress: Callable[[int, int], None] | None = None) -> AddResult:
+        """Add every image under ``prefix`` with same-stem ``.txt`` captions.
+
+        ``prefix`` is a key prefix inside this storage root (``uploads/batch1/``), or an
+        absolute local path or ``s3://``/``file://`` URL read through fsspec with
+        ``storage_options`` (API callers check it with :func:`check_prefix_allowed` first).
+        ``progress(done, total)`` is called after each file; it may raise to stop (nothing is
+        committed then).
+        """
+        writer = self.writer(dataset_id)
+        source = _PrefixSource(self.storage, prefix, storage_options)
+        names = source.list()
+        if len(names) > max_files:
+            raise InvalidDatasetInputError(f"{prefix!r} holds {len(names)} files, over the limit of {max_files}",
+                                           "prefix")
+        by_stem = {_stem(n): n for n in names if n.lower().endswith(".txt")}
+        images = [n for n in names if not n.lower().endswith(".txt")]
+        used = set()
+
+        def read(name: str) -> tuple[str, bytes | None, str]:
+            return name, *source.read_with_caption(name, by_stem, self.max_image_bytes)
+
+        # in chunks: reads overlap (S3 latency) while memory and the wait on a cancel stay bounded
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for start in range(0, len(images), _PREFIX_CHUNK):
+                chunk = list(pool.map(read, images[start:start + _PREFIX_CHUNK]))
+                items = []
+                for name, data, caption in chunk:
+                    used.add(_stem(name))
+                    if data is None:
+                        writer.reject(name, caption)  # caption holds the reason here
+                    else:
+                        items.append(ImageItem(filename=name, data=data, caption=caption, tags=list(tags or []),
+                                               source=source.url_of(name), license=license))
+                writer.add_many(items)
+                for done in range(start + 1, start + len(chunk) + 1):
+                    if progress is not None:
+                        progress(done, len(images))
+        for stem in by_stem.keys() - used:
+            writer.reject(by_stem[stem], "caption file has no image of the same name")
+        return writer.commit()
+
+    def add_from_urls(self, dataset_id: str, urls: list[str], config: Any = None, *,
+                      captions: Mapping[str, str] | None = None, tags: list[str] | None = None,
+                      license: str | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> AddResult:
+        """Fetch ``urls`` (see :mod:`storage.url_import`) and add the images as one version.
+        Refused and failed URLs are reported in ``rejected`` with the reason."""
+        from storage.url_import import DatasetImportConfig, fetch_urls
+
+        config = DatasetImportConfig.model_validate(config or {})
+        writer = self.writer(dataset_id)
+        captions = dict(captions or {})
+        done = 0
+
+        def on_result(index: int, result) -> None:
+            nonlocal done
+            url = urls[index]
+            if result.ok:
+                writer.add(ImageItem(filename=url, data=result.data, caption=captions.get(url, ""),
+                                     tags=list(tags or []), source=url, license=license))
+            else:
+                writer.reject(url, f"{result.status}: {result.reason}")
+            done += 1
+            if progress is not None:
+                progress(done, len(urls))
+
+        fetch_urls(list(urls), config, on_result)
+        return writer.commit()
+
+    def add_outputs(self, dataset_id: str, keys: Iterable[str], captions: Mapping[str, str] | None = None, *,
+                    tags: list[str] | None = None, license: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> AddResult:
+        """Add generated images by storage key (under ``outputs/``); captions by key."""
+        writer = self.writer(dataset_id)
+        keys = list(keys)
+        captions = dict(captions or {})
+        for done, key in enumerate(keys, 1):
+            try:
+                validate_key(key)
+                if not key.startswith(OUTPUTS_PREFIX):
+                    raise InvalidKeyError(f"key {key!r} is not under {OUTPUTS_PREFIX}")
+                data = self.storage.get_bytes(key)
+            except (InvalidKeyError, ObjectNotFoundError) as exc:
+                writer.reject(str(key), str(exc))
+            else:
+                writer.add(ImageItem(filename=key, data=data, caption=captions.get(key, ""), tags=list(tags or []),
+                                     source=key, license=license))
+            if progress is not None:
+                progress(done, len(keys))
+        return writer.commit()
+
+    def add_job_outputs(self, dataset_id: str, job_ids: Iterable[str], *, tags: list[str] | None = None,
+                        license: str | None = None, progress: Callable[[int, int], None] | None = None) -> AddResult:
+        """Add the image outputs of finished jobs, captioned with the job's prompt."""
+        from storage.jobs import JobNotFoundError, JobStore
+
+        jobs = JobStore(self.storage)
+        keys, captions, missing = [], {}, []
+        for job_id in job_ids:
+            try:
+                record = jobs.get(job_id)
+            except JobNotFoundError:
+                missing.append(Rejection(filename=str(job_id), reason="no such job"))
+                continue
+            prompt = (record.result or {}).get("prompt") or (record.request.get("sdxl") or {}).get("prompt") or ""
+            images = [o.key for o in record.outputs if o.content_type.startswith("image/")]
+            if not images:
+                missing.append(Rejection(filename=job_id, reason=f"job has no image outputs (status {record.status})"))
+            keys += images
+            captions.update({k: prompt for k in images})
+        result = self.add_outputs(dataset_id, keys, captions, tags=tags, license=license, progress=progress)
+        result.rejected = missing + result.rejected
+        return result
+
+    def sample_keys(self, dataset_id: str, n: int = 4, version: int | None = None) -> list[str]:
+        """The first ``n`` image keys of a version (thumbnails)."""
+        table = self.manifest(dataset_id, version)
+        return table.column("key").slice(0, n).to_pylist()
+
+
+class DatasetWriter:
+    """Collects images for one new version: ``add``/``add_many`` (thread-safe), then ``commit`` once.
+
+    Image files are written as they arrive, so an import never holds every image in memory.
+    """
+
+    def __init__(self, store: DatasetStore, info: DatasetInfo):
+        self.store = store
+        self.info = info
+        self.base_version, self.base = store._latest(info.id)
+        self._base_shas = frozenset(self.base.column("sha256").to_pylist())
+        self._staged: set[str] = set()
+        self.rows: list[dict] = []
+        self.duplicates: list[str] = []
+        self.rejected: list[Rejection] = []
+        self._lock = threading.Lock()
+
+    def reject(self, filename: str, reason: str) -> None:
+        with self._lock:
+            self.rejected.append(Rejection(filename=filename, reason=reason))
+
+    def add(self, item: ImageItem) -> str:
+        """Check, store and stage one image: returns ``"added"``, ``"duplicate"`` or ``"rejected"``."""
+        return self._record(*self._prepare(item))
+
+    def add_many(self, items: Iterable[ImageItem], threads: int = 8) -> None:
+        """``add`` each item; checks and writes overlap on threads (fsync and S3 latency), while
+        rows keep the input order and the first of two identical images wins."""
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for outcome in pool.map(self._prepare, items):
+                self._record(*outcome)
+
+    def _prepare(self, item: ImageItem) -> tuple[str, str, Any]:
+        """``(name, outcome, detail)``; writes the file of an image not already in the base version."""
+        name = item.filename[:MAX_FILENAME_LENGTH] if isinstance(item.filename, str) else repr(item.filename)
+        problem = _item_problem(item, self.store.max_image_bytes)
+        if problem is None:
+            try:
+                ext, width, height = inspect_image(bytes(item.data), self.store.max_pixels)
+            except ValueError as exc:
+                problem = str(exc)
+        if problem is not None:
+            return name, "rejected", problem
+        data = bytes(item.data)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in self._base_shas:
+            return name, "duplicate", None
+        key = DatasetStore.image_key(self.info.id, sha, ext)
+        self.store.storage.put_bytes(key, data, content_type=_CONTENT_TYPES[ext])  # same bytes, same key: idempotent
+        return name, "added", {"key": key, "width": width, "height": height, "caption": item.caption,
+                               "tags": list(item.tags), "source": item.source,
+                               "license": item.license or self.info.license, "sha256": sha,
+                               "filename": name, "size_bytes": len(data)}
+
+    def _record(self, name: str, outcome: str, detail: Any) -> str:
+        with self._lock:
+            if outcome == "added" and detail["sha256"] in self._staged:
+                outcome = "duplicate"
+            if outcome == "rejected":
+                self.rejected.append(Rejection(filename=name, reason=detail))
+            elif outcome == "duplicate":
+                self.duplicates.append(name)
+            else:
+                self._staged.add(detail["sha256"])
+                self.rows.append(detail)
+        return outcome
+
+    def commit(self) -> AddResult:
+        """Claim the next version with the previous rows plus the new ones; retried on a race."""
+        for _attempt in range(MAX_CLAIM_ATTEMPTS):
+            base_shas = set(self.base.column("sha256").to_pylist())
+            new_rows = [r for r in self.rows if r["sha256"] not in base_shas]
+            # rows a concurrent add committed first are duplicates now
+            duplicates = self.duplicates + [r["filename"] for r in self.rows if r["sha256"] in base_shas]
+            if not new_rows:
+                return self._result(self.base_version, 0, self.base.num_rows, duplicates)
+            version = self.base_version + 1
+            table = pa.concat_tables([self.base, pa.Table.from_pylist(new_rows, schema=MANIFEST_SCHEMA)])
+            summary = {"dataset_id": self.info.id, "version": version, "added": len(new_rows),
+                       "total_bytes": sum(table.column("size_bytes").to_pylist()),
+                       "created_at": time.time()}
+            table = table.replace_schema_metadata({_META_KEY: json.dumps(summary).encode()})
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer, compression="zstd")
+            if _put_if_absent(self.store.storage, DatasetStore.manifest_key(self.info.id, version),
+                              buffer.getvalue(), "application/vnd.apache.parquet"):
+                return self._result(version, len(new_rows), table.num_rows, duplicates)
+            # another add claimed this version: rebase on the newest and try the next number
+            self.store._read_info(self.info.id)  # raises if the dataset was deleted meanwhile
+            self.base_version, self.base = self.store._latest(self.info.id)
+            time.sleep(0.005 * (_attempt % 10))
+        raise DatasetBusyError(f"could not claim a new version of {self.info.id!r} after "
+                               f"{MAX_CLAIM_ATTEMPTS} attempts; retry", "dataset_id")
+
+    def _result(self, version: int, added: int, images: int, duplicates: list[str]) -> AddResult:
+        return AddResult(dataset_id=self.info.id, version=version, added=added, images=images,
+                         duplicates=duplicates, rejected=self.rejected)
+
+
+class _PrefixSource:
+    """Files under a key prefix of the store's root, or under an fsspec URL / absolute path."""
+
+    def __init__(self, storage: Storage, prefix: str, storage_options: dict | None):
+        if not isinstance(prefix, str) or not prefix:
+            raise InvalidDatasetInputError("prefix must be a non-empty string", "prefix")
+        self.storage = storage
+        self.inside = "://" not in prefix and not os.path.isabs(prefix)
+        if self.inside:
+            try:
+                self.prefix = validate_prefix(prefix)
+            except InvalidKeyError as exc:
+                raise InvalidDatasetInputError(str(exc), "prefix") from None
+            return
+        import fsspec
+
+        if any(seg == ".." for seg in prefix.split("://", 1)[-1].split("/")):
+            raise InvalidDatasetInputError(f"prefix {prefix!r} has '..' segments", "prefix")
+        self.fs, self.root = fsspec.core.url_to_fs(prefix, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.protocol = prefix.split("://", 1)[0] if "://" in prefix else "file"
+        self.remote = self.protocol not in ("file", "local")
+
+    def list(self) -> list[str]:
+        """Names relative to the prefix (inside: storage keys), sorted, dot files skipped."""
+        if self.inside:
+            return [k for k in self.storage.list(self.prefix) if not _hidden(k)]
+        try:
+            found = self.fs.find(self.root)
+        except FileNotFoundError:
+            return []
+        rel = [p[len(self.root) + 1:] for p in found if p.startswith(self.root + "/")]
+        return sorted(r for r in rel if r and not _hidden(r))
+
+    def url_of(self, name: str) -> str:
+        if self.inside:
+            return name
+        return f"{self.protocol}://{self.root}/{name}" if self.remote else f"{self.root}/{name}"
+
+    def _read(self, name: str, limit: int) -> bytes:
+        if self.inside:
+            if self.storage.size(name) > limit:
+                raise ValueError(f"file is over the limit of {limit} bytes")
+            return self.storage.get_bytes(name)
+        with self.fs.open(f"{self.root}/{name}", "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"file is over the limit of {limit} bytes")
+        return data
+
+    def read_with_caption(self, name: str, captions: dict[str, str], limit: int) -> tuple[bytes | None, str]:
+        """``(image bytes, caption)``, or ``(None, reason)`` if it cannot be read."""
+        try:
+            data = self._read(name, limit)
+            caption_name = captions.get(_stem(name))
+            caption = self._read(caption_name, 1024 * 1024).decode("utf-8-sig").strip() if caption_name else ""
+        except (OSError, ValueError, ObjectNotFoundError) as exc:
+            return None, f"cannot read: {exc}"
+        return data, caption

@@ -1,0 +1,278 @@
+"""Fetch images from URLs for dataset import, without letting a URL reach inside the network.
+
+Every URL, and every redirect hop, goes through the same checks before a byte is sent:
+
+1. the scheme is ``http`` or ``https`` and the URL names a host (no ``user:pass@``);
+2. the host is resolved once, and *every* address it resolves to must be public (not private,
+   loopback, link-local, multicast, reserved or unspecified) unless the host name or the
+   address is on the config's allow-list (CIDRs, addresses or host names);
+3. the connection goes to the address that was checked (the request is sent to the IP with
+   ``Host`` and TLS SNI set to the name), so a second DNS answer cannot swap in another one
+   (DNS rebinding);
+4. redirects are not followed by the client: each ``Location`` is checked as in 1-3;
+5. the body is streamed and dropped at ``max_bytes`` (a declared ``Content-Length`` over the
+   limit is refused before reading); a declared non-image ``Content-Type`` is refused, and the
+   bytes must identify as an image (PIL).
+
+Environment proxies are ignored (``trust_env=False``): a proxy would resolve names itself.
+Keep-alive is off so a pooled TLS connection made for one host name is never reused for
+another name on the same address.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import socket
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "DatasetImportConfig",
+    "UrlFetchResult",
+    "UrlRefusedError",
+    "check_url",
+    "resolve_allowed",
+    "fetch_url",
+    "fetch_urls",
+]
+
+_REDIRECTS = {301, 302, 303, 307, 308}
+# Declared types that may still hold an image; anything else declared is refused unread.
+_GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary"}
+_CHUNK = 64 * 1024
+
+
+class DatasetImportConfig(BaseModel):
+    """Limits for importing into datasets; the ingress holds one and copies it into each job."""
+
+    allow_private_hosts: list[str] = Field(
+        default_factory=list,
+        description="CIDRs, addresses or host names that may be fetched although not public "
+                    "(e.g. '127.0.0.1' in tests, '10.0.0.0/8' or 'minio.internal' for an internal store).")
+    allowed_prefixes: list[str] = Field(
+        default_factory=list,
+        description="Storage prefixes outside the storage root that imports may read (s3://bucket/x/ or "
+                    "/abs/dir/). Prefixes relative to the storage root are always allowed.")
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0, description="Per image.")
+    timeout_s: float = Field(30.0, gt=0, description="Per URL, all redirect hops included.")
+    concurrency: int = Field(8, ge=1, le=64)
+    max_urls: int = Field(1000, ge=1, description="Per import: URLs, job ids or output keys.")
+    max_files: int = Field(10_000, ge=1, description="Per prefix import.")
+    max_redirects: int = Field(5, ge=0)
+
+
+class UrlRefusedError(ValueError):
+    """The URL (or a redirect hop) is not allowed by policy."""
+
+
+@dataclass
+class UrlFetchResult:
+    url: str
+    status: Literal["ok", "refused", "failed"]  # refused: by policy; failed: network or HTTP error
+    reason: str | None = None
+    data: bytes | None = None
+    content_type: str | None = None
+    final_url: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# --- policy ----------------------------------------------------------------------------------
+
+
+class _AllowList:
+    def __init__(self, entries: Iterable[str]):
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.hosts: set[str] = set()
+        for entry in entries:
+            entry = entry.strip()
+            try:
+                self.networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                self.hosts.add(_normal_host(entry))
+
+    def permits(self, host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return _normal_host(host) in self.hosts or any(address in net for net in self.networks)
+
+
+def _normal_host(host: str) -> str:
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+def _unmapped(address):
+    # ::ffff:127.0.0.1 is 127.0.0.1; Python 3.11 does not look through the mapping itself
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _is_public(address) -> bool:
+    a = _unmapped(address)
+    return a.is_global and not (a.is_multicast or a.is_reserved or a.is_private or a.is_loopback
+                                or a.is_link_local or a.is_unspecified)
+
+
+def check_url(url: object) -> tuple[str, str, int]:
+    """Syntax checks: ``(scheme, host, port)`` of an http(s) URL, else :class:`UrlRefusedError`."""
+    if not isinstance(url, str) or not url.strip():
+        raise UrlRefusedError("URL must be a non-empty string")
+    if len(url) > 4096:
+        raise UrlRefusedError("URL is longer than 4096 characters")
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as exc:
+        raise UrlRefusedError(f"malformed URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise UrlRefusedError(f"scheme {parts.scheme or '(none)'!r} is not allowed; use http or https")
+    if parts.username is not None or parts.password is not None:
+        raise UrlRefusedError("URLs with credentials (user@host) are not allowed")
+    host = parts.hostname
+    if not host:
+        raise UrlRefusedError("URL has no host")
+    return scheme, host, port or (443 if scheme == "https" else 80)
+
+
+def resolve_allowed(host: str, port: int, allow: _AllowList | Iterable[str] = ()) -> list[str]:
+    """Resolve ``host``; every address must be public or allow-listed. Returns the addresses."""
+    allow = allow if isinstance(allow, _AllowList) else _AllowList(allow)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UrlRefusedError(f"cannot resolve host {host!r}: {exc}") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    for text in addresses:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+        if not _is_public(address) and not allow.permits(host, _unmapped(address)):
+            raise UrlRefusedError(f"host {host!r} resolves to non-public address {address}; "
+                                  "add it to allow_private_hosts to permit it")
+    if not addresses:
+        raise UrlRefusedError(f"host {host!r} has no addresses")
+    return addresses
+
+
+# --- fetching --------------------------------------------------------------------------------
+
+
+def _new_client(config: DatasetImportConfig) -> httpx.Client:
+    return httpx.Client(
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(config.timeout_s),
+        limits=httpx.Limits(max_keepalive_connections=0),
+        headers={"User-Agent": "atelier-dataset-import/1", "Accept": "image/*"},
+    )
+
+
+def _pinned_request(client: httpx.Client, url: str, allow: _AllowList) -> httpx.Request:
+    scheme, host, port = check_url(url)
+    address = resolve_allowed(host, port, allow)[0]
+    default_port = 443 if scheme == "https" else 80
+    host_header = host if ":" not in host else f"[{host}]"
+    if port != default_port:
+        host_header += f":{port}"
+    pinned = httpx.URL(url).copy_with(host=address)
+    extensions = {"sni_hostname": host} if scheme == "https" else {}
+    return client.build_request("GET", pinned, headers={"Host": host_header}, extensions=extensions)
+
+
+def _check_image(data: bytes) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.size  # noqa: B018  (header parsed: it is an image PIL knows)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        raise UrlRefusedError("response is not an image") from None
+
+
+def fetch_url(url: str, config: DatasetImportConfig, client: httpx.Client | None = None,
+              stop: threading.Event | None = None) -> UrlFetchResult:
+    """Fetch one image URL under the policy above. Never raises for a bad URL or response."""
+    allow = _AllowList(config.allow_private_hosts)
+    own_client = client is None
+    client = client or _new_client(config)
+    deadline = time.monotonic() + config.timeout_s
+    current = url
+    try:
+        for _hop in range(config.max_redirects + 1):
+            request = _pinned_request(client, current, allow)
+            response = client.send(request, stream=True)
+            try:
+                if response.status_code in _REDIRECTS:
+                    location = response.headers.get("location")
+                    if not location:
+                        return UrlFetchResult(url, "failed", f"HTTP {response.status_code} without Location")
+                    current = urljoin(current, location)
+                    continue
+                if response.status_code != 200:
+                    return UrlFetchResult(url, "failed", f"HTTP {response.status_code}", final_url=current)
+                content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+                if content_type and not content_type.startswith("image/") and content_type not in _GENERIC_TYPES:
+                    raise UrlRefusedError(f"content type {content_type!r} is not an image")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > config.max_bytes:
+                    raise UrlRefusedError(f"response is {declared} bytes, over the limit of {config.max_bytes}")
+                body = bytearray()
+                for chunk in response.iter_bytes(_CHUNK):
+                    body += chunk
+                    if len(body) > config.max_bytes:
+                        raise UrlRefusedError(f"response is over the limit of {config.max_bytes} bytes")
+                    if time.monotonic() > deadline:
+                        return UrlFetchResult(url, "failed", f"timed out after {config.timeout_s} s")
+                    if stop is not None and stop.is_set():
+                        return UrlFetchResult(url, "failed", "stopped")
+                data = bytes(body)
+                _check_image(data)
+                return UrlFetchResult(url, "ok", data=data, content_type=content_type or None, final_url=current)
+            finally:
+                response.close()
+        raise UrlRefusedError(f"more than {config.max_redirects} redirects")
+    except UrlRefusedError as exc:
+        return UrlFetchResult(url, "refused", str(exc), final_url=current if current != url else None)
+    except Exception as exc:  # network, TLS, protocol: reported per URL, never fatal to the batch
+        return UrlFetchResult(url, "failed", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    finally:
+        if own_client:
+            client.close()
+
+
+def fetch_urls(urls: list[str], config: DatasetImportConfig,
+               on_result: Callable[[int, UrlFetchResult], None] | None = None) -> list[UrlFetchResult]:
+    """Fetch ``urls`` with at most ``config.concurrency`` in flight; results in input order.
+
+    ``on_result(index, result)`` runs in the calling thread as each finishes (progress, storing,
+    cancel checks). If it raises, pending fetches are dropped, running ones told to stop, and the
+    exception propagates.
+    """
+    if len(urls) > config.max_urls:
+        raise UrlRefusedError(f"{len(urls)} URLs is over the limit of {config.max_urls}")
+    results: list[UrlFetchResult | None] = [None] * len(urls)
+    stop = threading.Event()
+    client = _new_client(config)
+    pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="url-import")
+    try:
+        futures = {pool.submit(fetch_url, u, config, client, stop): i for i, u in enumerate(urls)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                index = futures[future]
+                results[index] = future.result()
+                if on_result is not None:
+                    on_result(index, results[index])
+    finally:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        client.close()  # fetches still running after an error fail fast on the closed client
+    return results  # type: ignore[return-value]

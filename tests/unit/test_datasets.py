@@ -1,0 +1,396 @@
+"""storage.datasets on a local folder and on S3 (moto's server on loopback)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.datasets import (
+    MANIFEST_SCHEMA,
+    DatasetExistsError,
+    DatasetNotFoundError,
+    DatasetStore,
+    ImageItem,
+    InvalidDatasetInputError,
+    check_prefix_allowed,
+    is_dataset_image_key,
+)
+from storage.keys import output_key
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def eight_images(seed: int = 0) -> list[ImageItem]:
+    return [ImageItem(f"img{i}.png", png(24 + 8 * i, 16 + 4 * i, seed * 100 + i), caption=f"caption {i}",
+                      tags=["cat", f"t{i}"], source="test") for i in range(8)]
+
+
+@pytest.fixture()
+def store(storage) -> DatasetStore:
+    return DatasetStore(storage)
+
+
+@pytest.fixture()
+def dataset_id(store) -> str:
+    return store.create("cats", description="eight cats", trigger_word="sks", license="cc-by-4.0").id
+
+
+def test_upload_eight_images_with_captions(store, dataset_id):
+    items = eight_images()
+    result = store.add_images(dataset_id, items)
+    assert (result.version, result.added, result.images, result.duplicates, result.rejected) == (1, 8, 8, [], [])
+
+    table = store.manifest(dataset_id)
+    assert table.num_rows == 8
+    assert table.schema.remove_metadata() == MANIFEST_SCHEMA
+    rows = {r["filename"]: r for r in table.to_pylist()}
+    for i, item in enumerate(items):
+        row = rows[item.filename]
+        assert (row["width"], row["height"]) == (24 + 8 * i, 16 + 4 * i)
+        assert row["sha256"] == hashlib.sha256(item.data).hexdigest()
+        assert (row["caption"], row["tags"], row["source"], row["license"]) == (
+            f"caption {i}", ["cat", f"t{i}"], "test", "cc-by-4.0")
+        assert row["key"] == f"datasets/{dataset_id}/images/{row['sha256']}.png"
+        assert is_dataset_image_key(row["key"])
+        assert store.storage.get_bytes(row["key"]) == item.data
+
+    info = store.get(dataset_id)
+    assert (info.name, info.latest_version, info.images) == ("cats", 1, 8)
+    assert info.total_bytes == sum(len(i.data) for i in items)
+    assert [v.version for v in info.versions] == [1]
+    assert [d.id for d in store.list()] == [dataset_id]
+
+
+def test_same_images_again_are_all_duplicates(store, dataset_id):
+    store.add_images(dataset_id, eight_images())
+    again = store.add_images(dataset_id, eight_images())
+    assert (again.added, again.version, again.images) == (0, 1, 8)
+    assert sorted(again.duplicates) == sorted(f"img{i}.png" for i in range(8))
+    assert store.versions(dataset_id) == [1]
+    # within one batch too
+    twice = store.add_images(dataset_id, [ImageItem("a.png", png(8, 8, 99)), ImageItem("b.png", png(8, 8, 99))])
+    assert (twice.added, twice.duplicates) == (1, ["b.png"])
+
+
+def test_new_version_leaves_old_one_readable(store, dataset_id):
+    store.add_images(dataset_id, eight_images(seed=0))
+    v1 = store.manifest(dataset_id, 1)
+    result = store.add_images(dataset_id, eight_images(seed=1)[:3])
+    assert (result.version, result.added, result.images) == (2, 3, 11)
+    assert store.manifest(dataset_id, 1).equals(v1)
+    assert store.manifest(dataset_id).num_rows == 11
+    assert store.manifest(dataset_id, 2).column("sha256").to_pylist()[:8] == v1.column("sha256").to_pylist()
+    assert store.manifest(dataset_id, 0).num_rows == 0
+    assert [(v.version, v.images, v.added) for v in store.get(dataset_id).versions] == [(1, 8, 8), (2, 11, 3)]
+    with pytest.raises(DatasetNotFoundError):
+        store.manifest(dataset_id, 3)
+
+
+def test_corrupt_image_is_rejected_by_name_and_the_rest_lands(store, dataset_id):
+    good = eight_images()
+    truncated = png(32, 32, 7)[:60]
+    items = good[:4] + [ImageItem("broken.png", truncated), ImageItem("notes.png", b"hello, not an image")] + good[4:]
+    result = store.add_images(dataset_id, items)
+    assert result.added == 8
+    assert {r.filename: r.reason for r in result.rejected}.keys() == {"broken.png", "notes.png"}
+    assert all(r.reason for r in result.rejected)
+    assert set(store.manifest(dataset_id).column("filename").to_pylist()) == {i.filename for i in good}
+
+
+def test_files_with_txt_captions_and_caption_field(store, dataset_id):
+    files = [("a.png", png(16, 16, 1)), ("a.txt", "a caption from a file\n".encode()),
+             ("b.png", png(16, 16, 2)), ("c.png", png(16, 16, 3)), ("orphan.txt", b"no image")]
+    result = store.add_files(dataset_id, files, captions={"c.png": "from the field"})
+    assert result.added == 3 and [r.filename for r in result.rejected] == ["orphan.txt"]
+    captions = dict(zip(*store.manifest(dataset_id).select(["filename", "caption"]).to_pydict().values()))
+    assert captions == {"a.png": "a caption from a file", "b.png": "", "c.png": "from the field"}
+
+
+def _zip(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def test_zip_with_captions_lands(store, dataset_id):
+    archive = _zip({"set/one.png": png(16, 16, 1), "set/one.txt": b"first", "set/two.jpg": png(16, 16, 2),
+                    "__MACOSX/set/._one.png": b"junk", "set/.DS_Store": b"junk"})
+    result = store.add_zip(dataset_id, archive)
+    assert result.added == 2 and result.rejected == []
+    rows = {r["filename"]: r for r in store.manifest(dataset_id).to_pylist()}
+    assert rows["set/one.png"]["caption"] == "first" and rows["set/two.jpg"]["caption"] == ""
+    assert rows["set/one.png"]["source"] == "zip:archive.zip"
+
+
+@pytest.mark.parametrize("evil", ["../escape.png", "set/../../escape.png", "/etc/abs.png", "C:/win.png"])
+def test_zip_with_escaping_entry_is_refused_whole(store, dataset_id, evil):
+    archive = _zip({"ok.png": png(16, 16, 1), evil: png(16, 16, 2)})
+    with pytest.raises(InvalidDatasetInputError) as err:
+        store.add_zip(dataset_id, archive)
+    assert err.value.param == "files" and evil in err.value.message
+    with pytest.raises(InvalidDatasetInputError):
+        store.add_files(dataset_id, [("upload.zip", archive)])
+    assert store.manifest(dataset_id).num_rows == 0
+    assert store.storage.list(f"datasets/{dataset_id}/images/") == []
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "/abs", "", ".hidden", "x" * 101, "sp ace", "new\nline"])
+def test_bad_names_are_rejected(store, name):
+    with pytest.raises(InvalidDatasetInputError) as err:
+        store.create(name)
+    assert err.value.param == "name"
+    assert store.list() == []
+
+
+def test_bad_ids_and_prefixes_cannot_escape(store, dataset_id):
+    for bad in ("../" + dataset_id, "/" + dataset_id, "..", "a/b", "_names"):
+        with pytest.raises(DatasetNotFoundError):
+            store.get(bad)
+    for bad in ("../outside/", "/etc/", "file:///etc/", "s3://other-bucket/x/", "a/../../b", "s3://b/../x/"):
+        with pytest.raises(InvalidDatasetInputError):
+            check_prefix_allowed(bad, allowed_prefixes=["s3://allowed/"])
+    assert check_prefix_allowed("uploads/batch/") == "uploads/batch/"
+    assert check_prefix_allowed("s3://allowed/sub/", ["s3://allowed/"]) == "s3://allowed/sub/"
+    with pytest.raises(InvalidDatasetInputError):
+        store.add_from_prefix(dataset_id, "../up/")
+
+
+def test_duplicate_name_conflicts(store, dataset_id):
+    with pytest.raises(DatasetExistsError):
+        store.create("cats")
+
+
+def test_concurrent_adds_lose_nothing(store, dataset_id):
+    batches = [eight_images(seed=s)[:3] for s in range(4)]
+    results, errors = [], []
+
+    def add(items):
+        try:
+            results.append(store.add_images(dataset_id, items))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(b,)) for b in batches]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(r.version for r in results) == [1, 2, 3, 4]
+    table = store.manifest(dataset_id)
+    assert table.num_rows == 12
+    assert set(table.column("sha256").to_pylist()) == {
+        hashlib.sha256(i.data).hexdigest() for b in batches for i in b}
+
+
+def test_prefix_import_with_captions(store, dataset_id, tmp_path):
+    folder = tmp_path / "src"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(png(16, 16, 1))
+    (folder / "a.txt").write_text("caption a")
+    (folder / "sub" / "b.png").write_bytes(png(16, 16, 2))
+    (folder / "junk.png").write_bytes(b"junk")
+    result = store.add_from_prefix(dataset_id, str(folder))
+    assert result.added == 2 and [r.filename for r in result.rejected] == ["junk.png"]
+    captions = dict(zip(*store.manifest(dataset_id).select(["filename", "caption"]).to_pydict().values()))
+    assert captions == {"a.png": "caption a", "sub/b.png": ""}
+    # a prefix inside the storage root (works on S3 too)
+    store.storage.put_bytes("uploads/x/c.png", png(16, 16, 3))
+    store.storage.put_bytes("uploads/x/c.txt", b"caption c")
+    inside = store.add_from_prefix(dataset_id, "uploads/x/")
+    assert inside.added == 1 and store.manifest(dataset_id).num_rows == 3
+
+
+def test_adding_job_outputs(store, dataset_id):
+    key = output_key("job_0000000000000000001", 0)
+    store.storage.put_bytes(key, png(16, 16, 5))
+    result = store.add_outputs(dataset_id, [key, "jobs/job_x.json", "outputs/../jobs/x", "outputs/missing.png"],
+                               captions={key: "a generated cat"})
+    assert result.added == 1 and len(result.rejected) == 3
+    row = store.manifest(dataset_id).to_pylist()[0]
+    assert (row["caption"], row["source"]) == ("a generated cat", key)
+
+
+def test_delete_needs_confirmation(store, dataset_id):
+    store.add_images(dataset_id, eight_images())
+    for wrong in (None, "", "dogs", "CATS"):
+        with pytest.raises(InvalidDatasetInputError) as err:
+            store.delete(dataset_id, confirm=wrong)
+        assert err.value.param == "confirm"
+    assert store.get(dataset_id).images == 8
+    assert store.delete(dataset_id, confirm="cats") > 8
+    with pytest.raises(DatasetNotFoundError):
+        store.get(dataset_id)
+    assert store.storage.list(f"datasets/{dataset_id}/") == []
+    assert store.create("cats").id != dataset_id  # the name is free again
+
+
+# --- the HTTP router and the import job, without Ray ------------------------------------------
+
+
+class FakeIngress:
+    """What the router uses of IngressDeployment: storage, config, url_for, read_upload, submit_job."""
+
+    def __init__(self, storage, **import_config):
+        from storage.jobs import JobStore
+        from storage.url_import import DatasetImportConfig
+
+        self.storage = storage
+        self.jobs = JobStore(storage)
+        self.config = SimpleNamespace(max_upload_bytes=256 * 1024,
+                                      dataset_import=DatasetImportConfig(**import_config))
+
+    def url_for(self, key, request):
+        return f"{str(request.base_url).rstrip('/')}/v1/files/{key}"
+
+    async def read_upload(self, upload, param):
+        return await upload.read()
+
+    async def submit_job(self, kind, payload, request):
+        from fastapi.responses import JSONResponse
+
+        record = self.jobs.create(kind, payload)
+        return JSONResponse({"id": record.id, "object": "job", "kind": kind, "status": record.status},
+                            status_code=202)
+
+
+@pytest.fixture()
+def api(storage):
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+    from fastapi.testclient import TestClient
+
+    from deployments.api.datasets import router
+    from deployments.errors import AtelierError
+
+    app = FastAPI()
+    app.include_router(router)
+    app.state.ingress = FakeIngress(storage, allowed_prefixes=[])
+
+    @app.exception_handler(AtelierError)
+    async def _error(request, exc):
+        return JSONResponse(exc.to_body(), status_code=exc.status_code)
+
+    with TestClient(app) as client:
+        yield client, app.state.ingress
+
+
+def test_api_create_list_get_delete(api):
+    client, _ = api
+    created = client.post("/v1/datasets", json={"name": "dogs", "trigger_word": "sks"})
+    assert created.status_code == 201 and created.json()["object"] == "dataset"
+    dataset_id = created.json()["id"]
+    conflict = client.post("/v1/datasets", json={"name": "dogs"})
+    assert conflict.status_code == 409 and conflict.json()["error"]["param"] == "name"
+    bad = client.post("/v1/datasets", json={"name": "../dogs"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "name"
+    assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [dataset_id]
+
+    files = [("files", (f"d{i}.png", png(16, 16, i), "image/png")) for i in range(5)]
+    files += [("files", ("d0.txt", b"a good dog", "text/plain")),
+              ("files[]", ("broken.png", b"\x89PNG broken", "image/png"))]
+    upload = client.post(f"/v1/datasets/{dataset_id}/images", files=files,
+                         data={"captions": '{"d1.png": "another dog"}', "tags": "dog, pet"})
+    assert upload.status_code == 200, upload.text
+    body = upload.json()
+    assert (body["version"], body["added"], body["images"]) == (1, 5, 5)
+    assert [r["filename"] for r in body["rejected"]] == ["broken.png"]
+    rows = {r["filename"]: r for r in DatasetStore(api[1].storage).manifest(dataset_id).to_pylist()}
+    assert rows["d0.png"]["caption"] == "a good dog" and rows["d1.png"]["caption"] == "another dog"
+    assert rows["d2.png"]["tags"] == ["dog", "pet"]
+
+    shown = client.get(f"/v1/datasets/{dataset_id}").json()
+    assert (shown["images"], shown["latest_version"], len(shown["versions"])) == (5, 1, 1)
+    assert len(shown["thumbnails"]) == 4
+    assert all("/v1/files/datasets/" + dataset_id + "/images/" in url for url in shown["thumbnails"])
+
+    assert client.get("/v1/datasets/nope").status_code == 404
+    refused = client.delete(f"/v1/datasets/{dataset_id}")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "confirm"
+    assert client.delete(f"/v1/datasets/{dataset_id}?confirm=dogs").json()["deleted"] is True
+    assert client.get(f"/v1/datasets/{dataset_id}").status_code == 404
+
+
+def test_api_zip_upload_and_bad_inputs(api):
+    client, _ = api
+    dataset_id = client.post("/v1/datasets", json={"name": "zips"}).json()["id"]
+    archive = _zip({"a.png": png(16, 16, 1), "a.txt": b"zipped"})
+    ok = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("set.zip", archive, "application/zip"))])
+    assert ok.status_code == 200 and ok.json()["added"] == 1
+    evil = _zip({"../../etc/x.png": png(16, 16, 2)})
+    refused = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("evil.zip", evil, "application/zip"))])
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "files"
+    bad_captions = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("b.png", png(8, 8, 3)))],
+                               data={"captions": "[1, 2]"})
+    assert bad_captions.status_code == 400 and bad_captions.json()["error"]["param"] == "captions"
+    too_big = client.post(f"/v1/datasets/{dataset_id}/images",
+                          files=[("files", (f"{i}.bin", b"x" * 100_000)) for i in range(3)])
+    assert too_big.status_code == 413
+
+
+def test_api_imports_validate_then_record_a_job(api):
+    client, ingress = api
+    dataset_id = client.post("/v1/datasets", json={"name": "web"}).json()["id"]
+    url = f"/v1/datasets/{dataset_id}/imports"
+    cases = [({"urls": ["https://example.com/a.png", "ftp://example.com/b.png"]}, "urls.1"),
+             ({"urls": []}, "urls"),
+             ({"prefix": "../outside/"}, "prefix"),
+             ({"prefix": "/etc/"}, "prefix"),
+             ({"output_keys": ["jobs/x.json"]}, "output_keys.0"),
+             ({"urls": ["https://example.com/a.png"], "prefix": "x/"}, "prefix")]
+    for body, param in cases:
+        response = client.post(url, json=body)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, (body, response.text)
+    assert client.post("/v1/datasets/missing/imports", json={"prefix": "x/"}).status_code == 404
+    accepted = client.post(url, json={"urls": ["https://example.com/a.png"], "tags": ["web"]})
+    assert accepted.status_code == 202
+    record = ingress.jobs.get(accepted.json()["id"])
+    assert record.kind == "datasets.import"
+    assert record.request["urls"] == ["https://example.com/a.png"] and record.request["dataset_id"] == dataset_id
+    assert record.request["config"]["allow_private_hosts"] == []
+
+
+def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id):
+    from deployments.errors import JobCancelledError
+    from deployments.job_runner import JobContext
+    from graphs.dataset_jobs import dataset_import
+    from storage.jobs import JobStore
+
+    for i in range(3):
+        store.storage.put_bytes(f"uploads/batch/{i}.png", png(16, 16, i))
+    store.storage.put_bytes("uploads/batch/0.txt", b"zero")
+    jobs = JobStore(store.storage)
+    record = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/batch/", "tags": ["b"]})
+    ctx = JobContext(jobs, record)
+    dataset_import(ctx, {})
+    assert ctx.record.result["added"] == 3 and ctx.record.result["version"] == 1
+    assert (ctx.record.step, ctx.record.total_steps, ctx.record.stage) == (3, 3, "import")
+    assert store.manifest(dataset_id).column("tags").to_pylist() == [["b"]] * 3
+
+    for i in range(3, 6):
+        store.storage.put_bytes(f"uploads/more/{i}.png", png(16, 16, i))
+    cancelled = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/more/"})
+    jobs.save(cancelled.model_copy(update={"status": "in_progress"}))
+    jobs.request_cancel(cancelled.id)
+    with pytest.raises(JobCancelledError):
+        dataset_import(JobContext(jobs, jobs.get(cancelled.id)), {})
+    assert store.versions(dataset_id) == [1]  # nothing committed
+
+    outside = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "/etc/"})
+    with pytest.raises(Exception) as err:
+        dataset_import(JobContext(jobs, outside), {})
+    assert getattr(err.value, "param", None) == "prefix"
