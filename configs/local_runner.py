@@ -70,7 +70,8 @@ class LocalServeApp:
             if self.process.poll() is not None:
                 raise RuntimeError(f"serve run exited early:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.base_url}/v1/models", timeout=5).status_code == 200:
+                # /readyz: every model replica answers, not only the ingress
+                if httpx.get(f"{self.base_url}/readyz", timeout=10).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

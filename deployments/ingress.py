@@ -64,6 +64,7 @@ class IngressConfig(BaseModel):
     max_upload_pixels: int = Field(4096 * 4096, gt=0)
     presign_urls: bool = Field(True, description="With S3 storage, output URLs are presigned S3 URLs.")
     sse_poll_s: float = 0.25
+    readiness_timeout_s: float = Field(5.0, gt=0)
     dataset_import: DatasetImportConfig = Field(
         DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
@@ -206,6 +207,21 @@ class IngressDeployment:
     @app.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    async def readyz(self):
+        """200 once every model deployment answers; 503 with Retry-After while any is starting."""
+        async def probe(name: str, handle: DeploymentHandle) -> str | None:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), timeout=self.config.readiness_timeout_s)
+                return None
+            except Exception as exc:  # starting, unhealthy or unreachable: all mean not ready
+                return f"{name}: {type(exc).__name__}"
+
+        problems = [p for p in await asyncio.gather(*(probe(n, h) for n, h in self.handles.items())) if p]
+        if problems:
+            return error_response(503, "not_ready", "not ready: " + "; ".join(problems), None, {"Retry-After": "5"})
+        return {"status": "ready", "models": sorted(self.handles)}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:

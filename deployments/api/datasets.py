@@ -14,6 +14,7 @@ the offending field as ``param``.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 from typing import Any, Callable, Literal
 
@@ -43,7 +44,7 @@ from storage.datasets import (
 )
 from storage.fs import InvalidKeyError, validate_key
 from storage.keys import OUTPUTS_PREFIX, validate_id
-from storage.url_import import DatasetImportConfig, UrlRefusedError, check_url
+from storage.url_import import DatasetImportConfig, UrlRefusedError, check_url, resolve_allowed
 
 IMPORT_JOB_KIND = "datasets.import"
 THUMBNAILS = 4
@@ -117,6 +118,14 @@ async def _call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 def _store(ingress) -> DatasetStore:
     return DatasetStore(ingress.storage)
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
 
 
 def import_config(ingress) -> DatasetImportConfig:
@@ -239,7 +248,9 @@ async def import_images(dataset_id: str, body: DatasetImportRequest, request: Re
     for index, value in enumerate(values if source != "prefix" else []):
         try:
             if source == "urls":
-                check_url(value)
+                _, host, port = check_url(value)
+                if _is_ip_literal(host):  # no DNS here; hostnames are resolved and checked by the job
+                    resolve_allowed(host, port, config.allow_private_hosts)
             elif source == "job_ids":
                 validate_id(value, "job id")
             else:

@@ -68,3 +68,10 @@ def assert_error(response: httpx.Response, status: int, param: str | None) -> di
     if param is not None:
         assert error["param"] == param, error
     return error
+
+
+def replica_actors(ray, deployment: str, app: str = "atelier") -> list:
+    """Handles of a deployment's live replica actors (core API: no dashboard/state API needed)."""
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return [ray.get_actor(a["name"], namespace=a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.serve.helpers import wait_for_job
+from tests.serve.helpers import replica_actors, wait_for_job
 
 pytestmark = pytest.mark.serve
 
@@ -19,8 +19,6 @@ def ray_cluster(atelier):
 
 
 def test_job_completes_on_retry_when_its_sdxl_replica_is_killed(client, ray_cluster):
-    from ray.util.state import list_actors
-
     job = client.post("/v1/images/generations", params={"async": "true"},
                       json={"prompt": "survivor", "size": "64x64", "steps": 40, "n": 4, "seed": 3}).json()
     deadline = time.monotonic() + 60
@@ -28,11 +26,10 @@ def test_job_completes_on_retry_when_its_sdxl_replica_is_killed(client, ray_clus
         assert time.monotonic() < deadline, "job never started"
         time.sleep(0.1)
 
-    replicas = list_actors(filters=[("class_name", "=", "ServeReplica:atelier:SDXLDeployment"),
-                                    ("state", "=", "ALIVE")])
+    replicas = replica_actors(ray_cluster, "SDXLDeployment")
     assert replicas
     for replica in replicas:
-        ray_cluster.kill(ray_cluster.get_actor(replica.name, namespace="serve"), no_restart=True)
+        ray_cluster.kill(replica, no_restart=True)
 
     final = wait_for_job(client, job["id"], timeout_s=300)
     assert final["status"] == "completed", final

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.helpers import decode_b64_png, wait_for_job
+from tests.serve.helpers import decode_b64_png, replica_actors, wait_for_job
 
 pytestmark = pytest.mark.serve
 
@@ -169,11 +169,9 @@ def test_text_to_image_job_records_refined_prompt(client):
 
 
 def _ongoing(ray, deployment: str) -> int:
-    from ray.util.state import list_actors
-
-    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:atelier:{deployment}"), ("state", "=", "ALIVE")])
+    actors = replica_actors(ray, deployment)
     assert actors, deployment
-    return sum(ray.get(ray.get_actor(a.name, namespace="serve").get_num_ongoing_requests.remote()) for a in actors)
+    return sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors]))
 
 
 def test_client_disconnect_mid_stream_frees_slots(atelier):
@@ -185,6 +183,7 @@ def test_client_disconnect_mid_stream_frees_slots(atelier):
                 with http.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
                     next(response.iter_lines())  # one chunk, then hang up
+                    assert _ongoing(ray, "GemmaDeployment") >= 1  # the counter does see a live stream
         deadline = time.monotonic() + 20
         while (counts := (_ongoing(ray, "GemmaDeployment"), _ongoing(ray, "IngressDeployment"))) != (0, 0):
             assert time.monotonic() < deadline, f"ongoing requests stuck at {counts}"
