@@ -44,6 +44,10 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
     return path
 
 
+class _RayStartFailed(RuntimeError):
+    pass
+
+
 class LocalServeApp:
     def __init__(self, scratch: Path, args_update: dict | None = None,
                  deployments_update: dict[str, dict] | None = None, ready_timeout_s: float = 300):
@@ -55,7 +59,19 @@ class LocalServeApp:
         self.ready_timeout_s = ready_timeout_s
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "LocalServeApp":
+    def start(self, attempts: int = 3) -> "LocalServeApp":
+        """Start and wait for /readyz. Ray's own node start has fixed internal deadlines that a
+        loaded machine can miss ("node timed out during startup"); that case is retried."""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once()
+            except _RayStartFailed:
+                if attempt == attempts:
+                    raise
+                time.sleep(5)
+        return self
+
+    def _start_once(self) -> "LocalServeApp":
         bin_dir = Path(sys.executable).parent
         # A throwaway instance for tests and benchmarks: token auth off, so a test driver can join it
         # by address (Ray only turns token auth on for drivers that find a cluster via "auto").
@@ -68,7 +84,9 @@ class LocalServeApp:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"serve run exited early:\n{self.log_tail()}")
+                log = self.log_tail()
+                failed = _RayStartFailed if "timed out during startup" in log else RuntimeError
+                raise failed(f"serve run exited early:\n{log}")
             try:
                 # /readyz: every model replica answers, not only the ingress
                 if httpx.get(f"{self.base_url}/readyz", timeout=10).status_code == 200:
