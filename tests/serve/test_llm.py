@@ -168,24 +168,25 @@ def test_text_to_image_job_records_refined_prompt(client):
     assert len(final["outputs"]) == 1
 
 
-def _ongoing(ray, deployment: str) -> int:
-    actors = replica_actors(ray, deployment)
-    assert actors, deployment
-    return sum(ray.get([a.get_num_ongoing_requests.remote() for a in actors]))
-
-
 def test_client_disconnect_mid_stream_frees_slots(atelier):
     ray = atelier.connect_ray()
     try:
-        body = {"model": MODEL, "prompt": "go", "max_tokens": 240, "stream": True, "ignore_eos": True}
-        for _ in range(4):
+        replicas = {name: replica_actors(ray, name) for name in ("GemmaDeployment", "IngressDeployment")}
+        assert all(replicas.values()), replicas
+
+        def ongoing(name: str) -> int:
+            return sum(ray.get([a.get_num_ongoing_requests.remote() for a in replicas[name]]))
+
+        # ~500 tokens take seconds even on the tiny model, so the stream is still live when counted.
+        body = {"model": MODEL, "prompt": "go", "max_tokens": 500, "stream": True, "ignore_eos": True}
+        for _ in range(3):
             with httpx.Client(base_url=atelier.base_url, timeout=60) as http:
                 with http.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
                     next(response.iter_lines())  # one chunk, then hang up
-                    assert _ongoing(ray, "GemmaDeployment") >= 1  # the counter does see a live stream
+                    assert ongoing("GemmaDeployment") >= 1  # the counter does see a live stream
         deadline = time.monotonic() + 20
-        while (counts := (_ongoing(ray, "GemmaDeployment"), _ongoing(ray, "IngressDeployment"))) != (0, 0):
+        while (counts := (ongoing("GemmaDeployment"), ongoing("IngressDeployment"))) != (0, 0):
             assert time.monotonic() < deadline, f"ongoing requests stuck at {counts}"
             time.sleep(0.2)
     finally:
