@@ -50,7 +50,7 @@ class _RayStartFailed(RuntimeError):
 
 class LocalServeApp:
     def __init__(self, scratch: Path, args_update: dict | None = None,
-                 deployments_update: dict[str, dict] | None = None, ready_timeout_s: float = 300):
+                 deployments_update: dict[str, dict] | None = None, ready_timeout_s: float = 600):
         scratch.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
