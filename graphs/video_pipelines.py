@@ -1,7 +1,223 @@
-"""Fixed media pipelines run as jobs: text-to-image-hd, image-to-video, text-to-video."""
+"""Fixed media pipelines run as jobs: upscale, text-to-image-hd, image-to-video, text-to-video.
+
+    images.upscale            upscale
+    images.text_to_image_hd   [refine] → generate (SDXL) → upscale
+    videos.image_to_video     video (SVD) → [upscale_video]
+    videos.text_to_video      [refine] → generate (SDXL) → [upscale] → video (SVD) → [upscale_video]
+
+Each stage is one streamed call to one deployment, so each scales on its own. Stages hand each
+other storage keys: a deployment reads its input from storage and stores its output there, so no
+image or video passes through the runner or the ingress. The ingress declares the stage list at
+submit time, so the job's overall progress is right from the first step.
+
+What a stage produced (keys, sizes, timings) is recorded in `record.result["stages"]` as it
+finishes. A job retried after a replica died resumes after its last finished stage.
+"""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
-VIDEO_PIPELINES: dict[str, Callable[..., None]] = {}
+from deployments.gemma import RefinedPrompt
+from deployments.sdxl import SDXLProgress, SDXLRequest
+from deployments.svd import SVDProgress, SVDRequest, SVDResponse
+from deployments.upscaler import UpscaleProgress, UpscaleRequest, UpscaleResponse
+from graphs.pipelines import apply_refined, refine_stage, stream_sdxl
+from storage.jobs import JobOutput
+
+PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
+
+
+def stream_call(ctx, stream, call: int = 0, calls: int = 1) -> Any:
+    """Drain one streamed deployment call, reporting its steps on the job; returns its response.
+
+    A stage of several calls (one upscale per image) reports call `call` of `calls`, so the
+    stage's progress runs once from 0 to 100. Cancel is checked between events; leaving early
+    cancels the call, which frees the replica.
+    """
+    result = None
+    try:
+        for event in stream:
+            if isinstance(event, PROGRESS_EVENTS):
+                ctx.step(call * event.total_steps + event.step, calls * event.total_steps)
+            else:
+                result = event
+            ctx.check_cancelled()
+    except BaseException:
+        stream.cancel()
+        raise
+    return result
+
+
+def run_stage(ctx, name: str, run: Callable[[], dict]) -> dict:
+    """Run one stage unless an earlier attempt of this job finished it; record what it made."""
+    stages = ctx.record.result.setdefault("stages", {})
+    if name in stages:
+        return stages[name]
+    ctx.check_cancelled()
+    ctx.start_stage(name)
+    started = time.time()
+    info = run()
+    info.update(started_at=started, finished_at=time.time())
+    stages[name] = info
+    ctx.save()  # the keys are durable before the next stage starts
+    return info
+
+
+def _handle(handles: dict[str, Any], name: str):
+    handle = handles.get(name)
+    if handle is None:  # the ingress refuses such jobs; this guards records from older configs
+        raise RuntimeError(f"this job needs the {name!r} deployment, which this application does not deploy")
+    return handle
+
+
+def _begin(ctx, **summary: Any) -> dict:
+    """The job's result summary, kept across retries; stages add to it as they finish."""
+    if ctx.record.result is None or "stages" not in ctx.record.result:
+        ctx.record.result = {**summary, "stages": {}}
+    return ctx.record.result
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+def _refine(ctx, handles, spec: dict) -> dict:
+    refined = refine_stage(ctx, handles, spec)  # starts the "refine" stage itself
+    return {"refined": refined.model_dump(mode="json")}
+
+
+def _generate(ctx, handles, sdxl: dict) -> dict:
+    request = SDXLRequest.model_validate({**sdxl, "job_id": ctx.id, "store": True, "output_id": ctx.id})
+    response = stream_sdxl(ctx, _handle(handles, "sdxl"), request)
+    return {
+        "keys": [image.key for image in response.images], "seeds": [image.seed for image in response.images],
+        "width": response.images[0].width, "height": response.images[0].height, "prompt": response.prompt,
+        "negative_prompt": response.negative_prompt, "steps": response.steps, "elapsed_s": response.elapsed_s,
+    }
+
+
+def _upscale(ctx, handles, spec: dict, sources: list[dict], stage: str) -> dict:
+    """x4 each source (`{"image_key": …}` or `{"video_key": …}`), one call after another."""
+    handle = _handle(handles, "upscaler").options(stream=True)
+    responses: list[UpscaleResponse] = []
+    for i, source in enumerate(sources):
+        request = UpscaleRequest.model_validate({
+            **spec, **source, "job_id": ctx.id, "store": True,
+            "output_id": f"{ctx.id}.{stage}" + (f"-{i}" if len(sources) > 1 else ""),
+        })
+        responses.append(stream_call(ctx, handle.upscale_stream.remote(request), i, len(sources)))
+    first = responses[0]
+    return {
+        "keys": [r.key for r in responses], "key": first.key, "media": first.media, "width": first.width,
+        "height": first.height, "num_frames": first.num_frames, "fps": first.fps, "seed": first.seed,
+        "steps": first.steps, "noise_level": first.noise_level, "tiles": first.tiles,
+        "elapsed_s": sum(r.elapsed_s for r in responses),
+    }
+
+
+def _animate(ctx, handles, svd: dict, image_key: str) -> dict:
+    request = SVDRequest.model_validate({
+        **svd, "image_key": image_key, "image": None, "job_id": ctx.id, "store": True,
+        "output_id": f"{ctx.id}.video",
+    })
+    response: SVDResponse = stream_call(ctx, _handle(handles, "svd").options(stream=True).generate_stream.remote(request))
+    return {
+        "key": response.video_key, "poster_key": response.poster_key, "num_frames": response.num_frames,
+        "fps": response.fps, "width": response.width, "height": response.height, "seed": response.seed,
+        "steps": response.steps, "motion_bucket_id": response.motion_bucket_id,
+        "noise_aug_strength": response.noise_aug_strength, "elapsed_s": response.elapsed_s,
+    }
+
+
+def _add_video_outputs(ctx, video: dict, final: dict) -> None:
+    """The video the client downloads (upscaled if asked), then its poster (SVD's first frame)."""
+    ctx.add_output(JobOutput(key=final["key"], content_type="video/mp4", width=final["width"],
+                             height=final["height"], seed=video["seed"],
+                             extra={"num_frames": video["num_frames"], "fps": video["fps"], "role": "video"}))
+    ctx.add_output(JobOutput(key=video["poster_key"], content_type="image/png", width=video["width"],
+                             height=video["height"], seed=video["seed"], extra={"role": "thumbnail"}))
+
+
+# --- pipelines ----------------------------------------------------------------------------------
+
+
+def image_upscale(ctx, handles: dict[str, Any]) -> None:
+    """images.upscale: request {"upscale": UpscaleRequest fields with image_key}."""
+    spec = dict(ctx.request["upscale"])
+    source = {"image_key": spec.pop("image_key")}
+    _begin(ctx, prompt=spec.get("prompt"), seed=spec.get("seed"))
+    up = run_stage(ctx, "upscale", lambda: _upscale(ctx, handles, spec, [source], "upscale"))
+    ctx.add_output(JobOutput(key=up["key"], content_type="image/png", width=up["width"], height=up["height"],
+                             seed=up["seed"]))
+
+
+def text_to_image_hd(ctx, handles: dict[str, Any]) -> None:
+    """images.text_to_image_hd: request {"sdxl", "refine"?, "upscale"}: every image of the batch x4."""
+    request = ctx.request
+    _begin(ctx, prompt=request["sdxl"]["prompt"], seed=request["sdxl"].get("seed"))
+    sdxl = request["sdxl"]
+    if request.get("refine"):
+        refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, request["refine"]))
+        sdxl = _apply(sdxl, refined)
+    generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl))
+    spec = {**request["upscale"], "prompt": generated["prompt"]}
+    # Each image is upscaled with its own seed, so image i of the batch is reproducible alone.
+    sources = [{"image_key": key, "seed": seed} for key, seed in zip(generated["keys"], generated["seeds"])]
+    up = run_stage(ctx, "upscale", lambda: _upscale(ctx, handles, spec, sources, "upscale"))
+    for key, seed in zip(up["keys"], generated["seeds"]):
+        ctx.add_output(JobOutput(key=key, content_type="image/png", width=up["width"], height=up["height"],
+                                 seed=seed))
+    ctx.record.result.update(prompt=generated["prompt"], width=up["width"], height=up["height"])
+
+
+def image_to_video(ctx, handles: dict[str, Any]) -> None:
+    """videos.image_to_video: request {"svd" (with image_key), "upscale_video"?}."""
+    request = ctx.request
+    svd = request["svd"]
+    _begin(ctx, prompt=request.get("prompt"), seed=svd.get("seed"), num_frames=svd.get("num_frames"),
+           fps=svd.get("fps"), input_key=svd["image_key"])
+    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, svd["image_key"]))
+    final = _upscale_video(ctx, handles, request, video)
+    _add_video_outputs(ctx, video, final)
+
+
+def text_to_video(ctx, handles: dict[str, Any]) -> None:
+    """videos.text_to_video: request {"sdxl", "refine"?, "upscale"?, "svd", "upscale_video"?}."""
+    request = ctx.request
+    sdxl = request["sdxl"]
+    _begin(ctx, prompt=sdxl["prompt"], seed=request["svd"].get("seed"), num_frames=request["svd"].get("num_frames"),
+           fps=request["svd"].get("fps"))
+    if request.get("refine"):
+        refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, request["refine"]))
+        sdxl = _apply(sdxl, refined)
+    generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl))
+    still = generated["keys"][0]
+    if request.get("upscale"):
+        spec = {**request["upscale"], "prompt": generated["prompt"]}
+        still = run_stage(ctx, "upscale", lambda: _upscale(
+            ctx, handles, spec, [{"image_key": generated["keys"][0]}], "upscale"))["key"]
+    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, request["svd"], still))
+    final = _upscale_video(ctx, handles, {**request, "prompt": generated["prompt"]}, video)
+    _add_video_outputs(ctx, video, final)
+    ctx.record.result["prompt"] = generated["prompt"]
+
+
+def _upscale_video(ctx, handles, request: dict, video: dict) -> dict:
+    if not request.get("upscale_video"):
+        return video
+    spec = {**request["upscale_video"], "prompt": request.get("prompt") or ""}
+    return run_stage(ctx, "upscale_video", lambda: _upscale(
+        ctx, handles, spec, [{"video_key": video["key"]}], "upscale_video"))
+
+
+def _apply(sdxl: dict, refined_stage: dict) -> dict:
+    return apply_refined(sdxl, RefinedPrompt.model_validate(refined_stage["refined"]))
+
+
+VIDEO_PIPELINES: dict[str, Callable[..., None]] = {
+    "images.upscale": image_upscale,
+    "images.text_to_image_hd": text_to_image_hd,
+    "videos.image_to_video": image_to_video,
+    "videos.text_to_video": text_to_video,
+}
