@@ -23,6 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.api import datasets as datasets_api
+from deployments.api import fine_tuning as fine_tuning_api
 from deployments.api import text as text_api
 from deployments.api import videos as videos_api
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
@@ -41,7 +42,7 @@ from deployments.protocol import (
 )
 from configs.styles import StylePreset
 from deployments.gemma import GemmaConfig, RefinedPrompt, RefineRequest, RefineSettings, build_refine_chat
-from deployments.sdxl import SDXLRequest, SDXLResponse
+from deployments.sdxl import SDXLRequest, SDXLResponse, routed
 from graphs.pipelines import apply_refined
 from storage.fs import Storage
 from storage.jobs import JobStore
@@ -49,6 +50,7 @@ from storage.fs import InvalidKeyError, ObjectNotFoundError
 from storage.jobs import TERMINAL_STATUSES, JobNotFoundError, JobRecord
 from storage.datasets import is_dataset_image_key
 from storage.keys import new_id
+from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError
 from storage.url_import import DatasetImportConfig
 
 logger = logging.getLogger("ray.serve")
@@ -68,6 +70,8 @@ class IngressConfig(BaseModel):
     dataset_import: DatasetImportConfig = Field(
         DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
+    fine_tuning: fine_tuning_api.FineTuningConfig = Field(
+        fine_tuning_api.FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
 
 
 # --- errors: one shape, one place -------------------------------------------------------------
@@ -169,6 +173,7 @@ app.add_exception_handler(Exception, _unexpected_error)
 app.include_router(text_api.router)
 app.include_router(videos_api.router)
 app.include_router(datasets_api.router)
+app.include_router(fine_tuning_api.router)
 
 
 class ModelNotDeployedError(AtelierError):
@@ -195,6 +200,7 @@ class IngressDeployment:
         app.state.ingress = self  # area routers (deployments/api/) reach the replica through this
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
         self.jobs = JobStore(self.storage)
+        self.loras = LoraRegistry(self.storage)
         self.queue = instantiate_adapter_from_config(self.config.queue.task_processor_config())
         self._sdxl_info: dict | None = None
         self._model_info: dict[str, dict] = {}
@@ -237,6 +243,11 @@ class IngressDeployment:
                                    capabilities=["chat.completions", "completions", "prompts.refine"],
                                    metadata={"source": self.llm_info["source"],
                                              "max_model_len": self.llm_info["max_model_len"]}))
+        for record in await asyncio.to_thread(self.loras.list, None, True):
+            cards.append(ModelCard(
+                id=record.id, created=int(record.created_at), kind="lora", capabilities=["images.generations"],
+                metadata={"name": record.name, "version": record.version, "base": info["model"],
+                          "size_bytes": record.size_bytes, **record.manifest.model_dump(mode="json")}))
         return ModelList(data=cards)
 
     async def sdxl_info(self) -> dict:
@@ -260,10 +271,19 @@ class IngressDeployment:
             raise InvalidRequestError(f"unknown style {name!r}; known: {sorted(styles)}", "style")
         return StylePreset.model_validate(styles[name])
 
+    async def lora_record(self, ref: str | None) -> LoraRecord | None:
+        """The registered LoRA a request names (read from storage each time, so a new one is usable at once)."""
+        if ref is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.loras.resolve, ref)
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
+                                      "adapters", "lora") from None
+
     async def lora_trigger_word(self, name: str | None) -> str | None:
-        if name is not None:
-            raise InvalidRequestError(f"unknown LoRA {name!r}; GET /v1/models lists registered adapters", "lora")
-        return None
+        record = await self.lora_record(name)
+        return record.trigger_word if record else None
 
     # --- images ---------------------------------------------------------------------------------
 
@@ -359,9 +379,7 @@ class IngressDeployment:
         info = await self.sdxl_info()
         if body.model is not None and body.model != info["model"]:
             raise InvalidRequestError(f"unknown model {body.model!r}; available: [{info['model']!r}]", "model")
-        if body.lora is not None:
-            raise InvalidRequestError(f"unknown LoRA {body.lora!r}; GET /v1/models lists registered adapters",
-                                      "lora")
+        lora = await self.lora_record(body.lora)
         if body.style is not None and body.style not in info["styles"]:
             raise InvalidRequestError(f"unknown style {body.style!r}; known: {sorted(info['styles'])}", "style")
         if body.steps is not None and body.steps > info["max_steps"]:
@@ -374,7 +392,7 @@ class IngressDeployment:
         return SDXLRequest(
             mode=mode, prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, width=width,
             height=height, steps=body.steps, guidance_scale=body.guidance_scale, seed=body.seed,
-            strength=strength, style=body.style,
+            strength=strength, style=body.style, lora=lora.id if lora else None, lora_scale=body.lora_scale,
         )
 
     async def _generate(self, sdxl_request: SDXLRequest, response_format: str, request: Request,
@@ -382,7 +400,7 @@ class IngressDeployment:
         store = response_format == "url"
         if store:
             sdxl_request.store, sdxl_request.output_id = True, new_id("img")
-        result: SDXLResponse = await self.sdxl.generate.remote(sdxl_request)
+        result: SDXLResponse = await routed(self.sdxl, sdxl_request).generate.remote(sdxl_request)
         data = []
         for image in result.images:
             if store:

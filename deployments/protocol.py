@@ -34,7 +34,9 @@ class ImageGenerationRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     guidance_scale: float | None = Field(None, ge=0, le=30)
     style: str | None = Field(None, description="A style preset from GET /v1/models (styles).")
-    lora: str | None = None
+    lora: str | None = Field(None, description="A registered LoRA from GET /v1/models: 'name' (latest) or "
+                                               "'name:version'. Its trigger word is added when absent.")
+    lora_scale: float = Field(1.0, ge=0, le=4, description="The LoRA's weight.")
     refine: bool = Field(False, description="Rewrite the prompt with Gemma first; the result is revised_prompt.")
     upscale: bool = Field(False, description="Text-to-image-hd: x4 every image with the upscaler.")
     # OpenAI fields accepted for compatibility and not used by diffusion models.

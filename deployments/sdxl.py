@@ -1,16 +1,28 @@
 """SDXL deployment: text-to-image, image-to-image and inpainting, batched across requests.
 
 One base pipeline is loaded; the img2img and inpaint pipelines share its components through
-`from_pipe`, so no second copy of the weights is held. Requests that agree on size, steps and
-guidance are run as one pipeline call (`@serve.batch`, batch size counted in images), each with
-its own seeded generators, so an image does not depend on what it was batched with.
+`from_pipe`, so no second copy of the weights is held. Requests that agree on size, steps,
+guidance and LoRA are run as one pipeline call (`@serve.batch`, batch size counted in images),
+each with its own seeded generators, so an image does not depend on what it was batched with.
+
+LoRA adapters from the registry (`storage/registry.py`) are loaded per request by name
+(`lora="corgi"` or `"corgi:2"`) through Ray Serve model multiplexing: `get_lora` is a
+`@serve.multiplexed` loader, so each replica keeps an LRU of adapters and the router sends a
+request made with `handle.options(multiplexed_model_id=...)` to a replica that holds its adapter.
+Adapters live inside the one base pipeline (`load_lora_weights(adapter_name=...)`); a pipeline
+call activates its request's adapter (`set_adapters`) or none (`disable_lora`), and an evicted
+adapter is deleted (`delete_adapters`). The base pipeline is never reloaded.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import re
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Annotated, Any, AsyncIterator, Callable, Literal
 
@@ -31,10 +43,12 @@ from deployments.runtime import (
 from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.keys import output_key
+from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError
 
 logger = logging.getLogger("ray.serve")
 
 ALLOWED_N = (1, 2, 4, 8)
+DEFAULT_MAX_LORAS_PER_REPLICA = 4
 Mode = Literal["text_to_image", "image_to_image", "inpaint"]
 
 
@@ -74,6 +88,8 @@ class SDXLConfig(BaseModel):
     torch_num_threads: int | None = None
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     styles_file: str | None = None
+    max_loras_per_replica: int = Field(DEFAULT_MAX_LORAS_PER_REPLICA, ge=1,
+                                       description="LoRA adapters a replica keeps loaded (LRU).")
 
 
 class SDXLRequest(BaseModel):
@@ -90,6 +106,8 @@ class SDXLRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     strength: float = Field(0.8, gt=0, le=1)
     style: str | None = None
+    lora: str | None = Field(None, max_length=300, description="A registered LoRA: 'name' (latest) or 'name:version'.")
+    lora_scale: float = Field(1.0, ge=0, le=4, description="The adapter's weight.")
     image: bytes | None = None
     image_key: str | None = None
     mask: bytes | None = None
@@ -115,6 +133,7 @@ class SDXLResponse(BaseModel):
     steps: int
     guidance_scale: float
     images: list[SDXLImage]
+    lora: str | None = Field(None, description="The adapter used, as name:version.")
     batch_images: int = Field(description="Images in the pipeline call this request ran in.")
     elapsed_s: float
 
@@ -138,11 +157,85 @@ class _Prepared:
     seed: int
     image: Any = None
     mask: Any = None
+    lora: LoadedLora | None = None
 
     def batch_key(self) -> tuple | None:
         if self.request.mode != "text_to_image":
             return None  # each edit carries its own init image; run alone
-        return (self.width, self.height, self.steps, self.guidance_scale)
+        # one pipeline call runs one adapter at one weight
+        lora = (self.lora.adapter_name, self.request.lora_scale) if self.lora else None
+        return (self.width, self.height, self.steps, self.guidance_scale, lora)
+
+
+class LoadedLora:
+    """An adapter loaded in the pipeline: what the multiplexed loader returns, one per model id.
+
+    Ray's multiplexer calls `__del__` when it evicts the model id (LRU); that releases the
+    adapter, which is deleted from the pipeline once no model id and no running request use it.
+    """
+
+    def __init__(self, model_id: str, adapter_name: str, record: LoraRecord, release: Callable[[str], None]):
+        self.model_id = model_id
+        self.adapter_name = adapter_name
+        self.record = record
+        self._release = release
+
+    def __del__(self):
+        release, self._release = self._release, None  # Ray calls it, then the GC may again
+        if release is not None:
+            release(self.adapter_name)
+
+    def __repr__(self) -> str:
+        return f"LoadedLora({self.model_id!r} -> {self.record.id}, adapter {self.adapter_name!r})"
+
+
+@dataclass
+class _AdapterState:
+    record: LoraRecord
+    refs: int = 0  # LoadedLora handles (model ids) holding it
+    in_use: int = 0  # requests between loading it and finishing their pipeline call
+
+
+class _LocalLoraLRU:
+    """Stands in for `@serve.multiplexed` outside a Serve replica (unit tests, scripts): the same
+    LRU of model ids, the same `__del__` on eviction."""
+
+    def __init__(self, load: Callable, capacity: int):
+        self.load, self.capacity = load, capacity
+        self.models: OrderedDict[str, LoadedLora] = OrderedDict()
+        self._lock: asyncio.Lock | None = None
+
+    async def __call__(self, model_id: str) -> LoadedLora:
+        if model_id in self.models:
+            self.models.move_to_end(model_id)
+            return self.models[model_id]
+        self._lock = self._lock or asyncio.Lock()
+        async with self._lock:
+            if model_id not in self.models:
+                if len(self.models) >= self.capacity:
+                    _, evicted = self.models.popitem(last=False)
+                    await asyncio.to_thread(evicted.__del__)
+                self.models[model_id] = await self.load(model_id)
+            return self.models[model_id]
+
+
+def adapter_name_for(record: LoraRecord) -> str:
+    """The peft adapter name of a registered version (peft names cannot hold '.')."""
+    digest = hashlib.sha1(record.name.encode()).hexdigest()[:6]
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', record.name)}_v{record.version}_{digest}"
+
+
+def routed(handle, request: "SDXLRequest"):
+    """The SDXL handle for a request: with a LoRA, routed to a replica that holds that adapter."""
+    return handle.options(multiplexed_model_id=request.lora) if request.lora else handle
+
+
+def _in_serve_replica() -> bool:
+    try:
+        serve.get_replica_context()
+    except Exception:
+        return False
+    return True
 
 
 @dataclass
@@ -184,9 +277,25 @@ class SDXLDeployment:
 
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
         self.jobs = JobStore(self.storage)
+        self.loras = LoraRegistry(self.storage)
         self.styles: dict[str, StylePreset] = load_styles(self.config.styles_file)
         self._generate_batch.set_max_batch_size(self.config.max_batch_images)
         self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+
+        # LoRA adapters. Lock order: _pipe_lock (held by every pipeline call and adapter
+        # load/delete) before _lora_lock (the bookkeeping below; held briefly).
+        self._pipe_lock = threading.Lock()
+        self._lora_lock = threading.RLock()  # re-entrant: a GC-run LoadedLora.__del__ may take it
+        self._adapters: dict[str, _AdapterState] = {}
+        self._pending_delete: set[str] = set()
+        if not _in_serve_replica():
+            self.get_lora = _LocalLoraLRU(self._load_lora, self.config.max_loras_per_replica)
+        elif self.config.max_loras_per_replica != DEFAULT_MAX_LORAS_PER_REPLICA:
+
+            async def get_lora(lora_id: str) -> LoadedLora:  # the class-level loader, with the configured size
+                return await self._load_lora(lora_id)
+
+            self.get_lora = serve.multiplexed(max_num_models_per_replica=self.config.max_loras_per_replica)(get_lora)
 
     # --- public methods, called through DeploymentHandles -------------------------------------
 
@@ -203,7 +312,19 @@ class SDXLDeployment:
             "default_guidance_scale": c.default_guidance_scale,
             "allowed_n": list(ALLOWED_N),
             "styles": {name: style.model_dump() for name, style in self.styles.items()},
+            "max_loras_per_replica": c.max_loras_per_replica,
         }
+
+    def loaded_loras(self) -> list[str]:
+        """name:version of the adapters this replica holds (an evicted one may stay until its requests end)."""
+        with self._lora_lock:
+            return sorted(state.record.id for state in self._adapters.values())
+
+    @serve.multiplexed(max_num_models_per_replica=DEFAULT_MAX_LORAS_PER_REPLICA)
+    async def get_lora(self, lora_id: str) -> LoadedLora:
+        """Ray Serve model multiplexing: the adapter for a model id ('name' or 'name:version'),
+        loaded on a miss; the least recently used one is evicted beyond the replica's limit."""
+        return await self._load_lora(lora_id)
 
     async def generate(self, request: SDXLRequest | dict) -> SDXLResponse:
         result = None
@@ -213,13 +334,23 @@ class SDXLDeployment:
 
     async def generate_stream(self, request: SDXLRequest | dict) -> AsyncIterator[SDXLProgress | SDXLResponse]:
         """Yields SDXLProgress per denoising step, then the SDXLResponse."""
-        prepared = self.check_inputs(SDXLRequest.model_validate(request))
-        item = _BatchItem(prepared, asyncio.get_running_loop())
-        task = asyncio.ensure_future(self._generate_batch(item))
-        async for event in drain_events(item.events, task):
-            if isinstance(event, BaseException):  # serve.batch hands back per-item errors as values
-                raise event
-            yield event
+        request = SDXLRequest.model_validate(request)
+        prepared = self.check_inputs(request)
+        lora = await self._lora_for(request)
+        if lora is not None:
+            self._use_adapter(lora.adapter_name, +1)  # no await since the load: it cannot be evicted between
+        try:
+            if lora is not None:
+                prepared = self.with_lora(prepared, lora)
+            item = _BatchItem(prepared, asyncio.get_running_loop())
+            task = asyncio.ensure_future(self._generate_batch(item))
+            async for event in drain_events(item.events, task):
+                if isinstance(event, BaseException):  # serve.batch hands back per-item errors as values
+                    raise event
+                yield event
+        finally:
+            if lora is not None:
+                self._use_adapter(lora.adapter_name, -1)
 
     def check_health(self) -> None:
         if self.pipe is None:
@@ -276,6 +407,116 @@ class SDXLDeployment:
             mask = mask.resize((width, height)) if mask is not None else None
         return _Prepared(request, prompt, negative, width, height, steps, float(guidance), seed, image, mask)
 
+    def with_lora(self, prepared: _Prepared, lora: LoadedLora) -> _Prepared:
+        """The adapter joins the batch key, and its trigger word the prompt when absent."""
+        prepared.lora = lora
+        trigger = lora.record.trigger_word
+        if trigger and trigger.lower() not in prepared.prompt.lower():
+            prepared.prompt = f"{trigger}, {prepared.prompt}"
+        return prepared
+
+    # --- LoRA adapters ----------------------------------------------------------------------------
+
+    async def _lora_for(self, request: SDXLRequest) -> LoadedLora | None:
+        """The request's adapter, through the multiplexed loader: `request.lora`, else the
+        multiplexed model id the request was routed with (`handle.options(multiplexed_model_id=...)`)."""
+        model_id = serve.get_multiplexed_model_id()
+        if request.lora and model_id and request.lora != model_id:
+            raise InvalidRequestError(
+                f"lora {request.lora!r} differs from the multiplexed model id {model_id!r} it was routed with", "lora")
+        ref = request.lora or model_id
+        if not ref:
+            return None
+        try:
+            return await self.get_lora(ref)
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
+                                      f"adapters", "lora") from None
+
+    async def _load_lora(self, lora_id: str) -> LoadedLora:
+        return await asyncio.to_thread(self._load_adapter, lora_id)
+
+    def _load_adapter(self, lora_id: str) -> LoadedLora:
+        """Runs in a worker thread. An adapter still in the pipeline (another model id for the same
+        version, or evicted but not yet deleted) is reused, not loaded again."""
+        record = self.loras.resolve(lora_id)
+        name = adapter_name_for(record)
+        # a handle is made only once it holds a reference: its __del__ gives one back
+        if self._revive(name):
+            return LoadedLora(lora_id, name, record, self._release_adapter)
+        weights = self.loras.get_weights(record.name, record.version)  # storage read, outside the pipeline lock
+        with self._pipe_lock:
+            if self._revive(name):
+                return LoadedLora(lora_id, name, record, self._release_adapter)
+            self._delete_pending_locked()
+            from safetensors.torch import load as load_safetensors
+
+            if record.base_model != self.config.model:
+                logger.info("LoRA %s was trained on %r; this deployment serves %r", record.id, record.base_model,
+                            self.config.model)
+            try:
+                self.pipe.load_lora_weights(load_safetensors(weights), adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                try:  # drop whatever part of it was injected before the failure
+                    self.pipe.delete_adapters(name)
+                except Exception:
+                    pass
+                raise InvalidRequestError(f"LoRA {record.id} does not fit model {self.config.model_name!r}: {exc}",
+                                          "lora") from exc
+            with self._lora_lock:
+                self._adapters[name] = _AdapterState(record, refs=1)
+        logger.info("loaded LoRA %s as adapter %s", record.id, name)
+        return LoadedLora(lora_id, name, record, self._release_adapter)
+
+    def _revive(self, name: str) -> bool:
+        with self._lora_lock:
+            state = self._adapters.get(name)
+            if state is None:
+                return False
+            state.refs += 1
+            self._pending_delete.discard(name)
+            return True
+
+    def _use_adapter(self, name: str, delta: int) -> None:
+        with self._lora_lock:
+            self._adapters[name].in_use += delta
+
+    def _release_adapter(self, name: str) -> None:
+        """A model id holding `name` was evicted: delete the adapter now if nothing else uses it and
+        no pipeline call runs; otherwise the next pipeline call (or load) deletes it."""
+        with self._lora_lock:
+            state = self._adapters.get(name)
+            if state is None:
+                return
+            state.refs -= 1
+            if state.refs <= 0:
+                self._pending_delete.add(name)
+        if self._pipe_lock.acquire(blocking=False):  # never wait here: the GC may run this on any thread
+            try:
+                self._delete_pending_locked()
+            finally:
+                self._pipe_lock.release()
+
+    def _delete_pending_locked(self) -> None:
+        """Caller holds `_pipe_lock`. Deletes released adapters that no request is using."""
+        with self._lora_lock:
+            names = [n for n in self._pending_delete
+                     if self._adapters[n].refs <= 0 and self._adapters[n].in_use <= 0]
+            if not names:
+                return
+            self.pipe.delete_adapters(names)
+            for n in names:
+                self._pending_delete.discard(n)
+                logger.info("deleted LoRA adapter %s (%s)", n, self._adapters.pop(n).record.id)
+
+    def _activate_adapter_locked(self, lora: LoadedLora | None, scale: float) -> None:
+        """Caller holds `_pipe_lock`. Only this request's adapter (or none) acts in the next call."""
+        if lora is not None:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([lora.adapter_name], [scale])
+        elif self._adapters:
+            self.pipe.disable_lora()
+
     def _load_input(self, data: bytes | None, key: str | None, param: str, mode: str = "RGB"):
         if data is None and key is not None:
             data = self.storage.get_bytes(key)
@@ -299,6 +540,12 @@ class SDXLDeployment:
         return [results[id(item)] for item in items]
 
     def _run_group(self, group: list[_BatchItem]) -> list[SDXLResponse | Exception]:
+        with self._pipe_lock:  # adapters change only between pipeline calls
+            self._delete_pending_locked()
+            self._activate_adapter_locked(group[0].prepared.lora, group[0].prepared.request.lora_scale)
+            return self._run_group_locked(group)
+
+    def _run_group_locked(self, group: list[_BatchItem]) -> list[SDXLResponse | Exception]:
         import torch
 
         started = time.perf_counter()
@@ -357,11 +604,11 @@ class SDXLDeployment:
             results = []
             for i in range(p.request.n):
                 seed = p.seed + i
-                png = encode_png(
-                    next(images),
-                    {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": str(seed),
-                     "steps": str(p.steps), "model": self.config.model_name},
-                )
+                metadata = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": str(seed),
+                            "steps": str(p.steps), "model": self.config.model_name}
+                if p.lora is not None:
+                    metadata.update(lora=p.lora.record.id, lora_scale=str(p.request.lora_scale))
+                png = encode_png(next(images), metadata)
                 image = SDXLImage(seed=seed, width=p.width, height=p.height)
                 if p.request.store:
                     image.key = self.storage.put_bytes(
@@ -374,7 +621,8 @@ class SDXLDeployment:
                 SDXLResponse(
                     model=self.config.model_name, mode=p.request.mode, prompt=p.prompt,
                     negative_prompt=p.negative_prompt, steps=p.steps, guidance_scale=p.guidance_scale,
-                    images=results, batch_images=len(generators), elapsed_s=elapsed,
+                    images=results, lora=p.lora.record.id if p.lora else None, batch_images=len(generators),
+                    elapsed_s=elapsed,
                 )
             )
         return responses

@@ -9,13 +9,13 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from deployments.gemma import RefinedPrompt, RefineRequest, refined_from_response
-from deployments.sdxl import SDXLProgress, SDXLRequest, SDXLResponse
+from deployments.sdxl import SDXLProgress, SDXLRequest, SDXLResponse, routed
 from storage.jobs import JobOutput
 
 
 def stream_sdxl(ctx, sdxl_handle, request: SDXLRequest) -> SDXLResponse:
     """Run one SDXL request, reporting each denoising step on the job; cancel stops it."""
-    stream = sdxl_handle.options(stream=True).generate_stream.remote(request)
+    stream = routed(sdxl_handle, request).options(stream=True).generate_stream.remote(request)
     result = None
     try:
         for event in stream:

@@ -33,18 +33,19 @@ COLUMNS = ["key", "caption", "width", "height"]  # kept from the manifest beside
 
 
 def read_dataset(storage_root: str, storage_options: dict | None, dataset_id: str, version: int | None = None,
-                 *, rows_per_block: int = 256, read_threads: int = 8) -> ray.data.Dataset:
+                 *, rows_per_block: int = 256, read_threads: int = 8, num_cpus: float = 1.0) -> ray.data.Dataset:
     """A Ray Dataset of one dataset version (default: latest): decoded images plus captions.
 
     The manifest is split into blocks of ``rows_per_block`` rows so the reads and decodes run
-    as parallel tasks; within a task, S3 reads overlap on ``read_threads`` threads.
+    as parallel tasks of ``num_cpus`` each; within a task, S3 reads overlap on ``read_threads`` threads.
     """
     storage = Storage(storage_root, storage_options)
     table = DatasetStore(storage).manifest(dataset_id, version).select(COLUMNS)
     blocks = [table.slice(i, rows_per_block) for i in range(0, table.num_rows, rows_per_block)] or [table]
     threads = read_threads if storage.protocol != "file" else 1
     return ray.data.from_arrow(blocks).map_batches(
-        partial(_load_images, storage=storage, threads=threads), batch_format="numpy", batch_size=None)
+        partial(_load_images, storage=storage, threads=threads), batch_format="numpy", batch_size=None,
+        num_cpus=num_cpus)
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -139,7 +140,7 @@ def _resize_batch(batch: dict[str, np.ndarray], sizes: tuple[int, int] | list[tu
 
 def prepare_for_training(ds: ray.data.Dataset, resolution: int, mode: Literal["center_crop", "bucket"] = "center_crop",
                          min_size: int = 0, instance_prompt: str | None = None, trigger_word: str | None = None,
-                         *, max_aspect: float = 2.0) -> ray.data.Dataset:
+                         *, max_aspect: float = 2.0, num_cpus: float = 1.0) -> ray.data.Dataset:
     """Ray Data transforms for training on a :func:`read_dataset` result.
 
     * ``center_crop``: scale the short side to ``resolution`` and crop the center square;
@@ -163,5 +164,7 @@ def prepare_for_training(ds: ray.data.Dataset, resolution: int, mode: Literal["c
         # the manifest's width/height are the decoded (EXIF-rotated) size, so no pixels are needed
         ds = ds.filter(expr=(col("width") >= min_size) & (col("height") >= min_size))
     if caption is not None:
-        ds = ds.map_batches(partial(_fill_captions, caption=caption), batch_format="numpy", batch_size=None)
-    return ds.map_batches(partial(_resize_batch, sizes=sizes), batch_format="numpy", batch_size=None)
+        ds = ds.map_batches(partial(_fill_captions, caption=caption), batch_format="numpy", batch_size=None,
+                            num_cpus=num_cpus)
+    return ds.map_batches(partial(_resize_batch, sizes=sizes), batch_format="numpy", batch_size=None,
+                          num_cpus=num_cpus)

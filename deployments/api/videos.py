@@ -53,7 +53,7 @@ from deployments.protocol import (
     VideoObject,
 )
 from deployments.runtime import random_seed
-from deployments.sdxl import SDXLRequest
+from deployments.sdxl import SDXLRequest, routed
 from deployments.upscaler import UpscaleRequest, UpscaleResponse
 from graphs.pipelines import apply_refined
 from storage.fs import InvalidKeyError, ObjectNotFoundError, validate_key
@@ -544,7 +544,7 @@ async def generate_hd(ingress, body: ImageGenerationRequest, sdxl_request: SDXLR
         refined = await text_api.refine_prompt(ingress, RefineRequest.model_validate(refine["request"]))
         sdxl_request = SDXLRequest.model_validate(apply_refined(sdxl_request.model_dump(), refined))
     sdxl_request.store, sdxl_request.output_id = True, new_id("img")
-    generated = await ingress.sdxl.generate.remote(sdxl_request)
+    generated = await routed(ingress.sdxl, sdxl_request).generate.remote(sdxl_request)
     store = body.response_format == "url"
     upscaler = ingress.handles["upscaler"]
     results: list[UpscaleResponse] = await asyncio.gather(*(

@@ -1,0 +1,240 @@
+"""The configuration of a LoRA / DreamBooth fine-tuning run (:mod:`training.lora`).
+
+    config = load_config("cfg.yaml")            # or TrainConfig(name=..., base_model=..., ...)
+    config = load_config({"name": "corgi", ...})
+
+Field checks that need nothing but the values happen here; a failed check raises
+:class:`TrainConfigError` whose ``param`` is the field's name (what an HTTP API reports), and a
+plain ``TrainConfig(...)`` raises a pydantic ValidationError located at that field. Checks
+against storage (unknown dataset or base model, too few images, a taken name) are in
+:func:`training.lora.check_inputs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from storage.keys import validate_id
+
+__all__ = ["TrainConfig", "TrainConfigError", "load_config", "config_error", "LR_SCHEDULERS",
+           "DEFAULT_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES"]
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+# The attention projections, as diffusers' train_dreambooth_lora_sdxl.py targets them.
+DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+class TrainConfigError(ValueError):
+    """A bad training configuration; ``param`` names the field."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # --- what to train ------------------------------------------------------------------------
+    name: str = Field(description="Name the adapter is registered under (letters, digits, '_', '.', '-').")
+    base_model: str = Field(description="Folder or hub id of an SDXL base pipeline (diffusers layout).")
+    dataset_id: str = Field(description="Dataset id (or name) in the storage root.")
+    dataset_version: int | None = Field(None, ge=1, description="Default: the latest version.")
+    method: Literal["lora", "dreambooth"] = "lora"
+    trigger_word: str | None = Field(None, max_length=100, description="Default: the dataset's trigger word.")
+    instance_prompt: str | None = Field(
+        None, max_length=1000, description="Caption for images without one; with dreambooth, for every image. "
+                                           "'{trigger_word}' is substituted.")
+    class_prompt: str | None = Field(None, max_length=1000, validate_default=True,
+                                     description="dreambooth: prompt of the class images.")
+    num_class_images: int = Field(100, ge=1, le=10_000)
+    prior_loss_weight: float = Field(1.0, ge=0)
+    class_inference_steps: int = Field(25, ge=1, le=200, description="Denoising steps per class image.")
+
+    # --- adapter ------------------------------------------------------------------------------
+    rank: int = Field(4, description="LoRA rank (> 0).")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: the rank (scale 1).")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
+    train_text_encoder: bool = Field(False, description="Also train LoRA on both text encoders.")
+
+    # --- optimisation -------------------------------------------------------------------------
+    learning_rate: float = Field(1e-4, description="> 0")
+    text_encoder_learning_rate: float | None = Field(None, gt=0, description="Default: learning_rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
+    lr_warmup_steps: int = Field(0, ge=0, validate_default=True)
+    batch_size: int = Field(1, ge=1, le=256, description="Images per worker per micro-batch.")
+    gradient_accumulation: int = Field(1, ge=1, le=1024)
+    epochs: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, validate_default=True,
+                                  description="Optimizer steps; wins over epochs when both are set.")
+    resolution: int = Field(1024, description="Training side in pixels (a multiple of 8).")
+    min_size: int = Field(0, ge=0, description="Images with a shorter side below this are left out.")
+    min_images: int = Field(1, ge=1, description="Refuse to train on fewer images than this.")
+    use_gpu: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="fp16/bf16 need use_gpu.")
+    gradient_checkpointing: bool = False
+    cache_latents: bool = Field(False, description="Encode each image (and caption) once; later epochs reuse it.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+    # --- Ray Train ----------------------------------------------------------------------------
+    num_workers: int = Field(1, ge=1, le=1024)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    data_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data task reading and preparing images.")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts to recover from (-1: forever).")
+    checkpoint_every_steps: int = Field(100, ge=1)
+    checkpoints_to_keep: int = Field(2, ge=1)
+
+    # --- validation images --------------------------------------------------------------------
+    validation_every_steps: int | None = Field(None, ge=1, description="Also render during training.")
+    validation_prompt: str | None = Field(None, max_length=1000, description="Default: the instance caption.")
+    validation_seeds: list[int] = Field(default_factory=lambda: [0], max_length=16)
+    validation_inference_steps: int = Field(25, ge=1, le=200)
+
+    # --- where ----------------------------------------------------------------------------------
+    storage_root: str = "var/storage"
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    new_version: bool = Field(False, description="Register as a new version if the name is taken.")
+    run_name: str | None = Field(None, description="Training run folder; default: the name (name-v<N> for a "
+                                                   "new version). Re-running a run name resumes it.")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        validate_id(value, "name")
+        if len(value) > 100:
+            raise ValueError("name is longer than 100 characters")
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, value: str | None) -> str | None:
+        return None if value is None else validate_id(value, "run_name")
+
+    @field_validator("rank")
+    @classmethod
+    def _check_rank(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"rank must be greater than 0, got {value}")
+        return value
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _check_learning_rate(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"learning_rate must be greater than 0, got {value}")
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _check_resolution(cls, value: int) -> int:
+        if value < 64 or value % 8:
+            raise ValueError(f"resolution must be a multiple of 8 of at least 64, got {value}")
+        return value
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _check_trigger_word(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or "\n" in value):
+            raise ValueError("trigger_word must be non-blank text on one line")
+        return value
+
+    @field_validator("validation_seeds")
+    @classmethod
+    def _check_seeds(cls, value: list[int]) -> list[int]:
+        if any(s < 0 or s > 2**32 - 1 for s in value):
+            raise ValueError("validation seeds must be between 0 and 2**32 - 1")
+        return value
+
+    # Cross-field checks sit on the later field (``info.data`` holds the earlier ones), so the
+    # error's location names the field to fix.
+
+    @field_validator("class_prompt")
+    @classmethod
+    def _check_class_prompt(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("method") == "dreambooth" and (not value or not value.strip()):
+            raise ValueError("dreambooth needs a class_prompt for its prior-preservation images")
+        return value
+
+    @field_validator("lr_warmup_steps")
+    @classmethod
+    def _check_warmup(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("lr_scheduler") == "constant_with_warmup" and value == 0:
+            raise ValueError("constant_with_warmup needs lr_warmup_steps > 0")
+        return value
+
+    @field_validator("max_steps")
+    @classmethod
+    def _check_length(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None and info.data.get("epochs") is None:
+            raise ValueError("set max_steps or epochs")
+        return value
+
+    @field_validator("mixed_precision")
+    @classmethod
+    def _check_mixed_precision(cls, value: str, info: ValidationInfo) -> str:
+        if value != "no" and not info.data.get("use_gpu"):
+            raise ValueError(f"mixed_precision {value!r} needs use_gpu: true (CPU training runs in float32)")
+        return value
+
+    # --- derived ------------------------------------------------------------------------------
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.rank)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What a manifest records about how the adapter was trained."""
+        return self.model_dump(mode="json", include={
+            "method", "rank", "alpha", "target_modules", "train_text_encoder", "learning_rate",
+            "text_encoder_learning_rate", "lr_scheduler", "lr_warmup_steps", "batch_size", "gradient_accumulation",
+            "max_steps", "epochs", "resolution", "min_size", "mixed_precision", "gradient_checkpointing",
+            "cache_latents", "max_grad_norm", "seed", "num_workers", "instance_prompt", "class_prompt",
+            "num_class_images", "prior_loss_weight",
+        })
+
+
+def _load_file(path: str) -> dict:
+    """A YAML or JSON file: a local path, or any fsspec URL (``s3://...``, credentials from the environment)."""
+    import fsspec
+    import yaml
+
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise TrainConfigError(f"no config file at {path!r}", None) from None
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"{path}: a training config must be a mapping", None)
+    return data
+
+
+def load_config(source: TrainConfig | dict | str | os.PathLike, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a model, a dict, or a YAML/JSON file; TrainConfigError names the field."""
+    if isinstance(source, TrainConfig):
+        data = source.model_dump()
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        data = _load_file(os.fspath(source))
+    data.update(overrides)
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc) from None
+
+
+def config_error(exc: ValidationError) -> TrainConfigError:
+    """The first problem of a ValidationError as a TrainConfigError naming its field."""
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return TrainConfigError(f"{field}: {message}" if field else message,
+                            str(first["loc"][0]) if first["loc"] else None)
