@@ -25,8 +25,10 @@ venv: $(STAMP)
 models: venv
 	$(PY) -m configs.tiny_models --out $(TINY_MODELS)
 
+# 4 logical CPUs (as configs/local_runner.py): the replicas mostly idle, and fine-tuning needs room beside them.
 serve: models
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(VENV)/bin/serve run configs/local.yaml
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": 4}' \
+		$(VENV)/bin/serve run configs/local.yaml
 
 test: models
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)

@@ -44,6 +44,12 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
     return path
 
 
+# Logical CPUs of the local Ray node (as `make serve` sets them): the replicas of configs/local.yaml
+# reserve about 1.3 CPUs but mostly idle, and a fine-tuning run needs a whole CPU beside them
+# for Ray Data's internal tasks, which a 2-core machine would not have left.
+LOCAL_RAY_RESOURCES = '{"CPU": 4}'
+
+
 class _RayStartFailed(RuntimeError):
     pass
 
@@ -76,7 +82,8 @@ class LocalServeApp:
         # A throwaway instance for tests and benchmarks: token auth off, so a test driver can join it
         # by address (Ray only turns token auth on for drivers that find a cluster via "auto").
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
-               "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+               "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+               "RAY_OVERRIDE_RESOURCES": os.environ.get("RAY_OVERRIDE_RESOURCES", LOCAL_RAY_RESOURCES)}
         self.process = subprocess.Popen(
             [str(bin_dir / "serve"), "run", str(self.config_path)], cwd=REPO, env=env,
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, start_new_session=True,

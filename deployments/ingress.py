@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from deployments.api import datasets as datasets_api
 from deployments.api import fine_tuning as fine_tuning_api
 from deployments.api import text as text_api
+from deployments.api import workflows as workflows_api
 from deployments.api import videos as videos_api
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
 from deployments.job_runner import JobQueueConfig, enqueue_job
@@ -70,6 +71,7 @@ class IngressConfig(BaseModel):
     dataset_import: DatasetImportConfig = Field(
         DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
+    max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
     fine_tuning: fine_tuning_api.FineTuningConfig = Field(
         fine_tuning_api.FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
 
@@ -174,6 +176,7 @@ app.include_router(text_api.router)
 app.include_router(videos_api.router)
 app.include_router(datasets_api.router)
 app.include_router(fine_tuning_api.router)
+app.include_router(workflows_api.router)
 
 
 class ModelNotDeployedError(AtelierError):
@@ -494,7 +497,7 @@ class IngressDeployment:
         data = record.model_dump(mode="json")
         data["outputs"] = [
             JobOutputView(url=self.url_for(o.key, request), **o.model_dump(include={
-                "key", "content_type", "width", "height", "seed"}))
+                "key", "content_type", "width", "height", "seed", "extra"}))
             for o in record.outputs
         ]
         return JobView.model_validate(data)

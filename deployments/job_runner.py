@@ -45,8 +45,6 @@ class JobQueueConfig(BaseModel):
     reap_interval_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(2, ge=1)
     max_queue_depth: int = Field(1000, ge=1, description="Unfinished jobs past which submission gets 503.")
-    broker_poll_interval_s: float = Field(0.1, gt=0, description="How often a polled broker (SQL) is checked for "
-                                                                 "new jobs; Redis pushes and ignores it.")
 
     def task_processor_config(self) -> TaskProcessorConfig:
         return TaskProcessorConfig(
@@ -56,8 +54,7 @@ class JobQueueConfig(BaseModel):
                 backend_url=os.path.expandvars(self.backend_url),
                 # One message reserved per running thread: a dead worker then strands only the
                 # jobs it was running, which the reaper recovers.
-                app_custom_config={"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True,
-                                   "broker_transport_options": {"polling_interval": self.broker_poll_interval_s}},
+                app_custom_config={"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True},
             ),
             # Failures are recorded on the job itself; the task never asks Celery to retry.
             max_retries=0,

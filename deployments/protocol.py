@@ -73,6 +73,7 @@ class JobOutputView(BaseModel):
     width: int | None = None
     height: int | None = None
     seed: int | None = None
+    extra: dict[str, Any] = Field(default_factory=dict, description="Role, workflow node and lineage of the output.")
 
 
 class JobView(BaseModel):

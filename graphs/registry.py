@@ -7,10 +7,12 @@ from typing import Callable
 from graphs.dataset_jobs import dataset_import
 from graphs.pipelines import image_generation
 from graphs.video_pipelines import VIDEO_PIPELINES
+from graphs.workflow_jobs import workflow_run
 
 JOB_PIPELINES: dict[str, Callable[..., None]] = {
     "images.generations": image_generation,
     "images.edits": image_generation,
     "datasets.import": dataset_import,
+    "workflows.run": workflow_run,
     **VIDEO_PIPELINES,
 }

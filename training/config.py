@@ -201,13 +201,14 @@ class TrainConfig(BaseModel):
 
 
 def _load_file(path: str) -> dict:
-    """A YAML or JSON file: a local path, or any fsspec URL (``s3://...``, credentials from the environment)."""
+    """A YAML or JSON file: a local path, or any fsspec URL (``s3://...``, credentials from the environment).
+    ``${VARS}`` in it expand from the environment."""
     import fsspec
     import yaml
 
     try:
         with fsspec.open(path, "r", encoding="utf-8") as f:
-            text = f.read()
+            text = os.path.expandvars(f.read())  # ${VARS} from the job's environment
     except FileNotFoundError:
         raise TrainConfigError(f"no config file at {path!r}", None) from None
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)

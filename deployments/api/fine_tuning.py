@@ -337,9 +337,10 @@ async def list_fine_tuning_events(job_id: str, limit: int = Query(100, ge=1, le=
             logs = ""
         out = [FineTuningEvent(id=f"{job_id}-event-0", created_at=int(record["created_at"]),
                                message=f"created fine-tuning job; run {record['config']['run_name']}")]
+        marker = f"[{record['config']['run_name']}] "  # the run's own lines, also behind Ray's worker prefix
         for line in logs.splitlines():
             line = line.strip()
-            text = line.split("] ", 1)[1] if line.startswith("[") and "] " in line else None
+            text = line.split(marker, 1)[1] if marker in line else None
             is_error = line.startswith(("Traceback", "RuntimeError", "ValueError")) or '"error"' in line
             if text is None and not is_error:
                 continue

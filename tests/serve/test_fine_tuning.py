@@ -27,7 +27,7 @@ def _dataset(client, count: int) -> str:
 def eight_images(atelier) -> str:
     import httpx
 
-    with httpx.Client(base_url=atelier.url, timeout=120) as client:
+    with httpx.Client(base_url=atelier.base_url, timeout=120) as client:
         return _dataset(client, 8)
 
 

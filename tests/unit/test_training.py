@@ -239,3 +239,13 @@ def test_dreambooth_failed_run_registers_nothing_and_a_rerun_resumes(ray_local, 
     assert adapters == {"unet": ["trained"], "text_encoder": ["trained"], "text_encoder_2": ["trained"]}
     status = json.loads(storage.get_bytes("training/dogs-db/status.json"))
     assert (status["state"], status["step"], status["lora"]) == ("succeeded", 4, "dogs-db:1")
+
+
+def test_example_configs_load_with_their_environment(monkeypatch):
+    monkeypatch.setenv("ATELIER_DATASET", "ds_abc")
+    monkeypatch.setenv("ATELIER_STORAGE_ROOT", "s3://bucket/atelier")
+    production = load_config(REPO / "configs" / "training" / "sdxl-lora.yaml")
+    assert (production.dataset_id, production.storage_root) == ("ds_abc", "s3://bucket/atelier")
+    assert production.use_gpu and production.mixed_precision == "bf16" and production.resolution == 1024
+    tiny = load_config(REPO / "configs" / "training" / "tiny-lora.yaml", storage_root="/tmp/x")
+    assert tiny.num_workers == 2 and tiny.resolution == 64 and tiny.storage_root == "/tmp/x"

@@ -1,0 +1,214 @@
+"""Run a user workflow (graphs/workflows.py) as one job: each node on the deployment that owns it.
+
+The job request is `{"workflow": <Workflow>, "use_cache": bool, "refine": {node id: chat context},
+"saved": {"id", "version"} | None}`, prepared by deployments/api/workflows.py. Seeds are pinned
+there, so a run (and its replay) is reproducible and its diffusion nodes are cacheable.
+
+Node runners block in the executor's threads, calling DeploymentHandles; images, masks and
+videos pass between nodes as storage keys, so no pixels cross the runner. Node states (status,
+progress, start/finish times, cache hits, errors) are written to `record.result["nodes"]` as
+they change, which the job API and its SSE events show.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from deployments.errors import AtelierError, JobCancelledError
+from deployments.gemma import RefineRequest, RefineSettings, build_refine_chat, refined_from_response
+from deployments.media import parse_size
+from deployments.sdxl import SDXLProgress, SDXLRequest, routed
+from deployments.svd import SVDProgress, SVDRequest
+from deployments.upscaler import UpscaleProgress, UpscaleRequest
+from configs.styles import StylePreset
+from graphs.workflows import NodeContext, Workflow, run_workflow
+from storage.fs import ObjectNotFoundError, Storage
+from storage.jobs import JobOutput
+
+CACHE_PREFIX = "workflows/cache/"
+PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
+CONTENT_TYPES = {"image": "image/png", "images": "image/png", "mask": "image/png", "video": "video/mp4"}
+
+
+class WorkflowFailedError(AtelierError):
+    status_code = 500
+    error_type = "workflow_failed"
+
+
+class StorageWorkflowCache:
+    """Node outputs by cache key, in storage: shared by every runner replica, kept across restarts.
+    A hit whose files were deleted since is a miss."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        try:
+            outputs = self.storage.get_json(f"{CACHE_PREFIX}{key}.json")
+        except ObjectNotFoundError:
+            return None
+        files = [v for value in outputs.values() for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, str) and v.startswith("outputs/")]
+        return outputs if all(self.storage.exists(f) for f in files) else None
+
+    def put(self, key: str, outputs: dict[str, Any]) -> None:
+        self.storage.put_json(f"{CACHE_PREFIX}{key}.json", outputs)
+
+
+def _drain(node: NodeContext, stream) -> Any:
+    """One streamed deployment call: progress to the node, cancel between steps."""
+    result = None
+    try:
+        for event in stream:
+            if isinstance(event, PROGRESS_EVENTS):
+                node.progress(event.step / max(event.total_steps, 1))
+            else:
+                result = event
+            node.check_cancelled()
+    except BaseException:
+        stream.cancel()
+        raise
+    return result
+
+
+def _size(value: str | None) -> dict:
+    if value is None:
+        return {}
+    width, height = parse_size(value)
+    return {"width": width, "height": height}
+
+
+def node_runners(handles: dict[str, Any], job_id: str, spec: dict) -> dict[str, Callable[[NodeContext], dict]]:
+    """The runners of the model node types, bound to this job's handles."""
+
+    def output_id(node: NodeContext) -> str:
+        return f"{job_id}.{node.node_id}"
+
+    def diffusion(mode: str) -> Callable[[NodeContext], dict]:
+        def run(node: NodeContext) -> dict:
+            p = node.params
+            request = SDXLRequest(
+                mode=mode, prompt=node.inputs["prompt"], negative_prompt=node.inputs.get("negative_prompt"), n=p.n,
+                steps=p.steps, guidance_scale=p.guidance_scale, seed=p.seed,
+                style=getattr(p, "style", None), lora=getattr(p, "lora", None),
+                lora_scale=getattr(p, "lora_scale", 1.0), strength=getattr(p, "strength", 0.8),
+                image_key=node.inputs.get("image"), mask_key=node.inputs.get("mask"), job_id=job_id, store=True,
+                output_id=output_id(node), **_size(p.size))
+            stream = routed(handles["sdxl"], request).options(stream=True).generate_stream.remote(request)
+            response = _drain(node, stream)
+            return {"images": [image.key for image in response.images]}
+
+        return run
+
+    def upscale(node: NodeContext) -> dict:
+        p = node.params
+        request = UpscaleRequest(image_key=node.inputs["image"], prompt=node.inputs.get("prompt") or "",
+                                 steps=p.steps, noise_level=p.noise_level, seed=p.seed, job_id=job_id, store=True,
+                                 output_id=output_id(node))
+        response = _drain(node, handles["upscaler"].options(stream=True).upscale_stream.remote(request))
+        return {"image": response.key}
+
+    def image_to_video(node: NodeContext) -> dict:
+        p = node.params
+        request = SVDRequest(image_key=node.inputs["image"], num_frames=p.num_frames, fps=p.fps,
+                             motion_bucket_id=p.motion_bucket_id, noise_aug_strength=p.noise_aug_strength,
+                             steps=p.steps, seed=p.seed, job_id=job_id, store=True, output_id=output_id(node),
+                             **_size(p.size))
+        response = _drain(node, handles["svd"].options(stream=True).generate_stream.remote(request))
+        return {"video": response.video_key}
+
+    def refine(node: NodeContext) -> dict:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        context = spec["refine"][node.node_id]
+        request = RefineRequest(prompt=node.inputs["prompt"], style=node.params.style, lora=node.params.lora)
+        style = StylePreset.model_validate(context["style"]) if context.get("style") else None
+        chat = build_refine_chat(request, context["model"], RefineSettings.model_validate(context["settings"]),
+                                 style, context.get("trigger_word"))
+        stream = handles["llm"].options(stream=True).chat.remote(ChatCompletionRequest.model_validate(chat), None)
+        try:
+            first = next(iter(stream))
+        finally:
+            stream.cancel()
+        first = first[0] if isinstance(first, list) else first
+        refined = refined_from_response(first, request, context.get("trigger_word"))
+        return {"prompt": refined.prompt, "negative_prompt": refined.negative_prompt}
+
+    return {"text_to_image": diffusion("text_to_image"), "image_to_image": diffusion("image_to_image"),
+            "inpaint": diffusion("inpaint"), "upscale": upscale, "image_to_video": image_to_video, "refine": refine}
+
+
+def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str) -> dict:
+    """What produced an output: the nodes upstream of it (type and params, seeds included), the
+    saved workflow and version it ran from, and the job."""
+    sources: dict[str, list[str]] = {}
+    for edge in workflow.edges:
+        sources.setdefault(edge.target, []).append(edge.source)
+    by_id = {node.id: node for node in workflow.nodes}
+    seen, stack = [], [node_id]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.append(current)
+            stack.extend(sources.get(current, []))
+    return {"job_id": job_id, "workflow": spec.get("saved"),
+            "nodes": [{"id": n, "type": by_id[n].type, "params": by_id[n].params} for n in reversed(seen)]}
+
+
+def workflow_run(ctx, handles: dict[str, Any]) -> None:
+    """Job kind `workflows.run`."""
+    spec = ctx.request
+    workflow = Workflow.model_validate(spec["workflow"])
+    ctx.start_stage("workflow")
+
+    def on_update(states: dict) -> None:
+        nodes = {node_id: state.model_dump(mode="json") for node_id, state in states.items()}
+        progress = sum(s["progress"] if s["status"] not in ("completed", "cached") else 100.0
+                       for s in nodes.values()) / max(len(nodes), 1)
+        ctx.record.result = {**(ctx.record.result or {}), "nodes": nodes}
+        ctx.save(force=False, progress=round(progress, 2), stage_progress=round(progress, 2))
+
+    def is_cancelled() -> bool:
+        try:
+            ctx.check_cancelled()
+        except JobCancelledError:
+            return True
+        return False
+
+    result = run_workflow(workflow, {**node_runners(handles, ctx.id, spec)}, on_update=on_update,
+                          is_cancelled=is_cancelled, cache=StorageWorkflowCache(ctx.store.storage),
+                          use_cache=spec.get("use_cache", True))
+    nodes = {node_id: state.model_dump(mode="json") for node_id, state in result.nodes.items()}
+    ctx.record.result = {"nodes": nodes, "outputs": result.outputs, "workflow": spec.get("saved"),
+                         "cached": sorted(n for n, s in nodes.items() if s["status"] == "cached")}
+    ctx.record.outputs = []
+    port_types = _output_port_types(workflow)
+    for node in workflow.nodes:
+        if node.type != "output" or result.nodes[node.id].status not in ("completed", "cached"):
+            continue
+        value, kind = result.nodes[node.id].outputs.get("value"), port_types.get(node.id)
+        for key in (value if isinstance(value, list) else [value]):
+            if kind in CONTENT_TYPES and isinstance(key, str):
+                ctx.add_output(JobOutput(key=key, content_type=CONTENT_TYPES[kind], extra={
+                    "node": node.id, "name": node.params.get("name") or node.id,
+                    "lineage": _lineage(workflow, node.id, spec, ctx.id)}))
+    ctx.save(force=True)
+    if result.status == "cancelled":
+        raise JobCancelledError("cancelled by request")
+    failed = {n: s["error"] for n, s in nodes.items() if s["status"] == "failed"}
+    if failed:
+        roots = {n: e for n, e in failed.items() if not (e or "").startswith("upstream node ")}
+        summary = "; ".join(f"{n}: {e}" for n, e in (roots or failed).items())
+        raise WorkflowFailedError(f"{len(failed)} of {len(nodes)} nodes failed ({summary})")
+
+
+def _output_port_types(workflow: Workflow) -> dict[str, str]:
+    """The type an output node receives: the type of the port feeding it."""
+    from graphs.workflows import NODE_TYPES
+
+    types = {node.id: node.type for node in workflow.nodes}
+    out = {}
+    for edge in workflow.edges:
+        if types.get(edge.target) == "output":
+            out[edge.target] = NODE_TYPES[types[edge.source]].outputs.get(edge.source_port)
+    return out
