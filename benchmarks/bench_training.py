@@ -32,6 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from configs.local_runner import init_local_ray  # noqa: E402
 from configs.tiny_models import ensure_tiny_models  # noqa: E402
 from storage import Storage  # noqa: E402
 from storage.registry import LoraRegistry  # noqa: E402
@@ -49,21 +50,7 @@ def png(seed: int) -> bytes:
 
 
 def start_ray() -> None:
-    import ray
-
-    # Without a dashboard, Ray Train's placement-group cleaner can query another Ray cluster on
-    # this host and remove this run's placement group; a refused state API makes it fail safe.
-    os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-    for attempt in range(5):  # the raylet can miss ray.init's 30 s start window on a loaded machine
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 4:
-                raise
-            time.sleep(5)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_local_ray(for_training=True)
 
 
 def bench_training(root: str, model: Path, steps: int, images: int) -> dict[int, float]:

@@ -50,6 +50,30 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
 LOCAL_RAY_RESOURCES = '{"CPU": 4}'
 
 
+def init_local_ray(num_cpus: int = 2, attempts: int = 6, for_training: bool = False) -> None:
+    """`ray.init` of a throwaway local node for tests and benchmarks, quiet and without a dashboard.
+
+    The raylet can miss ray.init's fixed 30 s start window on a loaded 2-core machine: retry.
+    `for_training`: without a dashboard, Ray Train's placement-group cleaner can query another
+    Ray cluster on this host and remove this run's placement group; a state API address that
+    refuses connections makes it fail safe.
+    """
+    import ray
+
+    if for_training:
+        os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    for attempt in range(attempts):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == attempts - 1:
+                raise
+            time.sleep(5)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 class _RayStartFailed(RuntimeError):
     pass
 

@@ -183,7 +183,10 @@ class LoadedLora:
     def __del__(self):
         release, self._release = self._release, None  # Ray calls it, then the GC may again
         if release is not None:
-            release(self.adapter_name)
+            try:
+                release(self.adapter_name)
+            except ImportError:  # the interpreter is shutting down; the pipeline goes with it
+                pass
 
     def __repr__(self) -> str:
         return f"LoadedLora({self.model_id!r} -> {self.record.id}, adapter {self.adapter_name!r})"

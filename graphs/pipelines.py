@@ -10,24 +10,35 @@ from typing import Any, Callable
 
 from deployments.gemma import RefinedPrompt, RefineRequest, refined_from_response
 from deployments.sdxl import SDXLProgress, SDXLRequest, SDXLResponse, routed
+from deployments.svd import SVDProgress
+from deployments.upscaler import UpscaleProgress
 from storage.jobs import JobOutput
+
+PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
+
+
+def drain_stream(stream, on_step: Callable[[int, int], None], check_cancelled: Callable[[], None]) -> Any:
+    """Drain one streamed deployment call: progress events go to `on_step`, the last other event
+    is the response. Cancel is checked between events; leaving early cancels the call, which
+    frees the replica."""
+    result = None
+    try:
+        for event in stream:
+            if isinstance(event, PROGRESS_EVENTS):
+                on_step(event.step, event.total_steps)
+            else:
+                result = event
+            check_cancelled()
+    except BaseException:
+        stream.cancel()
+        raise
+    return result
 
 
 def stream_sdxl(ctx, sdxl_handle, request: SDXLRequest) -> SDXLResponse:
     """Run one SDXL request, reporting each denoising step on the job; cancel stops it."""
     stream = routed(sdxl_handle, request).options(stream=True).generate_stream.remote(request)
-    result = None
-    try:
-        for event in stream:
-            if isinstance(event, SDXLProgress):
-                ctx.step(event.step, event.total_steps)
-            else:
-                result = event
-            ctx.check_cancelled()
-    except BaseException:
-        stream.cancel()
-        raise
-    return result
+    return drain_stream(stream, ctx.step, ctx.check_cancelled)
 
 
 def refine_stage(ctx, handles: dict[str, Any], spec: dict) -> RefinedPrompt:

@@ -20,34 +20,17 @@ import time
 from typing import Any, Callable
 
 from deployments.gemma import RefinedPrompt
-from deployments.sdxl import SDXLProgress, SDXLRequest
-from deployments.svd import SVDProgress, SVDRequest, SVDResponse
-from deployments.upscaler import UpscaleProgress, UpscaleRequest, UpscaleResponse
-from graphs.pipelines import apply_refined, refine_stage, stream_sdxl
+from deployments.sdxl import SDXLRequest
+from deployments.svd import SVDRequest, SVDResponse
+from deployments.upscaler import UpscaleRequest, UpscaleResponse
+from graphs.pipelines import apply_refined, drain_stream, refine_stage, stream_sdxl
 from storage.jobs import JobOutput
 
-PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
-
-
 def stream_call(ctx, stream, call: int = 0, calls: int = 1) -> Any:
-    """Drain one streamed deployment call, reporting its steps on the job; returns its response.
-
-    A stage of several calls (one upscale per image) reports call `call` of `calls`, so the
-    stage's progress runs once from 0 to 100. Cancel is checked between events; leaving early
-    cancels the call, which frees the replica.
-    """
-    result = None
-    try:
-        for event in stream:
-            if isinstance(event, PROGRESS_EVENTS):
-                ctx.step(call * event.total_steps + event.step, calls * event.total_steps)
-            else:
-                result = event
-            ctx.check_cancelled()
-    except BaseException:
-        stream.cancel()
-        raise
-    return result
+    """Drain one streamed deployment call on the job; returns its response. A stage of several
+    calls (one upscale per image) reports call `call` of `calls`, so its progress runs once 0 → 100."""
+    return drain_stream(stream, lambda step, total: ctx.step(call * total + step, calls * total),
+                        ctx.check_cancelled)
 
 
 def run_stage(ctx, name: str, run: Callable[[], dict]) -> dict:

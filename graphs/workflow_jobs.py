@@ -17,16 +17,16 @@ from typing import Any, Callable
 from deployments.errors import AtelierError, JobCancelledError
 from deployments.gemma import RefineRequest, RefineSettings, build_refine_chat, refined_from_response
 from deployments.media import parse_size
-from deployments.sdxl import SDXLProgress, SDXLRequest, routed
-from deployments.svd import SVDProgress, SVDRequest
-from deployments.upscaler import UpscaleProgress, UpscaleRequest
+from deployments.sdxl import SDXLRequest, routed
+from deployments.svd import SVDRequest
+from deployments.upscaler import UpscaleRequest
 from configs.styles import StylePreset
+from graphs.pipelines import drain_stream
 from graphs.workflows import NodeContext, Workflow, run_workflow
 from storage.fs import ObjectNotFoundError, Storage
 from storage.jobs import JobOutput
 
 CACHE_PREFIX = "workflows/cache/"
-PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
 CONTENT_TYPES = {"image": "image/png", "images": "image/png", "mask": "image/png", "video": "video/mp4"}
 
 
@@ -57,18 +57,7 @@ class StorageWorkflowCache:
 
 def _drain(node: NodeContext, stream) -> Any:
     """One streamed deployment call: progress to the node, cancel between steps."""
-    result = None
-    try:
-        for event in stream:
-            if isinstance(event, PROGRESS_EVENTS):
-                node.progress(event.step / max(event.total_steps, 1))
-            else:
-                result = event
-            node.check_cancelled()
-    except BaseException:
-        stream.cancel()
-        raise
-    return result
+    return drain_stream(stream, lambda step, total: node.progress(step / max(total, 1)), node.check_cancelled)
 
 
 def _size(value: str | None) -> dict:

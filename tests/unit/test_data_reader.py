@@ -9,6 +9,8 @@ import pytest
 import ray
 from PIL import Image
 
+from configs.local_runner import init_local_ray
+
 from storage.datasets import DatasetStore, ImageItem
 from training.data import bucket_sizes, instance_caption, prepare_for_training, read_dataset
 
@@ -17,16 +19,7 @@ SIZES = [(24, 16), (32, 32), (40, 24), (16, 40), (64, 48), (48, 64), (20, 20), (
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    # Ray's node start has fixed internal deadlines that a loaded 2-core machine can miss; retry.
-    for attempt in range(3):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 2:
-                raise
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_local_ray()
     yield
     ray.shutdown()
 

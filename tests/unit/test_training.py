@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import ray
 from PIL import Image
 
+from configs.local_runner import init_local_ray
 from configs.tiny_models import ensure_tiny_models
 from storage import Storage
 from storage.datasets import DatasetStore, ImageItem
@@ -40,23 +40,9 @@ def model() -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    # Ray Train's PlacementGroupCleaner asks the state API whether the run's controller is alive.
-    # This cluster has no dashboard, so on a host running other Ray clusters that query can reach
-    # another cluster, find no such actor and remove this run's placement group (seen here). A
-    # state API address that refuses connections makes the check fail safe ("continue monitoring").
     patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
-    # On a loaded machine the raylet can miss ray.init's fixed 30 s start window: retry.
-    for attempt in range(8):
-        try:
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception:
-            ray.shutdown()
-            if attempt == 7:
-                raise
-            time.sleep(5)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    patch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")  # see init_local_ray(for_training=True)
+    init_local_ray(attempts=8, for_training=True)
     yield
     ray.shutdown()
     patch.undo()
