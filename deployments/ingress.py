@@ -27,6 +27,7 @@ from deployments.api import fine_tuning as fine_tuning_api
 from deployments.api import text as text_api
 from deployments.api import workflows as workflows_api
 from deployments.api import videos as videos_api
+from deployments.auth import AuthConfig, AuthMiddleware
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
 from deployments.job_runner import JobQueueConfig, enqueue_job
 from deployments.media import check_size, decode_image, parse_size
@@ -71,6 +72,7 @@ class IngressConfig(BaseModel):
     dataset_import: DatasetImportConfig = Field(
         DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
+    auth: AuthConfig = Field(AuthConfig(), description="API keys (SHA-256 hashes) and their scopes; none: open.")
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
     fine_tuning: fine_tuning_api.FineTuningConfig = Field(
         fine_tuning_api.FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
@@ -167,6 +169,8 @@ app = FastAPI(
 )
 app.state.max_body_bytes = 20 * 1024 * 1024
 app.add_middleware(BodySizeLimitMiddleware, limit_of=lambda: app.state.max_body_bytes)
+app.state.api_keys = []
+app.add_middleware(AuthMiddleware, keys_of=lambda: app.state.api_keys)  # added last: runs first
 app.add_exception_handler(AtelierError, _atelier_error)
 app.add_exception_handler(RequestValidationError, _validation_error)
 app.add_exception_handler(ValidationError, _validation_error)
@@ -210,6 +214,10 @@ class IngressDeployment:
         self.llm_info: dict | None = self.config.llm.describe() if self.config.llm else None
         self.llm_settings: RefineSettings = self.config.llm.refine if self.config.llm else RefineSettings()
         app.state.max_body_bytes = self.config.max_upload_bytes
+        app.state.api_keys = self.config.auth.resolved_keys()
+        if not app.state.api_keys:
+            logger.warning("no API keys configured: every route is open. Fine for the local default; set "
+                           "ingress.auth.keys or %s anywhere else.", self.config.auth.keys_env)
 
     # --- health and models ----------------------------------------------------------------------
 
