@@ -183,8 +183,14 @@ def test_client_disconnect_mid_stream_frees_slots(atelier):
             with httpx.Client(base_url=atelier.base_url, timeout=60) as http:
                 with http.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
-                    next(response.iter_lines())  # one chunk, then hang up
-                    assert ongoing("GemmaDeployment") >= 1  # the counter does see a live stream
+                    counts = []
+                    for _, line in zip(range(100), response.iter_lines()):  # read until the stream is counted
+                        counts.append((ongoing("GemmaDeployment"), ongoing("IngressDeployment")))
+                        if counts[-1][0] >= 1:
+                            break
+                    # the counters do see a live stream, so their return to 0 below means something
+                    assert counts and counts[-1][0] >= 1 and counts[-1][1] >= 1, counts
+                # hang up mid-stream
         deadline = time.monotonic() + 20
         while (counts := (ongoing("GemmaDeployment"), ongoing("IngressDeployment"))) != (0, 0):
             assert time.monotonic() < deadline, f"ongoing requests stuck at {counts}"
