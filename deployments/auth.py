@@ -68,6 +68,10 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 def _error(status: int, type_: str, message: str, headers: dict | None = None):
     from fastapi.responses import JSONResponse
 
+    from deployments import metrics
+
+    metrics.rejected(type_)
+
     return JSONResponse({"error": {"type": type_, "message": message, "param": None}}, status_code=status,
                         headers=headers)
 

@@ -27,6 +27,7 @@ from deployments.api import fine_tuning as fine_tuning_api
 from deployments.api import text as text_api
 from deployments.api import workflows as workflows_api
 from deployments.api import videos as videos_api
+from deployments import metrics
 from deployments.auth import AuthConfig, AuthMiddleware
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
 from deployments.job_runner import JobQueueConfig, enqueue_job
@@ -94,6 +95,8 @@ def _param_of(loc: tuple) -> str | None:
 
 async def _atelier_error(request: Request, exc: Exception) -> JSONResponse:
     exc = getattr(exc, "cause", exc)  # a RayTaskError wraps what the replica raised
+    if exc.status_code < 500 or exc.status_code == 503:
+        metrics.rejected(exc.error_type)
     return error_response(exc.status_code, exc.error_type, exc.message, exc.param, exc.headers)
 
 
@@ -104,6 +107,7 @@ async def _validation_error(request: Request, exc: RequestValidationError | Vali
     details = "; ".join(f"{_param_of(tuple(e.get('loc', ()))) or 'body'}: {e.get('msg')}" for e in errors)
     if first.get("type") == "json_invalid":
         param, details = "body", "request body is not valid JSON"
+    metrics.rejected("invalid_request_error")
     return error_response(400, "invalid_request_error", details, param)
 
 
@@ -119,6 +123,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(cause, AtelierError):
         return await _atelier_error(request, cause)
     if isinstance(cause, BackPressureError):
+        metrics.rejected("overloaded_error")
         return error_response(503, "overloaded_error", "the model is at capacity; retry shortly", None,
                               {"Retry-After": "1"})
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -155,6 +160,7 @@ class BodySizeLimitMiddleware:
         await self.app(scope, counting_receive, send)
 
     async def _refuse(self, scope, receive, send, size, limit, param):
+        metrics.rejected(PayloadTooLargeError.error_type)
         response = error_response(413, PayloadTooLargeError.error_type,
                                   f"{param} upload is {size} bytes, over the limit of {limit} bytes", param,
                                   {"Connection": "close"})
@@ -445,6 +451,7 @@ class IngressDeployment:
         if depth >= self.config.queue.max_queue_depth:
             raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
         record = self.jobs.create(kind, payload, stages=stages or [], max_attempts=self.config.queue.max_attempts)
+        metrics.queue_depth(depth + 1)
         try:
             enqueue_job(self.queue, self.jobs, record)
         except Exception as exc:

@@ -26,6 +26,7 @@ from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 from ray.serve.task_consumer import task_handler
 
 from deployments.errors import AtelierError, JobCancelledError
+from deployments import metrics
 from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.jobs import TERMINAL_STATUSES, JobError, JobOutput, JobRecord
@@ -192,6 +193,9 @@ class JobRunnerDeployment:
                                     message=error.message if error else str(exc) or repr(exc)))
         finally:
             beat.set()
+            record = ctx.record
+            metrics.job_finished(record.kind, record.status, (record.finished_at or time.time()) -
+                                 (record.started_at or record.created_at))
         return {"job_id": job_id, "status": ctx.record.status}
 
     def _run_with_retries(self, ctx: JobContext) -> None:

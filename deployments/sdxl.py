@@ -32,6 +32,7 @@ from ray import serve
 from configs.styles import StylePreset, load_styles
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import check_size, decode_image, encode_png
+from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
     CancelCheck,
@@ -291,6 +292,7 @@ class SDXLDeployment:
         self._lora_lock = threading.RLock()  # re-entrant: a GC-run LoadedLora.__del__ may take it
         self._adapters: dict[str, _AdapterState] = {}
         self._pending_delete: set[str] = set()
+        self._lora_loads = 0
         if not _in_serve_replica():
             self.get_lora = _LocalLoraLRU(self._load_lora, self.config.max_loras_per_replica)
         elif self.config.max_loras_per_replica != DEFAULT_MAX_LORAS_PER_REPLICA:
@@ -431,12 +433,16 @@ class SDXLDeployment:
         if not ref:
             return None
         try:
-            return await self.get_lora(ref)
+            loads = self._lora_loads
+            lora = await self.get_lora(ref)
+            metrics.lora_cache(hit=self._lora_loads == loads)  # the multiplexer loaded nothing: a hit
+            return lora
         except LoraRegistryError as exc:
             raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
                                       f"adapters", "lora") from None
 
     async def _load_lora(self, lora_id: str) -> LoadedLora:
+        self._lora_loads += 1
         return await asyncio.to_thread(self._load_adapter, lora_id)
 
     def _load_adapter(self, lora_id: str) -> LoadedLora:
@@ -600,6 +606,8 @@ class SDXLDeployment:
 
         # 4. Encode, store if asked, and split the images back per request.
         elapsed = time.perf_counter() - started
+        first = group[0].prepared
+        metrics.generation(self.config.model_name, first.request.mode, elapsed, first.steps, len(generators))
         images = iter(output.images)
         responses = []
         for item in group:
