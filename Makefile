@@ -25,9 +25,11 @@ venv: $(STAMP)
 models: venv
 	$(PY) -m configs.tiny_models --out $(TINY_MODELS)
 
-# 4 logical CPUs (as configs/local_runner.py): the replicas mostly idle, and fine-tuning needs room beside them.
+# At least 4 logical CPUs (as configs/local_runner.py): the replicas mostly idle, and fine-tuning
+# needs room beside them.
+LOCAL_CPUS := $(shell $(PYTHON) -c "import os; print(max(4, os.cpu_count() or 1))")
 serve: models
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": 4}' \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": $(LOCAL_CPUS)}' \
 		$(VENV)/bin/serve run configs/local.yaml
 
 test: models

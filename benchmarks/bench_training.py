@@ -33,11 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs.local_runner import init_local_ray  # noqa: E402
-from configs.tiny_models import ensure_tiny_models  # noqa: E402
+from configs.tiny_models import build_random_lora, ensure_tiny_models  # noqa: E402
 from storage import Storage  # noqa: E402
 from storage.registry import LoraRegistry  # noqa: E402
 
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def png(seed: int) -> bytes:
@@ -80,22 +79,6 @@ def bench_training(root: str, model: Path, steps: int, images: int) -> dict[int,
     return rates
 
 
-def save_random_adapter(model: Path, folder: str, seed: int) -> str:
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=TARGETS))
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    return folder
-
-
 def bench_switching(root: str, model: Path, repeats: int) -> dict[str, float]:
     from ray.serve.batching import _BatchQueue
 
@@ -106,7 +89,7 @@ def bench_switching(root: str, model: Path, repeats: int) -> dict[str, float]:
     names = [f"style{i}" for i in range(repeats + 2)]
     for i, name in enumerate(names):
         with tempfile.TemporaryDirectory() as folder:
-            registry.register(name, {"base_model": str(model), "rank": 4}, save_random_adapter(model, folder, i))
+            registry.register(name, {"base_model": str(model), "rank": 4}, build_random_lora(model, folder, i))
     config = {"model": str(model), "storage_root": root, "default_size": 64, "min_size": 32, "default_steps": 4,
               "torch_num_threads": 2, "batch_wait_timeout_s": 0.0, "max_loras_per_replica": 2}
     sdxl = SDXLDeployment.func_or_class(config)

@@ -6,6 +6,7 @@ folder and a free port, so a run never touches `var/` or a `make serve` on port 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -44,10 +45,10 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
     return path
 
 
-# Logical CPUs of the local Ray node (as `make serve` sets them): the replicas of configs/local.yaml
+# Logical CPUs of the local Ray node, at least 4 (as `make serve` sets them): the replicas of configs/local.yaml
 # reserve about 1.3 CPUs but mostly idle, and a fine-tuning run needs a whole CPU beside them
 # for Ray Data's internal tasks, which a 2-core machine would not have left.
-LOCAL_RAY_RESOURCES = '{"CPU": 4}'
+LOCAL_RAY_RESOURCES = json.dumps({"CPU": max(4, os.cpu_count() or 1)})
 
 
 def init_local_ray(num_cpus: int = 2, attempts: int = 6, for_training: bool = False) -> None:

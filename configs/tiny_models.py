@@ -404,6 +404,26 @@ BUILDERS = {
 # ---------------------------------------------------------------------------
 
 
+def build_random_lora(sdxl: str | Path, folder: str | Path, seed: int, rank: int = 4) -> Path:
+    """A UNet LoRA with random (non-zero) weights for an SDXL folder, saved as diffusers saves
+    trained ones (`pytorch_lora_weights.safetensors`): a stand-in adapter for tests and benchmarks."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from training.config import DEFAULT_TARGET_MODULES
+
+    unet = UNet2DConditionModel.from_pretrained(sdxl, subfolder="unet")
+    torch.manual_seed(seed)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                target_modules=DEFAULT_TARGET_MODULES))
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return Path(folder)
+
+
 def is_complete(folder: str | Path, seed: int | None = None) -> bool:
     """True if `folder` was finished by this module (and, if given, with this seed)."""
     marker = Path(folder) / COMPLETE_MARKER

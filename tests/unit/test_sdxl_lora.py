@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.tiny_models import ensure_tiny_models
+from configs.tiny_models import build_random_lora, ensure_tiny_models
 from deployments.errors import InvalidRequestError
 from deployments.sdxl import SDXLDeployment, SDXLRequest
 from storage import Storage
 from storage.registry import LoraRegistry
 
 REPO = Path(__file__).resolve().parents[2]
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
 def reset_batch_queue(loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -51,23 +50,6 @@ def batching_outside_a_replica():
         yield
 
 
-def save_random_adapter(model: Path, folder: Path, seed: int) -> Path:
-    """A UNet LoRA with random (non-zero) weights, saved as diffusers saves trained ones."""
-    import torch
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
-    torch.manual_seed(seed)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False, target_modules=TARGETS))
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    return folder
-
-
 @pytest.fixture(scope="module")
 def model() -> Path:
     return ensure_tiny_models(REPO / "models" / "tiny")["sdxl"]
@@ -78,7 +60,7 @@ def storage_root(tmp_path_factory, model) -> Path:
     root = tmp_path_factory.mktemp("storage")
     registry = LoraRegistry(Storage(str(root)))
     for name, seed, trigger in (("corgi", 1, "sks"), ("style.ink", 2, None), ("third", 3, None)):
-        folder = save_random_adapter(model, tmp_path_factory.mktemp(name), seed)
+        folder = build_random_lora(model, tmp_path_factory.mktemp(name), seed)
         registry.register(name, {"base_model": str(model), "rank": 4, "trigger_word": trigger}, folder)
     return root
 
