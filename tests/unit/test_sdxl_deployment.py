@@ -18,21 +18,14 @@ from storage.jobs import JobStore
 REPO = Path(__file__).resolve().parents[2]
 
 
+pytestmark = pytest.mark.usefixtures("batching_outside_a_replica")
+
+
 @pytest.fixture(scope="module")
 def loop():
     loop = asyncio.new_event_loop()
     yield loop
     loop.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def batching_outside_a_replica():
-    # serve.batch looks up the replica context only to warn about max_ongoing_requests.
-    from ray.serve.batching import _BatchQueue
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,9 @@ def reset_batch_queue(loop: asyncio.AbstractEventLoop | None = None) -> None:
         loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
 
 
+pytestmark = pytest.mark.usefixtures("batching_outside_a_replica")
+
+
 @pytest.fixture(scope="module")
 def loop():
     reset_batch_queue()  # another module may have left one on its (closed) loop
@@ -38,16 +41,6 @@ def loop():
     yield loop
     reset_batch_queue(loop)
     loop.close()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def batching_outside_a_replica():
-    # serve.batch looks up the replica context only to warn about max_ongoing_requests.
-    from ray.serve.batching import _BatchQueue
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
-        yield
 
 
 @pytest.fixture(scope="module")
