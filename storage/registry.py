@@ -351,8 +351,10 @@ class LoraRegistry:
         if not new_version and self.exists(name):
             raise LoraExistsError(f"a LoRA named {name!r} is registered; ask for a new version to add one", "name")
 
-        # 2. Claim the next version number; a lost race moves on to the next number.
-        claimed = self._claimed_versions(name)
+        # 2. Claim the next version number; a lost race moves on to the next number. Start after
+        # the last folder holding a claim: a local folder can show up before its claim does, and
+        # skipping it would let two first registrations both see no lower claim.
+        claimed = [v for v in self._claimed_versions(name) if self.storage.exists(self._claim_key(name, v))]
         version = (claimed[-1] if claimed else 0) + 1
         claim = json.dumps({"claimed_at": time.time(), "training_run": manifest.training_run}).encode()
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
