@@ -111,14 +111,60 @@ async def drain_events(events: asyncio.Queue, task: asyncio.Future) -> AsyncIter
         return
 
 
-async def stream_from_thread(run: Callable[[Callable[[Any], None]], Any]) -> AsyncIterator[Any]:
-    """Runs `run(emit)` in a worker thread; yields what it emits, as it does, then its return value."""
+class StallWatch:
+    """Work in flight and when each piece last made progress.
+
+    A replica whose worker thread hangs (a stuck kernel, a deadlock) still answers Serve's health
+    check from its event loop; `check_health` calling `check()` makes it fail instead, so Serve
+    replaces the replica.
+    """
+
+    def __init__(self, stall_after_s: float | None, clock: Callable[[], float] = time.monotonic):
+        self.stall_after_s = stall_after_s
+        self.clock = clock
+        self._last_progress: dict[int, float] = {}
+        self._next = 0
+
+    def start(self) -> int:
+        self._next += 1
+        self._last_progress[self._next] = self.clock()
+        return self._next
+
+    def beat(self, token: int) -> None:
+        if token in self._last_progress:
+            self._last_progress[token] = self.clock()
+
+    def finish(self, token: int) -> None:
+        self._last_progress.pop(token, None)
+
+    def check(self) -> None:
+        if not self.stall_after_s:
+            return
+        now = self.clock()
+        stalled = [now - t for t in list(self._last_progress.values()) if now - t > self.stall_after_s]
+        if stalled:
+            raise RuntimeError(f"{len(stalled)} running request(s) made no progress for {max(stalled):.0f} s "
+                               f"(limit {self.stall_after_s:.0f} s)")
+
+
+async def stream_from_thread(run: Callable[[Callable[[Any], None]], Any],
+                             watch: StallWatch | None = None) -> AsyncIterator[Any]:
+    """Runs `run(emit)` in a worker thread; yields what it emits, as it does, then its return value.
+
+    With a `watch`, every emitted event counts as progress."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+    token = watch.start() if watch else None
 
     def emit(event: Any) -> None:
+        if watch:
+            watch.beat(token)
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    task = asyncio.ensure_future(asyncio.to_thread(run, emit))
-    async for event in drain_events(events, task):
-        yield event
+    try:
+        task = asyncio.ensure_future(asyncio.to_thread(run, emit))
+        async for event in drain_events(events, task):
+            yield event
+    finally:
+        if watch:
+            watch.finish(token)

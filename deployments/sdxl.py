@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import re
 import threading
 import time
@@ -36,6 +37,7 @@ from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
     CancelCheck,
+    StallWatch,
     configure_torch,
     drain_events,
     load_diffusers_pipeline,
@@ -65,6 +67,15 @@ def _check_prompt(prompt: str) -> str:
     return prompt
 
 
+def check_denoising_steps(mode: str, steps: int, strength: float) -> None:
+    """An input image is denoised for int(steps × strength) of the steps (diffusers' get_timesteps);
+    none left would fail inside the pipeline, so it is the request's error."""
+    if mode != "text_to_image" and int(steps * strength) < 1:
+        raise InvalidRequestError(
+            f"steps={steps} at strength {strength:g} leaves no denoising step (int(steps × strength) = 0); "
+            f"use at least {math.ceil(1 / strength)} steps or a higher strength", "steps")
+
+
 # Field types shared with the HTTP protocol models.
 ImageCount = Annotated[int, AfterValidator(_check_n)]
 Prompt = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(_check_prompt)]
@@ -88,6 +99,8 @@ class SDXLConfig(BaseModel):
     batch_wait_timeout_s: float = 0.02
     torch_num_threads: int | None = None
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
+    stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
+                                                                 "makes no progress for this long.")
     styles_file: str | None = None
     max_loras_per_replica: int = Field(DEFAULT_MAX_LORAS_PER_REPLICA, ge=1,
                                        description="LoRA adapters a replica keeps loaded (LRU).")
@@ -271,6 +284,7 @@ class SDXLDeployment:
 
         self.config = SDXLConfig.model_validate(config)
         configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
+        self.stall_watch = StallWatch(self.config.stall_timeout_s)
 
         self.pipe = (pipeline_factory or load_sdxl_pipeline)(self.config)
         self.pipe.set_progress_bar_config(disable=True)
@@ -360,6 +374,7 @@ class SDXLDeployment:
     def check_health(self) -> None:
         if self.pipe is None:
             raise RuntimeError("pipeline not loaded")
+        self.stall_watch.check()
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -380,6 +395,7 @@ class SDXLDeployment:
         steps = request.steps or (style.steps if style and style.steps else c.default_steps)
         if steps > c.max_steps:
             raise InvalidRequestError(f"steps must be at most {c.max_steps}; got {steps}", "steps")
+        check_denoising_steps(request.mode, steps, request.strength)
         guidance = request.guidance_scale
         if guidance is None:
             guidance = style.guidance_scale if style and style.guidance_scale is not None else c.default_guidance_scale
@@ -549,12 +565,17 @@ class SDXLDeployment:
         return [results[id(item)] for item in items]
 
     def _run_group(self, group: list[_BatchItem]) -> list[SDXLResponse | Exception]:
-        with self._pipe_lock:  # adapters change only between pipeline calls
-            self._delete_pending_locked()
-            self._activate_adapter_locked(group[0].prepared.lora, group[0].prepared.request.lora_scale)
-            return self._run_group_locked(group)
+        token = self.stall_watch.start()
+        try:
+            with self._pipe_lock:  # adapters change only between pipeline calls
+                self._delete_pending_locked()
+                self._activate_adapter_locked(group[0].prepared.lora, group[0].prepared.request.lora_scale)
+                return self._run_group_locked(group, lambda: self.stall_watch.beat(token))
+        finally:
+            self.stall_watch.finish(token)
 
-    def _run_group_locked(self, group: list[_BatchItem]) -> list[SDXLResponse | Exception]:
+    def _run_group_locked(self, group: list[_BatchItem], beat: Callable[[], None] = lambda: None
+                          ) -> list[SDXLResponse | Exception]:
         import torch
 
         started = time.perf_counter()
@@ -567,6 +588,7 @@ class SDXLDeployment:
 
         # 2. Per-step progress and cooperative cancel through the diffusers step callback.
         def on_step_end(pipeline, step: int, timestep, callback_kwargs):
+            beat()
             total = getattr(pipeline, "num_timesteps", None) or first.steps
             for item in group:
                 item.emit(SDXLProgress(step=step + 1, total_steps=total))

@@ -24,6 +24,7 @@ from deployments.runtime import (
     configure_torch,
     get_input_bytes,
     load_diffusers_pipeline,
+    StallWatch,
     random_seed,
     stream_from_thread,
 )
@@ -57,6 +58,8 @@ class SVDConfig(BaseModel):
     default_decode_chunk_size: int = Field(8, ge=1, description="Frames per VAE decode; lower saves memory.")
     torch_num_threads: int | None = None
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
+    stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
+                                                                 "makes no progress for this long.")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "SVDConfig":
@@ -143,6 +146,7 @@ class SVDDeployment:
     def __init__(self, config: SVDConfig | dict, pipeline_factory: Callable[[SVDConfig], Any] | None = None):
         self.config = SVDConfig.model_validate(config)
         configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
+        self.stall_watch = StallWatch(self.config.stall_timeout_s)
 
         self.pipe = (pipeline_factory or load_svd_pipeline)(self.config)
         self.pipe.set_progress_bar_config(disable=True)
@@ -187,12 +191,13 @@ class SVDDeployment:
         """Yields SVDProgress per denoising step, then the SVDResponse."""
         request = SVDRequest.model_validate(request)
         prepared = await asyncio.to_thread(self.check_inputs, request)  # may read storage
-        async for event in stream_from_thread(lambda emit: self._run(prepared, emit)):
+        async for event in stream_from_thread(lambda emit: self._run(prepared, emit), self.stall_watch):
             yield event
 
     def check_health(self) -> None:
         if self.pipe is None:
             raise RuntimeError("pipeline not loaded")
+        self.stall_watch.check()
 
     # --- steps ----------------------------------------------------------------------------------
 

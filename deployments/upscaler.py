@@ -28,6 +28,7 @@ from deployments.runtime import (
     configure_torch,
     get_input_bytes,
     load_diffusers_pipeline,
+    StallWatch,
     random_seed,
     stream_from_thread,
 )
@@ -58,6 +59,8 @@ class UpscalerConfig(BaseModel):
     max_frames: int = Field(128, ge=1, description="Longest video accepted, in frames.")
     torch_num_threads: int | None = None
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
+    stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
+                                                                 "makes no progress for this long.")
 
     @model_validator(mode="after")
     def _check_tiles(self) -> "UpscalerConfig":
@@ -189,6 +192,7 @@ class UpscalerDeployment:
     def __init__(self, config: UpscalerConfig | dict, pipeline_factory: Callable[[UpscalerConfig], Any] | None = None):
         self.config = UpscalerConfig.model_validate(config)
         configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
+        self.stall_watch = StallWatch(self.config.stall_timeout_s)
 
         self.pipe = (pipeline_factory or load_upscaler_pipeline)(self.config)
         self.pipe.set_progress_bar_config(disable=True)
@@ -233,12 +237,13 @@ class UpscalerDeployment:
         """Yields UpscaleProgress per denoising step of every pipeline call, then the UpscaleResponse."""
         request = UpscaleRequest.model_validate(request)
         prepared = await asyncio.to_thread(self.check_inputs, request)  # reads storage, decodes video
-        async for event in stream_from_thread(lambda emit: self._run(prepared, emit)):
+        async for event in stream_from_thread(lambda emit: self._run(prepared, emit), self.stall_watch):
             yield event
 
     def check_health(self) -> None:
         if self.pipe is None:
             raise RuntimeError("pipeline not loaded")
+        self.stall_watch.check()
 
     # --- steps ----------------------------------------------------------------------------------
 
