@@ -12,11 +12,13 @@ import json
 import logging
 import mimetypes
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -45,7 +47,7 @@ from deployments.protocol import (
 )
 from configs.styles import StylePreset
 from deployments.gemma import GemmaConfig, RefinedPrompt, RefineRequest, RefineSettings, build_refine_chat
-from deployments.sdxl import SDXLRequest, SDXLResponse, routed
+from deployments.sdxl import SDXLRequest, SDXLResponse, check_denoising_steps, routed
 from graphs.pipelines import apply_refined
 from storage.fs import Storage
 from storage.jobs import JobStore
@@ -59,6 +61,7 @@ from storage.url_import import DatasetImportConfig
 logger = logging.getLogger("ray.serve")
 
 SERVED_PREFIXES = ("outputs/",)
+WEB_ROOT = Path(__file__).resolve().parents[1] / "web"  # the web UI: plain ES modules, no build step
 
 
 class IngressConfig(BaseModel):
@@ -77,6 +80,19 @@ class IngressConfig(BaseModel):
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
     fine_tuning: fine_tuning_api.FineTuningConfig = Field(
         fine_tuning_api.FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
+
+
+# Job inputs that are internal plumbing, not the user's settings.
+PRIVATE_PARAMS = frozenset({"config", "chat", "store", "output_id"})
+
+
+def public_params(request: Any) -> Any:
+    """A job's request as its user gave it (prompt, seed, model, LoRA...): its lineage."""
+    if isinstance(request, dict):
+        return {k: public_params(v) for k, v in request.items() if k not in PRIVATE_PARAMS}
+    if isinstance(request, list):
+        return [public_params(v) for v in request]
+    return request
 
 
 # --- errors: one shape, one place -------------------------------------------------------------
@@ -122,12 +138,17 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     cause = getattr(exc, "cause", exc)
     if isinstance(cause, AtelierError):
         return await _atelier_error(request, cause)
+    if isinstance(cause, text_api.VLLMClientError):  # raised by vLLM's request models' validators
+        return await _atelier_error(request, text_api.invalid_request(cause))
     if isinstance(cause, BackPressureError):
         metrics.rejected("overloaded_error")
         return error_response(503, "overloaded_error", "the model is at capacity; retry shortly", None,
                               {"Retry-After": "1"})
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "server_error", "internal error; it has been logged", None)
+
+
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 class BodySizeLimitMiddleware:
@@ -140,12 +161,18 @@ class BodySizeLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_of()
+        headers = dict(scope.get("headers") or [])
+        limit = allowed = self.limit_of()
+        if headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
+            # max_upload_bytes is per file (read_upload checks it exactly); boundaries, part headers
+            # and the small form fields come on top, so a file of exactly the limit still fits.
+            allowed += MULTIPART_OVERHEAD_BYTES
         path = scope.get("path", "")
         param = ("image" if path.endswith(("/images/edits", "/images/upscale"))
-                 else "input_reference" if path.endswith("/v1/videos") else "body")
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
+                 else "input_reference" if path.endswith("/v1/videos")
+                 else "files" if path.endswith("/images") else "body")
+        declared = headers.get(b"content-length")
+        if declared and declared.isdigit() and int(declared) > allowed:
             return await self._refuse(scope, receive, send, int(declared), limit, param)
         received = 0
 
@@ -153,7 +180,7 @@ class BodySizeLimitMiddleware:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > limit:
+            if received > allowed:
                 raise PayloadTooLargeError(f"request body is over the limit of {limit} bytes", param)
             return message
 
@@ -187,6 +214,12 @@ app.include_router(videos_api.router)
 app.include_router(datasets_api.router)
 app.include_router(fine_tuning_api.router)
 app.include_router(workflows_api.router)
+app.mount("/ui", StaticFiles(directory=WEB_ROOT), name="ui")
+
+
+@app.get("/", include_in_schema=False)
+def web_ui() -> FileResponse:
+    return FileResponse(WEB_ROOT / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 class ModelNotDeployedError(AtelierError):
@@ -349,10 +382,12 @@ class IngressDeployment:
         )
         image_bytes = await self.read_upload(image, "image")
         mask_bytes = await self.read_upload(mask, "mask") if mask is not None else None
-        # Decode here so a bad upload is a 400 now, not a failed job later.
-        decoded = decode_image(image_bytes, "image", max_pixels=self.config.max_upload_pixels)
+        # Decode here so a bad upload is a 400 now, not a failed job later; SDXL takes inputs of
+        # at most its largest size in pixels (SDXLDeployment._load_input).
+        max_pixels = min(self.config.max_upload_pixels, (await self.sdxl_info())["max_size"] ** 2)
+        decoded = decode_image(image_bytes, "image", max_pixels=max_pixels)
         if mask_bytes is not None:
-            decoded_mask = decode_image(mask_bytes, "mask", max_pixels=self.config.max_upload_pixels, mode="L")
+            decoded_mask = decode_image(mask_bytes, "mask", max_pixels=max_pixels, mode="L")
             if decoded_mask.size != decoded.size:
                 raise InvalidRequestError(
                     f"mask is {decoded_mask.width}x{decoded_mask.height} but image is "
@@ -401,6 +436,7 @@ class IngressDeployment:
             raise InvalidRequestError(f"unknown style {body.style!r}; known: {sorted(info['styles'])}", "style")
         if body.steps is not None and body.steps > info["max_steps"]:
             raise InvalidRequestError(f"steps must be at most {info['max_steps']}; got {body.steps}", "steps")
+        check_denoising_steps(mode, body.steps or info["default_steps"], strength)
         if body.size is not None:
             width, height = parse_size(body.size)
         else:
@@ -510,6 +546,7 @@ class IngressDeployment:
 
     def job_view(self, record: JobRecord, request: Request) -> JobView:
         data = record.model_dump(mode="json")
+        data["params"] = public_params(record.request)
         data["outputs"] = [
             JobOutputView(url=self.url_for(o.key, request), **o.model_dump(include={
                 "key", "content_type", "width", "height", "seed", "extra"}))
