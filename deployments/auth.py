@@ -2,7 +2,7 @@
 
 Scopes: `read` (GET anything), `generate` (images, videos, chat, workflows, jobs), `train`
 (datasets and fine-tuning) and `admin` (everything). `generate` and `train` include `read`.
-When keys are configured, every route but `/healthz` needs one; with none configured the app
+When keys are configured, every route but `/healthz` and the web UI's static files needs one; with none configured the app
 is open, which the ingress says at start-up.
 
     python -m deployments.auth new-key --name ci --scopes generate,train   # prints the key and its entry
@@ -24,7 +24,9 @@ from pydantic import BaseModel, Field, TypeAdapter
 Scope = Literal["read", "generate", "train", "admin"]
 IMPLIED: dict[str, set[str]] = {"read": {"read"}, "generate": {"read", "generate"}, "train": {"read", "train"},
                                 "admin": {"read", "generate", "train", "admin"}}
-OPEN_PATHS = ("/healthz",)
+OPEN_PATHS = ("/healthz", "/")
+# The web UI's static shell holds no data; it asks for a key and sends it on every API call.
+OPEN_PREFIXES = ("/ui/",)
 TRAIN_PREFIXES = ("/v1/datasets", "/v1/fine_tuning")
 
 
@@ -85,7 +87,8 @@ class AuthMiddleware:
 
     async def __call__(self, scope, receive, send):
         keys = self.keys_of() if scope["type"] == "http" else None
-        if not keys or scope.get("path") in OPEN_PATHS:
+        path = scope.get("path", "")
+        if not keys or path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and scope["method"] in ("GET", "HEAD")):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         kind, _, presented = header.partition(" ")

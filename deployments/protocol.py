@@ -91,6 +91,8 @@ class JobView(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     attempts: int = 0
+    params: dict[str, Any] = Field(default_factory=dict, description="The job's inputs (prompt, seed, model, "
+                                                                     "LoRA...): its lineage, for reuse.")
     outputs: list[JobOutputView] = []
     result: dict[str, Any] | None = None
     error: ErrorDetail | None = None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 
@@ -10,6 +12,9 @@ from configs.local_runner import LocalServeApp
 
 @pytest.fixture(scope="session")
 def atelier(tmp_path_factory) -> LocalServeApp:
+    if os.environ.get("ATELIER_TEST_APP"):  # "BASE_URL[,RAY_ADDRESS]" of a running app, while developing
+        yield LocalServeApp.attached(os.environ["ATELIER_TEST_APP"])
+        return
     # URL imports from the tests' own HTTP server on loopback are allowed explicitly.
     app = LocalServeApp(tmp_path_factory.mktemp("atelier"),
                         args_update={"ingress": {"dataset_import": {"allow_private_hosts": ["127.0.0.1"]}}})
