@@ -21,6 +21,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Stre
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -132,18 +133,31 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return error_response(exc.status_code, kind, str(exc.detail), None, getattr(exc, "headers", None))
 
 
-async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    from ray.serve.exceptions import BackPressureError
+async def _backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
+    # A handler of its own class: the catch-all below runs in Starlette's outermost middleware,
+    # which re-raises. Pinned on the app (_IngressApp), or Serve replaces it with a plain-text one.
+    metrics.rejected("overloaded_error")
+    retry_after = max(1, round(exc.retry_after_s or 1))
+    return error_response(503, "overloaded_error", "the model is at capacity; retry shortly", None,
+                          {"Retry-After": str(retry_after)})
 
+
+async def _unavailable(request: Request, exc: DeploymentUnavailableError) -> JSONResponse:
+    metrics.rejected("overloaded_error")
+    return error_response(503, "overloaded_error", "the model is not available right now (starting or being "
+                          "replaced); retry shortly", None, {"Retry-After": "5"})
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     cause = getattr(exc, "cause", exc)
     if isinstance(cause, AtelierError):
         return await _atelier_error(request, cause)
     if isinstance(cause, text_api.VLLMClientError):  # raised by vLLM's request models' validators
         return await _atelier_error(request, text_api.invalid_request(cause))
     if isinstance(cause, BackPressureError):
-        metrics.rejected("overloaded_error")
-        return error_response(503, "overloaded_error", "the model is at capacity; retry shortly", None,
-                              {"Retry-After": "1"})
+        return await _backpressure(request, cause)
+    if isinstance(cause, DeploymentUnavailableError):
+        return await _unavailable(request, cause)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "server_error", "internal error; it has been logged", None)
 
@@ -194,7 +208,19 @@ class BodySizeLimitMiddleware:
         await response(scope, receive, send)
 
 
-app = FastAPI(
+class _IngressApp(FastAPI):
+    """FastAPI whose overload handlers stay ours: Serve registers plain-text ones (no error shape,
+    no Retry-After for an unavailable deployment) when the replica starts."""
+
+    PINNED = (BackPressureError, DeploymentUnavailableError)
+
+    def add_exception_handler(self, exc_class_or_status_code, handler) -> None:
+        if exc_class_or_status_code in self.PINNED and exc_class_or_status_code in self.exception_handlers:
+            return
+        super().add_exception_handler(exc_class_or_status_code, handler)
+
+
+app = _IngressApp(
     title="Atelier",
     version="0.1.0",
     description="Generative media on Ray Serve: SDXL images (OpenAI Images shapes) and durable jobs.",
@@ -208,6 +234,8 @@ app.add_exception_handler(AtelierError, _atelier_error)
 app.add_exception_handler(RequestValidationError, _validation_error)
 app.add_exception_handler(ValidationError, _validation_error)
 app.add_exception_handler(StarletteHTTPException, _http_error)
+app.add_exception_handler(BackPressureError, _backpressure)
+app.add_exception_handler(DeploymentUnavailableError, _unavailable)
 app.add_exception_handler(Exception, _unexpected_error)
 app.include_router(text_api.router)
 app.include_router(videos_api.router)

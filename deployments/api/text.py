@@ -13,7 +13,9 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+from vllm.exceptions import VLLMClientError
 
 from deployments.api import current_ingress
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
@@ -36,6 +38,13 @@ def llm_handle(ingress, model: str | None):
     if model is not None and model != info["model"]:
         raise NotFoundError(f"unknown model {model!r}; available: [{info['model']!r}]", "model")
     return ingress.handles["llm"].options(stream=True)
+
+
+def invalid_request(exc: VLLMClientError) -> InvalidRequestError:
+    """vLLM's request models check some fields (prompt present, stream_options only with stream, ...)
+    in validators that raise its own error, not a ValueError, so pydantic passes it through as it
+    is: the client's mistake, a 400 naming the field vLLM names."""
+    return InvalidRequestError(str(exc), getattr(exc, "parameter", None) or "body")
 
 
 def _check_budget(ingress, max_tokens: int | None) -> None:
@@ -83,7 +92,7 @@ async def _forward(ingress, method: str, body: ChatCompletionRequest | Completio
         raise
     if _is_error(first):
         stream.cancel()
-        raise engine_error(first, prompt_field)
+        raise _no_room_error(ingress, first, body, prompt_field) or engine_error(first, prompt_field)
     if not body.stream:
         stream.cancel()
         return JSONResponse(first.model_dump(mode="json", exclude_none=True))
@@ -109,6 +118,22 @@ async def _forward(ingress, method: str, body: ChatCompletionRequest | Completio
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _no_room_error(ingress, item: Any, body, prompt_field: str) -> InvalidRequestError | None:
+    """vLLM shortens max_tokens to what the context has left; a prompt that fills the context leaves
+    0, which vLLM reports as a bad max_tokens although the client sent none or a valid one."""
+    asked = (getattr(body, "max_tokens", None), getattr(body, "max_completion_tokens", None))
+    if getattr(item.error, "param", None) not in ("max_tokens", "max_completion_tokens") or 0 in asked \
+            or "at least 1, got 0" not in (item.error.message or ""):
+        return None
+    limit = ingress.llm_info["max_model_len"]
+    return InvalidRequestError(f"the {prompt_field} fills the model's context of {limit} tokens and leaves no room "
+                               f"for output; it may be at most {limit - 1} tokens", prompt_field)
+
+
+# The answer is JSON, or with `stream: true` server-sent events ending with `data: [DONE]`.
+STREAMING_OR_JSON = {200: {"description": "The completion, or its chunks as SSE with stream: true.",
+                           "content": {"application/json": {}, "text/event-stream": {}}}}
+
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -121,13 +146,32 @@ def _check_roles(messages: list) -> None:
                                       f"messages.{index}.role")
 
 
-@router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)")
+def _materialize(messages: list) -> None:
+    """Some message contents are typed Iterable[...] (OpenAI's types: e.g. a system message's parts),
+    which pydantic validates lazily into an iterator that cannot be pickled to the LLM deployment:
+    make them lists, validating them now."""
+    for index, message in enumerate(messages):
+        if isinstance(message, dict):
+            for key, value in message.items():
+                if hasattr(value, "__next__") and not isinstance(value, (str, bytes, list, dict)):
+                    try:
+                        message[key] = list(value)
+                    except ValidationError as exc:
+                        error = exc.errors()[0]
+                        where = ".".join(str(p) for p in (index, key, *error["loc"]))
+                        raise InvalidRequestError(f"messages.{where}: {error['msg']}", f"messages.{where}") from None
+
+
+@router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)",
+             responses=STREAMING_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, ingress=Depends(current_ingress)):
     _check_roles(body.messages)
+    _materialize(body.messages)
     return await _forward(ingress, "chat", body, "messages")
 
 
-@router.post("/v1/completions", summary="OpenAI completions (stream with `stream: true`)")
+@router.post("/v1/completions", summary="OpenAI completions (stream with `stream: true`)",
+             responses=STREAMING_OR_JSON)
 async def completions(body: CompletionRequest, ingress=Depends(current_ingress)):
     return await _forward(ingress, "completions", body, "prompt")
 
