@@ -1,0 +1,312 @@
+// Datasets (create, upload images, browse) and LoRA training runs (POST /v1/fine_tuning/jobs,
+// polled every 2 s with its events: status, step and a loss chart).
+
+import { api } from "../api.js";
+import {
+  $, alertBox, clearError, el, field, formatTime, loadModels, numberOf, revokeBlobs, setMedia, showError,
+} from "../ui.js";
+
+const POLL_MS = 2000;
+const RUN_DONE = new Set(["succeeded", "failed", "cancelled"]);
+let currentRun = null; // the run shown in #ft-status
+let pollTimer = null;
+
+export function init(section) {
+  const list = el("div", { class: "panel" },
+    el("div", { class: "panel-head" }, el("h2", {}, "Datasets"),
+      el("button", { type: "button", onclick: loadDatasets }, "Refresh")),
+    el("div", { id: "ds-list", class: "ds-list" }));
+  const create = el("form", { novalidate: true, class: "panel form", id: "ds-create-form", onsubmit: createDataset },
+    el("h2", {}, "New dataset"),
+    el("div", { class: "row" },
+      field("Name", el("input", { id: "ds-name", type: "text", required: true, maxlength: "100",
+        pattern: "[A-Za-z0-9_\\-][A-Za-z0-9_.\\-]*", placeholder: "my-dog" }), "Letters, digits, _ . -"),
+      field("Trigger word (optional)", el("input", { id: "ds-trigger", type: "text", maxlength: "100", placeholder: "sks" }))),
+    el("div", { class: "actions" }, el("button", { id: "ds-create", type: "submit", class: "primary" }, "Create")),
+    alertBox("ds-error"));
+  const upload = el("form", { novalidate: true, class: "panel form", id: "ds-upload-form", onsubmit: uploadImages },
+    el("h2", {}, "Add images"),
+    field("Dataset", el("select", { id: "ds-select", required: true })),
+    field("Images", el("input", { id: "ds-files", type: "file", multiple: true, required: true,
+      accept: "image/png,image/jpeg,image/webp,.txt,.zip" }), "Images, same-name .txt captions, or .zip archives."),
+    el("div", { class: "actions" }, el("button", { id: "ds-upload", type: "submit", class: "primary" }, "Upload")),
+    el("p", { id: "ds-upload-result", role: "status" }),
+    alertBox("ds-upload-error"));
+  const train = el("form", { novalidate: true, class: "panel form", id: "ft-form", onsubmit: startRun },
+    el("h2", {}, "Train a LoRA"),
+    field("Dataset", el("select", { id: "ft-dataset", required: true })),
+    el("div", { class: "row three" },
+      field("LoRA name", el("input", { id: "ft-suffix", type: "text", maxlength: "100", placeholder: "from dataset" })),
+      field("Steps", el("input", { id: "ft-steps", type: "number", min: "1", step: "1", placeholder: "default" })),
+      field("Rank", el("input", { id: "ft-rank", type: "number", min: "1", step: "1", placeholder: "default" }))),
+    el("div", { class: "check" }, el("input", { id: "ft-new-version", type: "checkbox" }),
+      el("label", { for: "ft-new-version" }, "New version if the name is taken")),
+    el("div", { class: "actions" },
+      el("button", { id: "ft-start", type: "submit", class: "primary" }, "Start training"),
+      el("button", { id: "ft-cancel", type: "button", hidden: true, onclick: cancelRun }, "Cancel run")),
+    alertBox("ft-error"),
+    el("div", { id: "ft-current", class: "run", hidden: true },
+      el("p", { id: "ft-status", role: "status" }),
+      el("p", { id: "ft-model" }),
+      el("div", { id: "ft-chart", class: "chart" }),
+      el("details", {}, el("summary", {}, "Run log"), el("ol", { id: "ft-events", class: "events", reversed: true }))));
+  const runs = el("div", { class: "panel" },
+    el("div", { class: "panel-head" }, el("h2", {}, "Training runs"),
+      el("button", { type: "button", onclick: loadRuns }, "Refresh")),
+    el("div", { class: "table-wrap" }, el("table", { id: "ft-jobs" })));
+  section.append(el("div", { class: "layout" }, el("div", { class: "stack" }, list, create, upload),
+    el("div", { class: "stack" }, train, runs)));
+}
+
+export function show() {
+  loadDatasets();
+  loadRuns();
+}
+
+// --- datasets ---------------------------------------------------------------------------------
+
+function fillSelect(select, datasets, selected) {
+  const before = selected || select.value;
+  select.replaceChildren(el("option", { value: "" }, datasets.length ? "Choose a dataset" : "No datasets yet"),
+    ...datasets.map((d) => el("option", { value: d.id }, `${d.name} (${d.images} images)`)));
+  if (datasets.some((d) => d.id === before)) select.value = before;
+}
+
+async function loadDatasets(selected) {
+  const box = $("#ds-list");
+  try {
+    const { data } = await api("GET", "/v1/datasets");
+    fillSelect($("#ds-select"), data, typeof selected === "string" ? selected : undefined);
+    fillSelect($("#ft-dataset"), data, typeof selected === "string" ? selected : undefined);
+    if (!data.length) {
+      box.replaceChildren(el("p", { class: "muted empty" }, "No datasets yet. Create one below."));
+      return;
+    }
+    // The list has no thumbnails; each dataset's own GET does.
+    const details = await Promise.all(data.map((d) => (d.images
+      ? api("GET", `/v1/datasets/${encodeURIComponent(d.id)}`).catch(() => d) : d)));
+    revokeBlobs(box);
+    box.replaceChildren(...details.map(datasetCard));
+  } catch (err) {
+    showError($("#ds-error"), err);
+  }
+}
+
+function datasetCard(d) {
+  const thumbs = el("div", { class: "ds-thumbs" }, ...(d.thumbnails || []).map((url) => {
+    const img = el("img", { alt: `An image of ${d.name}`, loading: "lazy", width: 64, height: 64 });
+    setMedia(img, url);
+    return img;
+  }));
+  return el("article", { class: "ds-card" },
+    thumbs,
+    el("div", {},
+      el("h3", {}, d.name),
+      el("p", { class: "muted" }, `${d.id} · version ${d.latest_version || "—"} · ${d.images} image${d.images === 1 ? "" : "s"}` +
+        `${d.trigger_word ? ` · trigger “${d.trigger_word}”` : ""}`)));
+}
+
+async function createDataset(event) {
+  event.preventDefault();
+  const error = $("#ds-error");
+  clearError(error);
+  const body = { name: $("#ds-name").value.trim() };
+  const trigger = $("#ds-trigger").value.trim();
+  if (trigger) body.trigger_word = trigger;
+  try {
+    const dataset = await api("POST", "/v1/datasets", { json: body });
+    $("#ds-name").value = "";
+    $("#ds-trigger").value = "";
+    await loadDatasets(dataset.id);
+  } catch (err) {
+    showError(error, err);
+  }
+}
+
+async function uploadImages(event) {
+  event.preventDefault();
+  const error = $("#ds-upload-error");
+  const result = $("#ds-upload-result");
+  clearError(error);
+  result.textContent = "";
+  const datasetId = $("#ds-select").value;
+  const files = [...$("#ds-files").files];
+  if (!datasetId) return showError(error, "Choose the dataset to add the images to.");
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  const button = $("#ds-upload");
+  button.disabled = true;
+  try {
+    const r = await api("POST", `/v1/datasets/${encodeURIComponent(datasetId)}/images`, { form });
+    const parts = [`Added ${r.added} image${r.added === 1 ? "" : "s"}: version ${r.version} has ${r.images}.`];
+    if (r.duplicates.length) parts.push(`${r.duplicates.length} duplicate${r.duplicates.length === 1 ? "" : "s"} skipped (${r.duplicates.join(", ")}).`);
+    if (r.rejected.length) parts.push(`Rejected: ${r.rejected.map((x) => `${x.filename}: ${x.reason}`).join("; ")}.`);
+    result.textContent = parts.join(" ");
+    $("#ds-files").value = "";
+    await loadDatasets(datasetId);
+  } catch (err) {
+    showError(error, err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// --- training ---------------------------------------------------------------------------------
+
+async function loadRuns() {
+  const table = $("#ft-jobs");
+  try {
+    const { data } = await api("GET", "/v1/fine_tuning/jobs");
+    table.replaceChildren(
+      el("caption", { class: "muted" }, data.length ? "Newest first" : "No training runs yet."),
+      el("thead", {}, el("tr", {}, ...["LoRA / run", "Status", "Loss", ""].map((h) => el("th", { scope: "col" }, h)))),
+      el("tbody", {}, ...data.map(runRow)));
+    if (!currentRun && data.length && !RUN_DONE.has(data[0].status)) follow(data[0].id); // pick up a live run
+  } catch (err) {
+    showError($("#ft-error"), err);
+  }
+}
+
+function runRow(run) {
+  return el("tr", { dataset: { run: run.id } },
+    el("td", {}, run.fine_tuned_model || run.suffix, el("br"),
+      el("small", { class: "muted" }, el("code", {}, run.id), " ", formatTime(run.created_at))),
+    el("td", {}, el("span", { class: `badge ${run.status}` }, run.status), el("br"),
+      el("small", { class: "muted" }, `step ${run.step}/${run.total_steps}`)),
+    el("td", {}, run.loss != null ? run.loss.toFixed(4) : "—"),
+    el("td", {}, el("button", { type: "button", onclick: () => follow(run.id) }, "Show")));
+}
+
+async function startRun(event) {
+  event.preventDefault();
+  const error = $("#ft-error");
+  clearError(error);
+  const button = $("#ft-start");
+  button.disabled = true;
+  try {
+    const models = await loadModels();
+    const hyperparameters = {};
+    const steps = numberOf($("#ft-steps"));
+    const rank = numberOf($("#ft-rank"));
+    if (steps !== undefined) hyperparameters.max_steps = steps;
+    if (rank !== undefined) hyperparameters.rank = rank;
+    const body = {
+      model: models.image.id,
+      training_file: $("#ft-dataset").value,
+      method: "lora",
+      hyperparameters,
+      suffix: $("#ft-suffix").value.trim() || undefined,
+      new_version: $("#ft-new-version").checked || undefined,
+    };
+    const run = await api("POST", "/v1/fine_tuning/jobs", { json: body });
+    follow(run.id, run);
+    loadRuns();
+  } catch (err) {
+    showError(error, err);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function cancelRun() {
+  if (!currentRun) return;
+  $("#ft-cancel").disabled = true;
+  try {
+    showRun(await api("POST", `/v1/fine_tuning/jobs/${encodeURIComponent(currentRun)}/cancel`));
+  } catch (err) {
+    showError($("#ft-error"), err);
+  }
+}
+
+/** Make `id` the current run and poll it (and its events) every 2 s until it ends. */
+function follow(id, first) {
+  currentRun = id;
+  clearTimeout(pollTimer);
+  $("#ft-current").hidden = false;
+  $("#ft-chart").replaceChildren();
+  $("#ft-events").replaceChildren();
+  if (first) showRun(first);
+  const tick = async () => {
+    if (currentRun !== id) return;
+    try {
+      const [run, events] = await Promise.all([
+        api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}`),
+        api("GET", `/v1/fine_tuning/jobs/${encodeURIComponent(id)}/events`, { query: { limit: 1000 } }),
+      ]);
+      if (currentRun !== id) return;
+      showRun(run);
+      showEvents(events.data);
+      if (RUN_DONE.has(run.status)) {
+        loadRuns();
+        return;
+      }
+    } catch (err) {
+      showError($("#ft-error"), err);
+    }
+    pollTimer = setTimeout(tick, POLL_MS);
+  };
+  tick();
+}
+
+function showRun(run) {
+  const loss = run.loss != null ? `, loss ${run.loss.toFixed(4)}` : "";
+  const state = run.state && run.state !== run.status ? ` (${run.state})` : "";
+  $("#ft-status").replaceChildren(
+    el("span", { class: `badge ${run.status}` }, run.status),
+    ` Run ${run.id} for “${run.suffix}”: ${run.status}${state} — step ${run.step} of ${run.total_steps}` +
+    ` (${Math.round(run.progress)}%)${loss}.`);
+  $(`#ft-jobs tr[data-run="${run.id}"]`)?.replaceWith(runRow(run)); // keep its row in the list current
+  const cancel = $("#ft-cancel");
+  cancel.hidden = RUN_DONE.has(run.status);
+  cancel.disabled = false;
+  const model = $("#ft-model");
+  if (run.status === "succeeded" && run.fine_tuned_model) {
+    model.replaceChildren("Registered LoRA ", el("strong", { id: "ft-lora" }, run.fine_tuned_model), ". ",
+      el("a", { href: `#/generate?lora=${encodeURIComponent(run.fine_tuned_model)}` }, "Generate with it"));
+  } else if (run.status === "failed") {
+    model.replaceChildren();
+    showError($("#ft-error"), `Training failed: ${run.error?.message || "no reason given"}`);
+  } else {
+    model.replaceChildren();
+  }
+}
+
+function showEvents(events) {
+  // No times shown: the API stamps log lines when it reads them, not when they were written.
+  $("#ft-events").replaceChildren(...events.map((e) => el("li", { class: e.level }, e.message)));
+  const points = events.filter((e) => e.type === "metrics" && e.data && Number.isFinite(e.data.train_loss))
+    .map((e) => [e.data.step, e.data.train_loss]).sort((a, b) => a[0] - b[0]);
+  $("#ft-chart").replaceChildren(...(points.length ? [lossChart(points)] : []));
+}
+
+/** A small inline SVG line chart of loss by step. */
+function lossChart(points) {
+  const W = 320;
+  const H = 120;
+  const pad = 28;
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = (tag, attrs, text) => {
+    const node = document.createElementNS(NS, tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  };
+  const steps = points.map((p) => p[0]);
+  const losses = points.map((p) => p[1]);
+  const [x0, x1] = [Math.min(...steps), Math.max(...steps)];
+  const [y0, y1] = [Math.min(...losses), Math.max(...losses)];
+  const x = (s) => pad + ((s - x0) / Math.max(x1 - x0, 1)) * (W - pad - 8);
+  const y = (l) => 8 + (1 - (l - y0) / Math.max(y1 - y0, 1e-9)) * (H - pad - 8);
+  const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": `Training loss from ${losses[0].toFixed(4)} at step ${steps[0]} to ${losses.at(-1).toFixed(4)} at step ${steps.at(-1)}` });
+  chart.append(
+    svg("line", { x1: pad, y1: H - pad, x2: W - 8, y2: H - pad, class: "axis" }),
+    svg("line", { x1: pad, y1: 8, x2: pad, y2: H - pad, class: "axis" }),
+    svg("text", { x: pad - 4, y: 14, "text-anchor": "end" }, y1.toPrecision(3)),
+    svg("text", { x: pad - 4, y: H - pad, "text-anchor": "end" }, y0.toPrecision(3)),
+    svg("text", { x: pad, y: H - pad + 14 }, `step ${x0}`),
+    svg("text", { x: W - 8, y: H - pad + 14, "text-anchor": "end" }, `step ${x1}`),
+    svg("polyline", { points: points.map(([s, l]) => `${x(s).toFixed(1)},${y(l).toFixed(1)}`).join(" "), class: "line" }),
+    ...points.map(([s, l]) => svg("circle", { cx: x(s).toFixed(1), cy: y(l).toFixed(1), r: 2.5, class: "dot" })));
+  return chart;
+}

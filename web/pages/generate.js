@@ -1,0 +1,162 @@
+// Text-to-image: POST /v1/images/generations?async=true, followed over SSE, shown as a grid.
+
+import { api } from "../api.js";
+import {
+  $, alertBox, clearError, el, field, loadModels, numberOf, progressRow, renderGrid, runJob, showError, sizeOptions,
+} from "../ui.js";
+
+let models = null; // the last GET /v1/models, split by kind
+
+export function init(section) {
+  const option = (value, text = value) => el("option", { value }, text);
+  // Forms are novalidate throughout: the API checks every field against the model's limits and
+  // names the field, so its message (in the alert) is the one source of truth.
+  const form = el("form", { novalidate: true, id: "gen-form", class: "panel form", onsubmit: submit },
+    field("Prompt", el("textarea", { id: "gen-prompt", rows: "3", required: true, maxlength: "4000",
+      placeholder: "a lighthouse at dusk, oil painting" })),
+    field("Negative prompt", el("input", { id: "gen-negative", type: "text", placeholder: "blurry, low quality" })),
+    el("div", { class: "row" },
+      field("Model", el("select", { id: "gen-model", onchange: showTrigger })),
+      field("Style", el("select", { id: "gen-style" }, option("none")))),
+    el("p", { id: "gen-model-hint", class: "muted" }),
+    el("div", { class: "row" },
+      field("Images", el("select", { id: "gen-n" }, ...["1", "2", "4", "8"].map((n) => option(n)))),
+      field("Size", el("select", { id: "gen-size" }))),
+    el("div", { class: "row three" },
+      field("Seed", el("input", { id: "gen-seed", type: "number", min: "0", step: "1", placeholder: "random" })),
+      field("Steps", el("input", { id: "gen-steps", type: "number", min: "1", step: "1", placeholder: "default" })),
+      field("Guidance", el("input", { id: "gen-guidance", type: "number", min: "0", max: "30", step: "0.5",
+        placeholder: "default" }))),
+    el("div", { class: "check", id: "gen-refine-row", hidden: true },
+      el("input", { id: "gen-refine", type: "checkbox" }),
+      el("label", { for: "gen-refine" }, "Refine the prompt with the language model first")),
+    el("div", { class: "actions" },
+      el("button", { id: "gen-submit", type: "submit", class: "primary" }, "Generate"),
+      el("button", { id: "gen-cancel", type: "button", hidden: true }, "Cancel")),
+    el("p", { id: "gen-info", class: "muted", "aria-live": "polite" }),
+    alertBox("gen-error"));
+  const results = el("div", { class: "panel results" },
+    progressRow("gen"),
+    el("div", { id: "gen-grid", class: "grid cols-1", "data-count": "0" },
+      el("p", { class: "muted empty" }, "Your images appear here.")),
+    el("p", { id: "gen-summary", class: "muted" }));
+  section.append(el("div", { class: "layout" }, form, results));
+}
+
+export async function show(params) {
+  // Every time: a LoRA trained since shows up in the model list.
+  try {
+    models = await loadModels();
+    fillModelChoices();
+    clearError($("#gen-error")); // e.g. a 401 from before the key was entered
+  } catch (err) {
+    showError($("#gen-error"), err);
+    return;
+  }
+  const lora = params.get("lora"); // from a finished training run: "Generate with it"
+  if (lora && [...$("#gen-model").options].some((o) => o.value === lora)) {
+    $("#gen-model").value = lora;
+    showTrigger();
+  }
+  const jobId = params.get("job"); // from the gallery's "Reuse settings"
+  if (jobId) await reuse(jobId);
+}
+
+function keepSelection(select, options) {
+  const before = select.value;
+  select.replaceChildren(...options);
+  if ([...select.options].some((o) => o.value === before)) select.value = before;
+}
+
+function fillModelChoices() {
+  const { image, loras, all } = models;
+  const meta = image?.metadata || {};
+  keepSelection($("#gen-model"), [
+    ...(image ? [el("option", { value: image.id }, `${image.id} (base model)`)] : []),
+    ...loras.map((l) => el("option", { value: l.id }, `${l.metadata.name}:${l.metadata.version}`)),
+  ]);
+  showTrigger();
+  keepSelection($("#gen-style"), [el("option", { value: "none" }, "none"),
+    ...Object.keys(meta.styles || {}).map((s) => el("option", { value: s }, s))]);
+  const sizeSelect = $("#gen-size");
+  const hadSizes = sizeSelect.options.length > 0;
+  keepSelection(sizeSelect, sizeOptions(meta).map((s) => el("option", { value: s }, s.replace("x", " × "))));
+  if (!hadSizes && meta.default_size) sizeSelect.value = `${meta.default_size}x${meta.default_size}`;
+  if (meta.max_steps) $("#gen-steps").max = String(meta.max_steps);
+  if (meta.default_steps) $("#gen-steps").placeholder = `default ${meta.default_steps}`;
+  $("#gen-refine-row").hidden = !all.some((m) => m.kind === "text");
+}
+
+/** A LoRA's trigger word, which the server adds to the prompt when it is absent. */
+function showTrigger() {
+  const lora = models?.loras.find((l) => l.id === $("#gen-model").value);
+  const word = lora?.metadata.trigger_word;
+  $("#gen-model-hint").textContent = lora
+    ? `LoRA on ${lora.metadata.base}${word ? `; trigger word “${word}” is added to the prompt if missing` : ""}.`
+    : "";
+}
+
+function setSelect(select, value) {
+  if (![...select.options].some((o) => o.value === value)) select.append(el("option", { value }, value));
+  select.value = value;
+}
+
+/** Fill the form from a finished job's recorded request (its lineage). */
+async function reuse(jobId) {
+  const error = $("#gen-error");
+  clearError(error);
+  try {
+    const job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+    const p = job.params?.sdxl;
+    if (!p) throw new Error(`Job ${jobId} (${job.kind}) has no image settings to reuse.`);
+    $("#gen-prompt").value = p.prompt || "";
+    $("#gen-negative").value = p.negative_prompt || "";
+    setSelect($("#gen-n"), String(p.n || 1));
+    if (p.width && p.height) setSelect($("#gen-size"), `${p.width}x${p.height}`);
+    $("#gen-seed").value = p.seed ?? job.result?.seeds?.[0] ?? "";
+    $("#gen-steps").value = p.steps ?? "";
+    $("#gen-guidance").value = p.guidance_scale ?? "";
+    setSelect($("#gen-style"), p.style || "none");
+    setSelect($("#gen-model"), p.lora || models.image?.id || "");
+    showTrigger();
+    $("#gen-refine").checked = Boolean(job.params.refine);
+    $("#gen-info").textContent = `Settings loaded from job ${jobId}.`;
+  } catch (err) {
+    showError(error, err);
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const chosen = $("#gen-model").value;
+  const imageModel = models?.image?.id;
+  const body = {
+    prompt: $("#gen-prompt").value.trim(),
+    n: Number($("#gen-n").value),
+    size: $("#gen-size").value || undefined,
+    negative_prompt: $("#gen-negative").value.trim() || undefined,
+    seed: numberOf($("#gen-seed")),
+    steps: numberOf($("#gen-steps")),
+    guidance_scale: numberOf($("#gen-guidance")),
+    style: $("#gen-style").value === "none" ? undefined : $("#gen-style").value,
+    refine: $("#gen-refine").checked || undefined,
+  };
+  if (chosen && chosen !== imageModel) {
+    body.model = imageModel; // a LoRA runs on the base model
+    body.lora = chosen;
+  } else if (chosen) {
+    body.model = chosen;
+  }
+  $("#gen-info").textContent = "";
+  $("#gen-summary").textContent = "";
+  const job = await runJob("gen", () => api("POST", "/v1/images/generations", { json: body, query: { async: "true" } }));
+  if (job?.status === "completed") {
+    const images = job.outputs.filter((o) => o.content_type.startsWith("image/"));
+    renderGrid($("#gen-grid"), images);
+    const p = job.params?.sdxl || {};
+    const elapsed = job.finished_at && job.started_at ? ` in ${(job.finished_at - job.started_at).toFixed(1)} s` : "";
+    const revised = job.result?.refine?.prompt ? ` Refined prompt: “${job.result.refine.prompt}”.` : "";
+    $("#gen-summary").textContent =
+      `${images.length} image${images.length === 1 ? "" : "s"}, ${p.width}×${p.height}${elapsed} (job ${job.id}).${revised}`;
+  }
+}
