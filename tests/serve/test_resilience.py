@@ -98,13 +98,13 @@ def test_twenty_jobs_through_replica_kills_none_lost_or_stuck(client, ray_cluste
     jobs = []
     for seed in range(20):
         response = client.post("/v1/images/generations", params={"async": "true"},
-                               json={"prompt": "endurance", "size": "64x64", "steps": 30, "seed": seed})
+                               json={"prompt": "endurance", "size": "64x64", "steps": 20, "seed": seed})
         assert response.status_code == 202, response.text
         jobs.append(response.json()["id"])
 
     # Kill every SDXL replica whenever one is running a job, a few times over the batch.
     kills, deadline = 0, time.monotonic() + 240
-    while kills < 4 and time.monotonic() < deadline:
+    while kills < 3 and time.monotonic() < deadline:
         states = [client.get(f"/v1/jobs/{job_id}").json() for job_id in jobs]
         if all(s["status"] in TERMINAL for s in states):
             break
@@ -199,11 +199,14 @@ def test_fifty_clients_hanging_up_mid_request_leave_no_ongoing_requests(atelier,
                for i, raw in enumerate(requests)]
     for thread in threads:
         thread.start()
+    # Peaks, not one sample: the tiny Gemma may finish a stream before the last image request arrives.
+    live = {name: 0 for name in ("IngressDeployment", "SDXLDeployment", "GemmaDeployment")}
     deadline = time.monotonic() + 60
-    while ongoing(ray_cluster, "IngressDeployment") < 25:
-        assert time.monotonic() < deadline, "the requests never reached the ingress"
-        time.sleep(0.2)
-    live = {name: ongoing(ray_cluster, name) for name in ("IngressDeployment", "SDXLDeployment", "GemmaDeployment")}
+    while not (live["IngressDeployment"] >= 45 and live["SDXLDeployment"] >= 1 and live["GemmaDeployment"] >= 1):
+        if time.monotonic() > deadline:
+            break
+        live = {name: max(peak, ongoing(ray_cluster, name)) for name, peak in live.items()}
+        time.sleep(0.1)
     counted.set()  # every client hangs up now
     for thread in threads:
         thread.join(60)
@@ -215,6 +218,7 @@ def test_fifty_clients_hanging_up_mid_request_leave_no_ongoing_requests(atelier,
     while (now := {name: ongoing(ray_cluster, name) for name in live}) != {name: 0 for name in live}:
         assert time.monotonic() < deadline, f"ongoing requests stuck at {now} (while connected: {live})"
         time.sleep(0.5)
-    print(f"while connected: {live}; all back to 0")
-    assert live["SDXLDeployment"] >= 1 and live["GemmaDeployment"] >= 1, live
+    print(f"peaks while connected: {live}; all back to 0")
+    # the counters did see the requests, so their return to 0 means something
+    assert live["IngressDeployment"] >= 25 and live["SDXLDeployment"] >= 1 and live["GemmaDeployment"] >= 1, live
     assert client.get("/healthz").status_code == 200
