@@ -25,6 +25,9 @@ exits 1 if any check failed.
 
     .venv/bin/python benchmarks/fuzz_api.py --base-url http://127.0.0.1:8000 [--max-examples 200]
         [--include /v1/images] [--exclude /v1/fine_tuning] [--seed 1] [--full-work]
+
+Against an app with API keys, give an admin-scoped key in `ATELIER_API_KEY` (or `--api-key`): every
+request, the schema download included, carries it as `Authorization: Bearer`.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Callable
@@ -174,10 +178,10 @@ def clean_up(session: requests.Session, base_url: str, case, response: requests.
 # --- the run ---------------------------------------------------------------------------------
 
 
-def load_operations(base_url: str, include: list[str], exclude: list[str]) -> list:
+def load_operations(base_url: str, include: list[str], exclude: list[str], headers: dict[str, str]) -> list:
     import schemathesis
 
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", wait_for_schema=30)
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", wait_for_schema=30, headers=headers)
     operations = []
     for result in schema.get_all_operations():
         operation = result.ok()
@@ -243,13 +247,15 @@ def fuzz_operation(operation, base_url: str, session: requests.Session, *, max_e
 
 
 def fuzz(base_url: str, *, max_examples: int = 200, include: list[str] = (), exclude: list[str] = (),
-         seed: int | None = None, full_work: bool = False, timeout_s: float = 120,
+         seed: int | None = None, full_work: bool = False, timeout_s: float = 120, api_key: str | None = None,
          on_report: Callable[[RouteReport], None] | None = None) -> list[RouteReport]:
     base_url = base_url.rstrip("/")
     session = requests.Session()
+    if api_key:
+        session.headers["Authorization"] = f"Bearer {api_key}"
     context = context_length(session, base_url)
     reports = []
-    for operation in load_operations(base_url, list(include), list(exclude)):
+    for operation in load_operations(base_url, list(include), list(exclude), dict(session.headers)):
         report = fuzz_operation(operation, base_url, session, max_examples=max_examples, seed=seed,
                                 full_work=full_work, context=context, timeout_s=timeout_s)
         reports.append(report)
@@ -286,12 +292,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=120, help="Seconds per request.")
     parser.add_argument("--full-work", action="store_true", help="Run generations synchronously, uncapped, and "
                                                                  "clean nothing up (a dedicated app only).")
+    parser.add_argument("--api-key", default=os.environ.get("ATELIER_API_KEY"),
+                        help="An admin-scoped key for an app with keys (default: $ATELIER_API_KEY).")
     parser.add_argument("--json", help="Also write the reports to this file.")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
     reports = fuzz(args.base_url, max_examples=args.max_examples, include=args.include, exclude=args.exclude,
-                   seed=args.seed, full_work=args.full_work, timeout_s=args.timeout, on_report=print_report)
+                   seed=args.seed, full_work=args.full_work, timeout_s=args.timeout, api_key=args.api_key,
+                   on_report=print_report)
     calls = sum(r.calls for r in reports)
     failed = [r for r in reports if r.failures]
     print(f"\n{len(reports)} routes, {calls} calls in {time.perf_counter() - started:.0f}s; "
