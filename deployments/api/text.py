@@ -13,9 +13,10 @@ from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
-from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
-from vllm.exceptions import VLLMClientError
+from pydantic import ValidationError, model_validator
+from ray.serve.llm.openai_api_models import ChatCompletionRequest as EngineChatRequest
+from ray.serve.llm.openai_api_models import CompletionRequest
+from vllm.exceptions import VLLMClientError, VLLMValidationError
 
 from deployments.api import current_ingress
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
@@ -38,6 +39,26 @@ def llm_handle(ingress, model: str | None):
     if model is not None and model != info["model"]:
         raise NotFoundError(f"unknown model {model!r}; available: [{info['model']!r}]", "model")
     return ingress.handles["llm"].options(stream=True)
+
+
+class ChatCompletionRequest(EngineChatRequest):
+    """vLLM's chat request, guarded: its validators iterate `messages` before pydantic checks the
+    type, so `"messages": false` escaped as a TypeError (a 500)."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _malformed_body_is_the_clients(cls, data: Any, handler):
+        if isinstance(data, dict) and "messages" in data and not isinstance(data["messages"], list):
+            raise VLLMValidationError("messages must be an array of message objects; got "
+                                      f"{type(data['messages']).__name__}", parameter="messages")
+        try:
+            return handler(data)
+        except TypeError as exc:
+            raise VLLMValidationError(f"malformed request body: {exc}", parameter="body") from None
+
+    def for_engine(self) -> EngineChatRequest:
+        """The engine's own class, so the LLM replica never needs this module."""
+        return EngineChatRequest.model_construct(_fields_set=self.model_fields_set, **dict(self))
 
 
 def invalid_request(exc: VLLMClientError) -> InvalidRequestError:
@@ -79,7 +100,7 @@ def _sse(item: Any) -> str:
     return f"data: {item.model_dump_json(exclude_unset=True)}\n\n"
 
 
-async def _forward(ingress, method: str, body: ChatCompletionRequest | CompletionRequest,
+async def _forward(ingress, method: str, body: EngineChatRequest | CompletionRequest,
                    prompt_field: str):
     handle = llm_handle(ingress, body.model)
     _check_budget(ingress, body.max_tokens)
@@ -167,7 +188,7 @@ def _materialize(messages: list) -> None:
 async def chat_completions(body: ChatCompletionRequest, ingress=Depends(current_ingress)):
     _check_roles(body.messages)
     _materialize(body.messages)
-    return await _forward(ingress, "chat", body, "messages")
+    return await _forward(ingress, "chat", body.for_engine(), "messages")
 
 
 @router.post("/v1/completions", summary="OpenAI completions (stream with `stream: true`)",
@@ -182,7 +203,7 @@ async def refine_prompt(ingress, request: RefineRequest) -> RefinedPrompt:
     style = await ingress.style_preset(request.style)
     trigger_word = await ingress.lora_trigger_word(request.lora)
     body = build_refine_chat(request, ingress.llm_info["model"], ingress.llm_settings, style, trigger_word)
-    stream = handle.chat.remote(ChatCompletionRequest.model_validate(body), None)
+    stream = handle.chat.remote(EngineChatRequest.model_validate(body), None)
     try:
         first, _ = await _first_item(stream)
     finally:

@@ -103,6 +103,8 @@ def test_completions_bad_input(client, body, status, param):
 
 @pytest.mark.parametrize("messages, param", [
     ("hello", "messages"),
+    (False, "messages"),  # vLLM's validators iterated it before the type check: was a 500 (fuzzer)
+    (5, "messages"),
     ([{"content": "no role"}], "messages"),
     ([{"role": "wizard", "content": "x"}], "messages"),
     ([{"role": "user", "content": "word " * 600}], "messages"),
