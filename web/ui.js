@@ -136,7 +136,7 @@ const lazy = "IntersectionObserver" in window
     for (const entry of entries) {
       if (entry.isIntersecting) {
         lazy.unobserve(entry.target);
-        entry.target._load();
+        for (const load of entry.target._loads.splice(0)) load();
       }
     }
   }, { rootMargin: "200px" })
@@ -144,33 +144,40 @@ const lazy = "IntersectionObserver" in window
 
 /**
  * Point `node` (img/video) at `url`, through a blob when an API key is set; `also(src)` gets
- * the usable URL too (for Open/Download links). Blob fetches wait until the node is near view.
+ * the usable URL too (for Open/Download links). `attribute` is "src", or "poster" for a video's
+ * still. Blob fetches wait until the node is near view.
  */
-export function setMedia(node, url, also = () => {}) {
+export function setMedia(node, url, also = () => {}, attribute = "src") {
   if (!getKey()) {
-    node.src = url;
+    node[attribute] = url;
     also(url);
     return;
   }
-  node._load = async () => {
+  const load = async () => {
     try {
       const src = await mediaUrl(url);
-      node.src = src;
+      node[attribute] = src;
       also(src);
     } catch {
-      node.replaceWith(el("p", { class: "muted" }, "(could not load this file)"));
+      // A missing poster leaves the video playable; missing media is said in words.
+      if (attribute === "src") node.replaceWith(el("p", { class: "muted" }, "(could not load this file)"));
     }
   };
+  (node._loads ||= []).push(load); // a video may wait for both its src and its poster
   if (lazy) lazy.observe(node);
-  else node._load();
+  else load();
 }
 
-/** One output (image or video) as a figure with Open and Download links. */
-export function outputFigure(output, caption = "") {
+/**
+ * One output (image or video) as a figure with Open and Download links. `poster` is the
+ * output (an image) shown on a video before it plays.
+ */
+export function outputFigure(output, caption = "", { poster = null } = {}) {
   const isVideo = (output.content_type || "").startsWith("video/");
   const seedText = output.seed != null ? `seed ${output.seed}` : "";
   const media = isVideo
-    ? el("video", { controls: true, loop: true, muted: true, playsInline: true, preload: "metadata" })
+    ? el("video", { controls: true, loop: true, muted: true, playsInline: true, preload: "metadata",
+      "aria-label": `Generated video${seedText ? `, ${seedText}` : ""}` })
     : el("img", { alt: `Generated image${seedText ? `, ${seedText}` : ""}`, loading: "lazy", decoding: "async" });
   if (!isVideo && output.width) {
     media.width = output.width;
@@ -179,13 +186,16 @@ export function outputFigure(output, caption = "") {
   const name = output.key.split("/").pop();
   const open = el("a", { target: "_blank", rel: "noopener" }, "Open");
   const download = el("a", { download: name }, "Download");
+  if (isVideo && poster) setMedia(media, poster.url, undefined, "poster");
   setMedia(media, output.url, (src) => {
     open.href = src;
     download.href = src;
   });
   const size = output.width ? `${output.width}×${output.height}` : "";
-  return el("figure", { class: "thumb" }, media,
-    el("figcaption", {}, el("span", { class: "muted" }, [caption, seedText, size].filter(Boolean).join(" · ")),
+  const frames = isVideo && output.extra?.num_frames
+    ? `${output.extra.num_frames} frames${output.extra.fps ? ` at ${output.extra.fps} fps` : ""}` : "";
+  return el("figure", { class: isVideo ? "thumb video" : "thumb" }, media,
+    el("figcaption", {}, el("span", { class: "muted" }, [caption, seedText, size, frames].filter(Boolean).join(" · ")),
       el("span", { class: "links" }, open, download)));
 }
 

@@ -1,5 +1,5 @@
-// Gallery: completed jobs' images with their lineage (GET /v1/jobs), reuse of a job's settings,
-// and adding selected images to a dataset (POST /v1/datasets/{id}/imports with output_keys).
+// Gallery: completed jobs' images and videos with their lineage (GET /v1/jobs), reuse of a job's
+// settings, and adding selected images to a dataset (POST /v1/datasets/{id}/imports with output_keys).
 
 import { api } from "../api.js";
 import {
@@ -59,7 +59,7 @@ async function load(first) {
       grid.replaceChildren(...cards);
     }
     else grid.append(...cards);
-    if (!grid.children.length) grid.append(el("p", { class: "muted empty" }, "No finished images yet."));
+    if (!grid.children.length) grid.append(el("p", { class: "muted empty" }, "No finished images or videos yet."));
     after = page.last_id;
     more.hidden = !page.has_more;
   } catch (err) {
@@ -70,12 +70,23 @@ async function load(first) {
   }
 }
 
+const VIDEO_KINDS = new Set(["videos.image_to_video", "videos.text_to_video"]);
+
 /** What made an output, from the job's recorded params (or a workflow output's lineage). */
 function lineageOf(job, output) {
   const p = job.params || {};
   const sdxl = p.sdxl || {};
   const info = { kind: job.kind, model: job.result?.model, lora: sdxl.lora, seed: output.seed };
-  if (p.sdxl) {
+  if (VIDEO_KINDS.has(job.kind)) {
+    // A video job records the video's settings at the top (p.sdxl is text-to-video's still).
+    const svd = p.svd || {};
+    Object.assign(info, {
+      prompt: job.result?.prompt || p.prompt || sdxl.prompt, model: p.model, size: p.size,
+      frames: p.num_frames, fps: p.fps, seconds: p.seconds, steps: svd.steps ?? job.result?.stages?.video?.steps,
+      seed: output.seed ?? p.seed, style: sdxl.style,
+      upscaled: p.upscale_video ? "video ×4" : p.upscale ? "still ×4" : undefined,
+    });
+  } else if (p.sdxl) {
     Object.assign(info, { prompt: sdxl.prompt, size: `${sdxl.width}x${sdxl.height}`, steps: sdxl.steps ?? job.result?.steps,
       style: sdxl.style });
   } else if (p.upscale) {
@@ -83,33 +94,50 @@ function lineageOf(job, output) {
   } else if (output.extra?.lineage) {
     const nodes = output.extra.lineage.nodes || [];
     const gen = nodes.find((n) => ["text_to_image", "image_to_image", "inpaint"].includes(n.type))?.params || {};
+    const animate = nodes.find((n) => n.type === "image_to_video")?.params || {};
     Object.assign(info, {
       prompt: nodes.find((n) => n.type === "prompt")?.params?.text,
       node: output.extra.name, size: gen.size, steps: gen.steps, lora: gen.lora, seed: output.seed ?? gen.seed,
     });
+    if (output.content_type.startsWith("video/")) {
+      Object.assign(info, { size: animate.size, steps: animate.steps, frames: animate.num_frames, fps: animate.fps,
+        seed: output.seed ?? animate.seed });
+    }
   }
   if (!info.size && output.width) info.size = `${output.width}x${output.height}`;
   return info;
 }
 
+/** Where "Reuse settings" goes: the page that made this kind of job, or none. */
+function reuseRoute(job) {
+  if (VIDEO_KINDS.has(job.kind)) return `#/video?job=${encodeURIComponent(job.id)}`;
+  if (job.params?.sdxl) return `#/generate?job=${encodeURIComponent(job.id)}`;
+  return null;
+}
+
 function cardsOf(job) {
-  const images = job.outputs.filter((o) => o.content_type.startsWith("image/") && o.extra?.role !== "thumbnail");
-  return images.map((output, i) => {
+  const shown = job.outputs.filter((o) => /^(image|video)\//.test(o.content_type) && o.extra?.role !== "thumbnail");
+  // A video job stores its poster (SVD's first frame) as a separate "thumbnail" output.
+  const poster = job.outputs.find((o) => o.extra?.role === "thumbnail") || null;
+  const reuse = reuseRoute(job);
+  return shown.map((output, i) => {
+    const isVideo = output.content_type.startsWith("video/");
     const info = lineageOf(job, output);
     const rows = [["Prompt", info.prompt], ["Kind", info.kind], ["Node", info.node], ["Model", info.model],
-      ["LoRA", info.lora], ["Style", info.style], ["Size", info.size?.replace("x", " × ")], ["Steps", info.steps],
+      ["LoRA", info.lora], ["Style", info.style], ["Size", info.size?.replace("x", " × ")], ["Frames", info.frames],
+      ["FPS", info.fps], ["Seconds", info.seconds], ["Upscaled", info.upscaled], ["Steps", info.steps],
       ["Seed", info.seed], ["Made", formatTime(job.finished_at)]];
     const checkId = `gallery-check-${job.id}-${i}`;
-    return el("article", { class: "card" },
-      outputFigure(output),
-      el("div", { class: "check" },
+    return el("article", { class: isVideo ? "card video" : "card", dataset: { job: job.id, kind: isVideo ? "video" : "image" } },
+      outputFigure(output, "", { poster: isVideo ? poster : null }),
+      // Datasets hold images only, so a video has nothing to select.
+      isVideo ? null : el("div", { class: "check" },
         el("input", { type: "checkbox", id: checkId, class: "gallery-check", value: output.key }),
         el("label", { for: checkId }, "Select")),
       el("dl", { class: "lineage" }, ...rows.filter(([, v]) => v !== undefined && v !== null && v !== "")
         .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))])),
-      job.params?.sdxl
-        ? el("button", { type: "button", class: "reuse", onclick: () => { location.hash = `#/generate?job=${job.id}`; } },
-          "Reuse settings")
+      reuse
+        ? el("button", { type: "button", class: "reuse", onclick: () => { location.hash = reuse; } }, "Reuse settings")
         : null);
   });
 }

@@ -2,7 +2,7 @@
 // text-to-video). The video id is its job id, so progress comes from /v1/jobs/{id}/events.
 
 import { api, mediaUrl } from "../api.js";
-import { $, alertBox, el, field, numberOf, progressRow, revokeBlobs, runJob, showError } from "../ui.js";
+import { $, alertBox, clearError, el, field, numberOf, progressRow, revokeBlobs, runJob, showError } from "../ui.js";
 
 let preview = null; // object URL of the chosen image, revoked when replaced
 
@@ -15,6 +15,7 @@ export function init(section) {
     el("div", { class: "preview-row" },
       el("img", { id: "video-preview", alt: "The image to animate", hidden: true }),
       el("button", { id: "video-clear-image", type: "button", hidden: true, onclick: clearImage }, "Remove image")),
+    el("p", { id: "video-info", class: "muted", "aria-live": "polite" }),
     field("Prompt", el("textarea", { id: "video-prompt", rows: "2", maxlength: "4000",
       placeholder: "a paper boat on a pond (needed without an image)" })),
     el("div", { class: "row three" },
@@ -32,7 +33,31 @@ export function init(section) {
   section.append(el("div", { class: "layout" }, form, results));
 }
 
-export function show() {}
+export async function show(params) {
+  const jobId = params.get("job"); // from the gallery's "Reuse settings"
+  if (jobId) await reuse(jobId);
+}
+
+/** Fill the form from a finished video job's recorded request (its lineage). */
+async function reuse(jobId) {
+  const error = $("#video-error");
+  clearError(error);
+  try {
+    const job = await api("GET", `/v1/jobs/${encodeURIComponent(jobId)}`);
+    const p = job.params || {};
+    if (!job.kind.startsWith("videos.")) throw new Error(`Job ${jobId} (${job.kind}) is not a video.`);
+    $("#video-prompt").value = p.prompt || p.sdxl?.prompt || "";
+    $("#video-frames").value = p.num_frames ?? "";
+    $("#video-fps").value = p.fps ?? "";
+    $("#video-seed").value = p.seed ?? "";
+    // A file input cannot be filled from a URL: the source image has to be chosen again.
+    $("#video-info").textContent = job.kind === "videos.image_to_video"
+      ? `Settings loaded from video ${jobId}. It was made from an image: choose that image again above.`
+      : `Settings loaded from video ${jobId}.`;
+  } catch (err) {
+    showError(error, err);
+  }
+}
 
 function showPreview() {
   const file = $("#video-image").files[0];
@@ -80,6 +105,7 @@ async function submit(event) {
   } else {
     start = () => api("POST", "/v1/videos", { json: fields });
   }
+  $("#video-info").textContent = "";
   revokeBlobs($("#video-result"));
   $("#video-result").replaceChildren();
   const job = await runJob("video", start, { onUpdate: showStages });
