@@ -187,11 +187,16 @@ class EngineError(AtelierError):
         return EngineError, (self.message, self.param, self.status_code, self.error_type)
 
 
+PROMPT_LENGTH_PARAMS = frozenset({"input_tokens", "prompt_tokens", "input_text"})
+
+
 def engine_error(response: Any, prompt_field: str) -> AtelierError:
     """vLLM's ErrorResponse -> an AtelierError naming the field where vLLM did not."""
     info = response.error
     code = info.code if 400 <= (info.code or 0) < 600 else 500
-    param = {"input_tokens": prompt_field, "prompt_tokens": prompt_field}.get(info.param, info.param)
+    # vLLM names the prompt by what it measured: its tokens, or (renderers/params.py,
+    # `_text_len_check`, before tokenizing) its characters, as "input_text".
+    param = prompt_field if info.param in PROMPT_LENGTH_PARAMS else info.param
     if param is None and code < 500:
         param = "max_tokens" if "max_tokens" in info.message.lower() else prompt_field
     return EngineError(info.message, param, code, "invalid_request_error" if code < 500 else "server_error")

@@ -158,13 +158,21 @@ STREAMING_OR_JSON = {200: {"description": "The completion, or its chunks as SSE 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def _check_roles(messages: list) -> None:
-    # vLLM accepts any role string and lets the chat template cope; OpenAI refuses unknown ones.
+def _check_messages(messages: list) -> None:
+    """What OpenAI refuses but vLLM's request model lets through to the chat template: no messages
+    at all, an unknown role, a message without content."""
+    if not messages:
+        raise InvalidRequestError("messages must contain at least one message", "messages")
     for index, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        fields = message if isinstance(message, dict) else getattr(message, "__dict__", {})
+        role = fields.get("role")
         if role not in CHAT_ROLES:
             raise InvalidRequestError(f"messages[{index}].role must be one of {list(CHAT_ROLES)}; got {role!r}",
                                       f"messages.{index}.role")
+        # OpenAI lets only an assistant message that calls tools go without content.
+        if fields.get("content") is None and not (role == "assistant" and fields.get("tool_calls")):
+            raise InvalidRequestError(f"messages[{index}].content is required for a {role} message",
+                                      f"messages.{index}.content")
 
 
 def _materialize(messages: list) -> None:
@@ -186,7 +194,7 @@ def _materialize(messages: list) -> None:
 @router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)",
              responses=STREAMING_OR_JSON)
 async def chat_completions(body: ChatCompletionRequest, ingress=Depends(current_ingress)):
-    _check_roles(body.messages)
+    _check_messages(body.messages)
     _materialize(body.messages)
     return await _forward(ingress, "chat", body.for_engine(), "messages")
 

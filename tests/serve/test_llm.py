@@ -80,8 +80,13 @@ def test_stream_ends_with_done(client):
 
 
 def test_seed_with_temperature_zero_is_deterministic(oai):
-    def once(**kwargs):
-        return oai.completions.create(model=MODEL, prompt="The colour of", max_tokens=16, **kwargs).choices[0].text
+    def once(**kwargs) -> str:
+        # ignore_eos: an early EOS would give two equal empty texts, which prove nothing.
+        response = oai.completions.create(model=MODEL, prompt="The colour of", max_tokens=16,
+                                          extra_body={"ignore_eos": True}, **kwargs)
+        assert response.usage.completion_tokens == 16
+        assert response.choices[0].text
+        return response.choices[0].text
 
     assert once(temperature=0, seed=1) == once(temperature=0, seed=1)
     assert once(temperature=1.0, seed=7) == once(temperature=1.0, seed=7)
@@ -93,7 +98,9 @@ def test_seed_with_temperature_zero_is_deterministic(oai):
     ({"model": MODEL, "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 100000}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
-    ({"model": MODEL, "prompt": "word " * 600, "max_tokens": 4}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "word " * 600, "max_tokens": 4}, 400, "prompt"),  # vLLM: "input_tokens"
+    # Over max_model_len x the longest token in characters, vLLM refuses it before tokenizing: "input_text"
+    ({"model": MODEL, "prompt": "word " * 4000, "max_tokens": 4}, 400, "prompt"),
 ])
 def test_completions_bad_input(client, body, status, param):
     response = client.post("/v1/completions", json=body)
@@ -101,18 +108,30 @@ def test_completions_bad_input(client, body, status, param):
     assert response.json()["error"]["param"] == param
 
 
-@pytest.mark.parametrize("messages, param", [
-    ("hello", "messages"),
-    (False, "messages"),  # vLLM's validators iterated it before the type check: was a 500 (fuzzer)
-    (5, "messages"),
-    ([{"content": "no role"}], "messages"),
-    ([{"role": "wizard", "content": "x"}], "messages"),
-    ([{"role": "user", "content": "word " * 600}], "messages"),
+CHAT_BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("update, status, param", [
+    ({"model": "gpt-4o"}, 404, "model"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": -3}, 400, "max_tokens"),
+    ({"max_tokens": 100000}, 400, "max_tokens"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": False}, 400, "messages"),  # vLLM's validators iterated it before the type check: was a 500
+    ({"messages": 5}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),  # OpenAI refuses it; vLLM would render an empty conversation
+    ({"messages": [{"content": "no role"}]}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ({"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": None}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "messages"),  # vLLM: "input_tokens"
+    ({"messages": [{"role": "user", "content": "word " * 4000}]}, 400, "messages"),  # vLLM: "input_text"
 ])
-def test_chat_bad_messages(client, messages, param):
-    response = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4})
-    assert response.status_code == 400, response.text
-    assert response.json()["error"]["param"].startswith(param)
+def test_chat_bad_input(client, update, status, param):
+    response = client.post("/v1/chat/completions", json={**CHAT_BODY, **update})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["param"].startswith(param), response.json()
 
 
 def test_openai_client_raises_on_unknown_model(oai):
@@ -154,6 +173,8 @@ def test_text_to_image_with_refine_sync(client):
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["refine"]["original_prompt"] == "a lighthouse"
+    # Seeded, so deterministic; schema-guided JSON fits refine.max_tokens (see test_refine_returns_schema_fields).
+    assert body["refine"]["refined"] is True and body["refine"]["warning"] is None, body["refine"]
     assert body["data"][0]["revised_prompt"] == body["refine"]["prompt"]
     assert decode_b64_png(body["data"][0]["b64_json"]).size == (64, 64)
 
@@ -166,8 +187,13 @@ def test_text_to_image_job_records_refined_prompt(client):
     assert final["status"] == "completed", final
     refine = final["result"]["refine"]
     assert refine["original_prompt"] == "a lighthouse"
+    assert refine["refined"] is True and refine["warning"] is None, refine
     assert final["result"]["prompt"] == refine["prompt"]
     assert len(final["outputs"]) == 1
+
+
+# How long the reference stream below is read at most: a lower bound on its natural duration.
+NATURAL_READ_CAP_S = 8.0
 
 
 def test_client_disconnect_mid_stream_frees_slots(atelier):
@@ -176,26 +202,58 @@ def test_client_disconnect_mid_stream_frees_slots(atelier):
         replicas = {name: replica_actors(ray, name) for name in ("GemmaDeployment", "IngressDeployment")}
         assert all(replicas.values()), replicas
 
-        def ongoing(name: str) -> int:
-            return sum(ray.get([a.get_num_ongoing_requests.remote() for a in replicas[name]]))
+        def ongoing() -> tuple[int, int]:
+            return tuple(sum(ray.get([a.get_num_ongoing_requests.remote() for a in replicas[name]]))
+                         for name in ("GemmaDeployment", "IngressDeployment"))
 
-        # ~500 tokens take seconds even on the tiny model, so the stream is still live when counted.
-        body = {"model": MODEL, "prompt": "go", "max_tokens": 500, "stream": True, "ignore_eos": True}
+        def wait_until_free(within_s: float) -> float:
+            started = time.monotonic()
+            while (counts := ongoing()) != (0, 0):
+                assert time.monotonic() - started < within_s, \
+                    f"ongoing requests (gemma, ingress) still {counts} after {within_s:.1f} s"
+                time.sleep(0.05)
+            return time.monotonic() - started
+
+        # ignore_eos runs all n choices to max_tokens, and logprobs adds work per token: seconds of
+        # engine work, so a slot freed soon after the hang-up was freed by an abort, not by the end.
+        n, max_tokens = 8, 500
+        body = {"model": MODEL, "prompt": "go", "max_tokens": max_tokens, "n": n, "logprobs": 5,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+
+        # 1. The same stream read to its end (or for NATURAL_READ_CAP_S): how long it holds its slot
+        #    when nothing aborts it, counted from its first chunk as the hang-ups below are.
+        with httpx.Client(base_url=atelier.base_url, timeout=60) as http:
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                first_chunk_at, usage = None, None
+                for line in response.iter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    first_chunk_at = first_chunk_at or time.monotonic()
+                    usage = json.loads(line[len("data: "):]).get("usage") or usage
+                    if time.monotonic() - first_chunk_at > NATURAL_READ_CAP_S:
+                        break
+                assert first_chunk_at is not None, "the stream sent no chunk"
+                natural_s = time.monotonic() - first_chunk_at
+        if usage is not None:  # read to the end: every choice ran to max_tokens
+            assert usage["completion_tokens"] == n * max_tokens, usage
+        wait_until_free(within_s=30)
+
+        # 2. Hang up as soon as the stream is counted; the slots must free in well under natural_s.
+        drains = []
         for _ in range(3):
             with httpx.Client(base_url=atelier.base_url, timeout=60) as http:
                 with http.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
                     counts = []
                     for _, line in zip(range(100), response.iter_lines()):  # read until the stream is counted
-                        counts.append((ongoing("GemmaDeployment"), ongoing("IngressDeployment")))
+                        counts.append(ongoing())
                         if counts[-1][0] >= 1:
                             break
                     # the counters do see a live stream, so their return to 0 below means something
                     assert counts and counts[-1][0] >= 1 and counts[-1][1] >= 1, counts
                 # hang up mid-stream
-        deadline = time.monotonic() + 20
-        while (counts := (ongoing("GemmaDeployment"), ongoing("IngressDeployment"))) != (0, 0):
-            assert time.monotonic() < deadline, f"ongoing requests stuck at {counts}"
-            time.sleep(0.2)
+            drains.append(wait_until_free(within_s=natural_s / 2))
+        assert max(drains) < natural_s / 2, (drains, natural_s)
     finally:
         ray.shutdown()

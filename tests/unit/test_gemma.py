@@ -75,6 +75,14 @@ def test_engine_errors_name_a_request_field():
         return SimpleNamespace(error=SimpleNamespace(message=message, param=param, code=code, type="BadRequestError"))
 
     assert engine_error(error("too long", "input_tokens"), "messages").param == "messages"
+    # vLLM's character pre-check of the prompt (renderers/params.py `_text_len_check`)
+    too_many_chars = error("This model's maximum context length is 512 tokens. However, your prompt contains "
+                           "20000 characters (more than 7665 characters, which is the upper bound for 511 input "
+                           "tokens). Please reduce the length of the input prompt. (parameter=input_text, "
+                           "value=20000)", "input_text")
+    assert engine_error(too_many_chars, "prompt").param == "prompt"
+    assert engine_error(too_many_chars, "messages").param == "messages"
+    assert engine_error(too_many_chars, "messages").status_code == 400
     assert engine_error(error("max_tokens is too large"), "prompt").param == "max_tokens"
     assert engine_error(error("bad temperature", "temperature"), "prompt").param == "temperature"
     server = engine_error(error("engine died", None, 500), "prompt")
