@@ -6,6 +6,9 @@ class, so the ingress maps them to HTTP in one place (`ingress.error_response`).
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 
 class AtelierError(Exception):
     status_code = 500
@@ -66,3 +69,13 @@ class OverloadedError(AtelierError):
 class JobCancelledError(AtelierError):
     status_code = 409
     error_type = "cancelled"
+
+
+def parse_json(raw: str | bytes, param: str) -> Any:
+    """json.loads for client input: malformed or too deeply nested JSON is a 400 naming `param`."""
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param) from None
+    except RecursionError:  # e.g. "[" * 100_000: json.loads recurses once per level
+        raise InvalidRequestError(f"{param} is nested too deeply", param) from None

@@ -18,6 +18,7 @@ from ray import serve
 
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import check_size, decode_image, encode_mp4, encode_png
+from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
     CancelCheck,
@@ -277,6 +278,8 @@ class SVDDeployment:
                 output_type="pil",
                 callback_on_step_end=on_step_end,
             ).frames[0]
+            # One video per call: steps/s is the pipeline's, each step denoising every frame at once.
+            metrics.generation(self.config.model_name, "image_to_video", time.perf_counter() - started, p.steps, 1)
 
         # 4. Encode the MP4 and the poster (first frame), and store them if asked.
         mp4 = encode_mp4(frames, p.fps)

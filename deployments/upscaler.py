@@ -22,6 +22,7 @@ from ray import serve
 
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_image, decode_mp4, encode_mp4, encode_png
+from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
     CancelCheck,
@@ -354,6 +355,9 @@ class UpscalerDeployment:
                     if not remaining[frame]:
                         frames_out[frame] = canvases.pop(frame).result()[: height * scale, : width * scale]
                         padded.pop(frame, None)
+            # Every tile of every frame is one image denoised for p.steps steps.
+            metrics.generation(c.model_name, f"upscale_{p.media}", time.perf_counter() - started, p.steps,
+                               len(units))
 
         # 5. Encode, and store if asked.
         response = UpscaleResponse(

@@ -10,8 +10,9 @@ other storage keys: a deployment reads its input from storage and stores its out
 image or video passes through the runner or the ingress. The ingress declares the stage list at
 submit time, so the job's overall progress is right from the first step.
 
-What a stage produced (keys, sizes, timings) is recorded in `record.result["stages"]` as it
-finishes. A job retried after a replica died resumes after its last finished stage.
+What a stage produced (keys, sizes, timings, the stage progress it reached) is recorded in
+`record.result["stages"]`, in the order the stages ran, as each finishes. A job retried after a
+replica died resumes after its last finished stage.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def run_stage(ctx, name: str, run: Callable[[], dict]) -> dict:
     ctx.start_stage(name)
     started = time.time()
     info = run()
-    info.update(started_at=started, finished_at=time.time())
+    # The stage's own history: when it ran and how far its progress got (100 once its last step
+    # was reported), so a finished job shows that each stage ran to the end, not just that it began.
+    info.update(started_at=started, finished_at=time.time(), stage_progress=ctx.record.stage_progress,
+                total_steps=ctx.record.total_steps)
     stages[name] = info
     ctx.save()  # the keys are durable before the next stage starts
     return info

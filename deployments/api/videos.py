@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import math
 import re
 import time
@@ -35,7 +34,7 @@ from starlette.datastructures import UploadFile
 
 from deployments.api import current_ingress
 from deployments.api import text as text_api
-from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError
+from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError, parse_json
 from deployments.gemma import RefineRequest
 from deployments.media import check_size, decode_image, parse_size
 from deployments.protocol import (
@@ -101,10 +100,7 @@ async def read_body(ingress, request: Request) -> tuple[dict[str, Any], dict[str
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else {}
-        except ValueError:
-            raise InvalidRequestError("request body is not valid JSON", "body") from None
+        body = parse_json(raw, "body") if raw else {}
         if not isinstance(body, dict):
             raise InvalidRequestError("request body must be a JSON object", "body")
         return body, {}
@@ -239,11 +235,15 @@ def frames_and_rate(info: dict, body: VideoCreateRequest) -> tuple[int, int]:
                                       "num_frames")
         return body.num_frames, fps
     if body.seconds is not None:
-        num_frames = round(body.seconds * fps)
-        if not 1 <= num_frames <= limit:
+        # JSON's Infinity, a form's "inf", or a finite 1e308 that overflows once times fps: each is
+        # refused here before round() (which raises on inf and nan) ever sees it.
+        frames = body.seconds * fps
+        num_frames = round(frames) if math.isfinite(frames) else None
+        if num_frames is None or not 1 <= num_frames <= limit:
             raise InvalidRequestError(
-                f"seconds={body.seconds:g} at {fps} fps is {num_frames} frames; the model makes 1 to {limit} "
-                f"frames (at most {limit / fps:.2f} s at this fps; lower fps for longer clips)", "seconds")
+                f"seconds={body.seconds:g} at {fps} fps is {num_frames if num_frames is not None else 'too many'} "
+                f"frames; the model makes 1 to {limit} frames (at most {limit / fps:.2f} s at this fps; lower fps "
+                "for longer clips)", "seconds")
         return num_frames, fps
     return info["default_num_frames"], fps
 

@@ -1,7 +1,7 @@
 """Videos (OpenAI's Videos API shapes), upscaling and the composed pipelines, on the tiny models.
 
-Sizes stay at 64x64 (the tiny models' native size), 2-4 frames and 2 steps, so each pipeline
-runs in seconds on CPU.
+Sizes stay at or near 64x64 (the tiny models' native size), 2-4 frames and 2 steps, so each
+pipeline runs in seconds on CPU.
 """
 
 from __future__ import annotations
@@ -57,12 +57,14 @@ def decoded(mp4: bytes) -> tuple[list[Image.Image], float]:
 
 
 def test_image_to_video_returns_a_playable_mp4(client):
+    # A non-default, non-square size off the 16-pixel grid (SVD takes multiples of 8): the MP4
+    # must come back at exactly this size, not the model's default nor a codec-rounded one.
     video = create(client, files={"input_reference": ("in.png", noise_image(64, 64, seed=1), "image/png")},
-                   prompt="waves", num_frames=3, fps=6, **FAST)
+                   prompt="waves", num_frames=3, fps=6, **{**FAST, "size": "72x40"})
     assert video["object"] == "video" and video["model"] == "svd"
     assert video["status"] in ("queued", "in_progress") and 0 <= video["progress"] < 100
     assert video["kind"] == "videos.image_to_video" and video["stages"] == ["video"]
-    assert (video["seconds"], video["size"], video["num_frames"], video["fps"]) == ("0.5", "64x64", 3, 6)
+    assert (video["seconds"], video["size"], video["num_frames"], video["fps"]) == ("0.5", "72x40", 3, 6)
 
     final = wait_for_video(client, video["id"])
     assert final["status"] == "completed" and final["progress"] == 100, final
@@ -71,11 +73,12 @@ def test_image_to_video_returns_a_playable_mp4(client):
     response = content(client, video["id"])
     assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
     frames, fps = decoded(response.content)
-    assert len(frames) == 3 and frames[0].size == (64, 64)
+    assert len(frames) == 3 and all(frame.size == (72, 40) for frame in frames)
     assert fps == pytest.approx(6)
+    assert final["result"]["stages"]["video"]["width"] == 72 and final["result"]["stages"]["video"]["height"] == 40
     thumbnail = content(client, video["id"], "thumbnail")
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png"
-    assert Image.open(io.BytesIO(thumbnail.content)).size == (64, 64)
+    assert Image.open(io.BytesIO(thumbnail.content)).size == (72, 40)
     # the same job, seen through the jobs API
     job = client.get(f"/v1/jobs/{video['id']}").json()
     assert job["status"] == "completed" and [o["content_type"] for o in job["outputs"]] == ["video/mp4", "image/png"]
@@ -162,14 +165,20 @@ def test_text_to_video_runs_every_stage_as_one_job(client):
     for event in events:
         if event["stage"] and event["stage"] not in seen[-1:]:
             seen.append(event["stage"])
-    assert seen == [s for s in expected if s in seen], seen  # stages only move forward, none repeats
-    assert any(0 < p < 100 for p in progress)
+    # What SSE polling happened to catch only moves forward; that every stage ran is shown below.
+    assert seen == [s for s in expected if s in seen], seen
+    # progress was reported within a stage, step by step, not only at stage boundaries
+    assert any(e["status"] == "in_progress" and 0 < e["stage_progress"] < 100 for e in events), events
     final = events[-1]
     assert final["status"] == "completed" and final["progress"] == 100 and final["stage"] == "upscale_video"
 
-    # every stage ran, in order, each handing its output's key to the next
+    # The job's stage history: every stage ran, in order, one after another, each to its last
+    # step (100%), each handing its output's key to the next.
     stages = final["result"]["stages"]
     assert list(stages) == expected
+    for name in expected:
+        assert stages[name]["stage_progress"] == 100 and stages[name]["total_steps"] >= 1, (name, stages[name])
+        assert stages[name]["started_at"] <= stages[name]["finished_at"]
     for before, after in zip(expected, expected[1:]):
         assert stages[before]["finished_at"] <= stages[after]["started_at"]
     assert stages["refine"]["refined"]["original_prompt"] == "a lighthouse at dusk"
@@ -204,9 +213,12 @@ def test_cancel_mid_pipeline_stops_the_remaining_stages(client):
     assert final["status"] == "cancelled" and final["progress"] < 50, final
     assert final["stage"] == "generate"  # SVD never started
     assert "video" not in final["result"]["stages"] and final["video_url"] is None
-    time.sleep(1.0)  # nothing runs on afterwards
+    stopped = client.get(f"/v1/jobs/{video['id']}").json()
+    time.sleep(1.0)  # nothing runs on afterwards: the record does not change again
     job = client.get(f"/v1/jobs/{video['id']}").json()
+    assert job == stopped
     assert job["status"] == "cancelled" and job["stage"] == "generate" and job["outputs"] == []
+    assert job["stage_progress"] < 100, job  # stopped inside SDXL's steps, before its last one
     error = assert_error(content(client, video["id"]), 404, "video_id")
     assert "cancelled" in error["message"]
 
@@ -257,6 +269,8 @@ def test_openai_client_bad_request_is_typed(oai):
     ({"fps": 0}, "fps"),
     ({"fps": 1000}, "fps"),
     ({"seconds": 30}, "seconds"),
+    ({"seconds": 1e308}, "seconds"),  # finite, but inf once times fps
+    ({"seconds": 1e-9}, "seconds"),  # rounds to 0 frames
     ({"size": "7x7"}, "size"),
     ({"size": "wide"}, "size"),
     ({"steps": 10_000}, "steps"),
@@ -272,13 +286,31 @@ def test_openai_client_bad_request_is_typed(oai):
     ({"bogus": 1}, "bogus"),
 ])
 def test_bad_video_request(client, override, param):
-    def newest_job() -> list[str]:
-        return [job["id"] for job in client.get("/v1/jobs", params={"limit": 1}).json()["data"]]
-
-    before = newest_job()
+    before = newest_job(client)
     body = {"prompt": "x", **FAST, **override}
     assert_error(client.post("/v1/videos", json={k: v for k, v in body.items() if v is not None}), 400, param)
-    assert newest_job() == before  # refused before any job was made
+    assert newest_job(client) == before  # refused before any job was made
+
+
+def newest_job(client) -> list[str]:
+    return [job["id"] for job in client.get("/v1/jobs", params={"limit": 1}).json()["data"]]
+
+
+def test_non_finite_numbers_are_400_naming_the_field(client):
+    """JSON's Infinity and NaN (Python's json reads them), and "inf"/"nan"/"1e308" in a form."""
+    before = newest_job(client)
+    for field, value in [("seconds", "Infinity"), ("seconds", "-Infinity"), ("seconds", "NaN"),
+                         ("fps", "Infinity"), ("motion_bucket_id", "NaN"), ("noise_aug_strength", "NaN"),
+                         ("noise_aug_strength", "Infinity"), ("decode_chunk_size", "Infinity")]:
+        raw = f'{{"prompt": "x", "steps": 2, "size": "64x64", "{field}": {value}}}'
+        response = client.post("/v1/videos", content=raw, headers={"content-type": "application/json"})
+        assert_error(response, 400, field)
+    image = {"input_reference": ("in.png", noise_image(64, 64), "image/png")}
+    for field, value in [("seconds", "inf"), ("seconds", "nan"), ("seconds", "1e308"), ("fps", "inf"),
+                         ("motion_bucket_id", "nan"), ("noise_aug_strength", "inf"), ("steps", "inf")]:
+        response = client.post("/v1/videos", data={"prompt": "x", "size": "64x64", field: value}, files=image)
+        assert_error(response, 400, field)
+    assert newest_job(client) == before
 
 
 def test_bad_video_upload(client):
@@ -315,6 +347,11 @@ def test_bad_upscale_requests(client):
     image = {"image": ("in.png", noise_image(32, 32), "image/png")}
     assert_error(client.post("/v1/images/upscale", files=image, data={"steps": "10000"}), 400, "steps")
     assert_error(client.post("/v1/images/upscale", files=image, data={"noise_level": "100000"}), 400, "noise_level")
+    assert_error(client.post("/v1/images/upscale", files=image, data={"steps": "inf"}), 400, "steps")
+    assert_error(client.post("/v1/images/upscale", files=image, data={"noise_level": "nan"}), 400, "noise_level")
+    raw = '{"image_key": "outputs/nope.png", "seed": Infinity}'
+    assert_error(client.post("/v1/images/upscale", content=raw, headers={"content-type": "application/json"}),
+                 400, "seed")
     # text-to-image-hd: an SDXL size the upscaler cannot take
     assert_error(client.post("/v1/images/generations", json={"prompt": "x", "size": "512x512", "upscale": True}),
                  400, "size")

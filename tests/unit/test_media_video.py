@@ -60,6 +60,12 @@ def test_encoding_is_deterministic():
     assert encode_mp4(frames, 7) == encode_mp4(frames, 7)
 
 
+def test_even_sides_off_the_16_pixel_grid_are_kept_exactly():
+    # imageio would rescale to a multiple of 16 by default; SVD sizes are multiples of 8 only.
+    decoded, _ = decode_mp4(encode_mp4(gradient_frames(3, width=72, height=40), 6))
+    assert len(decoded) == 3 and all(frame.size == (72, 40) for frame in decoded)
+
+
 def test_odd_sides_are_padded_to_even():
     decoded, _ = decode_mp4(encode_mp4(gradient_frames(2, width=33, height=21), 5))
     assert decoded[0].size == (34, 22)

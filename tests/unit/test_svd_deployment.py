@@ -9,10 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from configs.tiny_models import ensure_tiny_models
+from deployments import metrics
+from deployments.api.videos import frames_and_rate
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4
+from deployments.protocol import VideoCreateRequest
 from deployments.svd import SVDDeployment, SVDProgress, SVDRequest, SVDResponse
 from storage.jobs import JobStore
 
@@ -78,6 +82,57 @@ def test_check_inputs_names_the_field(svd, image, fields, param):
     assert raised.value.param == param
 
 
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"noise_aug_strength": NAN}, "noise_aug_strength"),
+    ({"noise_aug_strength": INF}, "noise_aug_strength"),
+    ({"min_guidance_scale": NAN}, "min_guidance_scale"),
+    ({"max_guidance_scale": INF}, "max_guidance_scale"),
+    ({"fps": INF}, "fps"),
+    ({"num_frames": NAN}, "num_frames"),
+    ({"motion_bucket_id": INF}, "motion_bucket_id"),
+    ({"width": 1e308}, "width"),
+])
+def test_request_refuses_inf_and_nan(image, fields, param):
+    with pytest.raises(ValidationError) as raised:
+        SVDRequest(**{"image": image, **fields})
+    assert raised.value.errors()[0]["loc"] == (param,)
+
+
+# --- the router's check of POST /v1/videos against describe() -----------------------------------------
+
+
+@pytest.mark.parametrize("seconds", [INF, 1e308, "inf", "Infinity", 1e-9, 30])
+def test_seconds_must_be_finite_and_within_the_frame_limit(svd, seconds):
+    body = VideoCreateRequest.model_validate({"prompt": "x", "seconds": seconds, "fps": 7})
+    with pytest.raises(InvalidRequestError) as raised:
+        frames_and_rate(svd.describe(), body)  # 1e308 * 7 overflows to inf: refused, not round(inf)
+    assert raised.value.param == "seconds" and "1 to 4 frames" in raised.value.message
+
+
+def test_seconds_and_num_frames_within_limits(svd):
+    info = svd.describe()
+    assert frames_and_rate(info, VideoCreateRequest(prompt="x", seconds=0.5, fps=6)) == (3, 6)
+    assert frames_and_rate(info, VideoCreateRequest(prompt="x", seconds=30, num_frames=2, fps=6)) == (2, 6)
+    assert frames_and_rate(info, VideoCreateRequest(prompt="x")) == (4, 7)  # the model's defaults
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seconds", NAN), ("seconds", "nan"), ("fps", INF), ("fps", "inf"), ("fps", NAN), ("num_frames", INF),
+    ("motion_bucket_id", NAN), ("noise_aug_strength", NAN), ("noise_aug_strength", "inf"),
+    ("decode_chunk_size", INF), ("steps", 1e308), ("seed", INF), ("image_steps", NAN), ("upscale_steps", INF),
+    ("noise_level", NAN),
+])
+def test_video_request_refuses_inf_and_nan_in_other_fields(field, value):
+    """What frames_and_rate does not see: pydantic's int and bounded float fields refuse these,
+    so the ingress answers 400 naming the field."""
+    with pytest.raises(ValidationError) as raised:
+        VideoCreateRequest.model_validate({"prompt": "x", field: value})
+    assert raised.value.errors()[0]["loc"] == (field,)
+
+
 def test_video_is_an_mp4_with_the_asked_frames_size_and_fps(svd, image):
     response = run(svd.generate(SVDRequest(image=image, seed=3, fps=8, **FAST)))
     assert isinstance(response, SVDResponse) and response.video_key is None
@@ -97,6 +152,19 @@ def test_same_seed_same_video_other_seed_differs(svd, image):
     assert a.num_frames == 2 and len(frames_of(a.mp4)) == 2
     assert np.array_equal(frames_of(a.mp4), frames_of(b.mp4))
     assert np.abs(frames_of(a.mp4) - frames_of(c.mp4)).mean() > 1
+
+
+def test_non_square_size_is_honoured_and_recorded_as_a_metric(svd, image, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(metrics, "generation", lambda *args: recorded.append(args))
+    response = run(svd.generate(SVDRequest(image=image, width=72, height=40, num_frames=3, seed=1, **FAST)))
+    frames, _ = decode_mp4(response.mp4)
+    assert (response.width, response.height) == (72, 40) and len(frames) == 3
+    assert all(frame.size == (72, 40) for frame in frames)
+    assert len(recorded) == 1
+    model, mode, latency_s, steps, images = recorded[0]
+    assert (model, mode, steps, images) == ("svd", "image_to_video", 2, 1)
+    assert 0 < latency_s <= response.elapsed_s
 
 
 def test_stream_reports_every_step_then_the_response(svd, image):

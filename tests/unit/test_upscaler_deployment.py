@@ -14,10 +14,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from configs.tiny_models import ensure_tiny_models
+from deployments import metrics
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4, encode_mp4
+from deployments.protocol import ImageUpscaleRequest
 from deployments.upscaler import (
     UpscaleProgress,
     UpscaleRequest,
@@ -86,6 +89,19 @@ def test_check_inputs_names_the_field(upscaler, fields, param):
     with pytest.raises(InvalidRequestError) as raised:
         upscaler.check_inputs(UpscaleRequest(**fields))
     assert raised.value.param == param
+
+
+@pytest.mark.parametrize("model", [UpscaleRequest, ImageUpscaleRequest])
+@pytest.mark.parametrize("field, value", [
+    ("steps", float("inf")), ("steps", "inf"), ("steps", 1e308), ("noise_level", float("nan")),
+    ("noise_level", "nan"), ("seed", float("inf")),
+])
+def test_requests_refuse_inf_and_nan(model, field, value):
+    """Every number of an upscale request is an int: pydantic refuses these, so the ingress
+    answers 400 naming the field."""
+    with pytest.raises(ValidationError) as raised:
+        model.model_validate({field: value})
+    assert raised.value.errors()[0]["loc"] == (field,)
 
 
 def test_describe(upscaler):
@@ -239,3 +255,14 @@ def test_video_frames_share_calls(tmp_path):
     events = run(collect(deployment, UpscaleRequest(video=video, steps=2)))
     assert [len(call) for call in pipe.calls] == [4, 1]
     assert [e.step for e in events[:-1]] == [1, 2, 3, 4] and events[-1].num_frames == 5
+
+
+def test_each_run_records_latency_and_steps_per_tile(tmp_path, monkeypatch):
+    recorded = []
+    monkeypatch.setattr(metrics, "generation", lambda *args: recorded.append(args))
+    deployment = fake_upscaler(tmp_path, NearestX4Pipeline())
+    run(deployment.upscale(UpscaleRequest(image=png(gradient(70, 54)), steps=3)))  # 6 tiles
+    run(deployment.upscale(UpscaleRequest(video=encode_mp4(gradient(24, 16)[None].repeat(5, 0), 6), steps=2)))
+    assert [args[:2] + args[3:] for args in recorded] == [
+        ("upscaler", "upscale_image", 3, 6), ("upscaler", "upscale_video", 2, 5)]
+    assert all(args[2] > 0 for args in recorded)
