@@ -24,7 +24,7 @@ def dataset_import(ctx, handles: dict[str, Any]) -> None:
     request = ctx.request
     config = DatasetImportConfig.model_validate(request.get("config") or {})
     storage = ctx.store.storage
-    store = DatasetStore(storage, max_image_bytes=config.max_bytes)
+    store = DatasetStore(storage, max_image_bytes=config.max_bytes, max_pixels=config.max_pixels)
     dataset_id = request["dataset_id"]
     common = {"tags": request.get("tags") or [], "license": request.get("license")}
 

@@ -60,6 +60,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetExistsError",
     "InvalidDatasetInputError",
+    "DatasetTooLargeError",
     "DatasetBusyError",
     "ImageItem",
     "Rejection",
@@ -84,6 +85,10 @@ MAX_TAG_LENGTH = 200
 MAX_FILENAME_LENGTH = 4096  # URLs are names too
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# What the zips of one upload may expand to. The API sets it from its upload limit instead
+# (DatasetImportConfig.max_zip_expanded_bytes); this default is for the CLI and Python callers.
+DEFAULT_MAX_EXPANDED_BYTES = 1024**3
+_ZIP_CHUNK = 1024 * 1024
 MAX_CLAIM_ATTEMPTS = 100
 _PREFIX_CHUNK = 32
 
@@ -131,6 +136,10 @@ class DatasetExistsError(DatasetError):
 
 class InvalidDatasetInputError(DatasetError, ValueError):
     """A bad name, archive, prefix or confirmation."""
+
+
+class DatasetTooLargeError(InvalidDatasetInputError):
+    """An upload over a size limit (a zip that expands to too much); the API answers 413."""
 
 
 class DatasetBusyError(DatasetError):
@@ -276,11 +285,17 @@ def _check_member_name(name: str, archive: str) -> str:
 
 
 def expand_zip(data: bytes | str | os.PathLike, name: str = "archive.zip", *, max_files: int = 10_000,
-               max_total_bytes: int = 2 * 1024**3) -> tuple[list[tuple[str, bytes]], list[Rejection]]:
+               max_total_bytes: int = DEFAULT_MAX_EXPANDED_BYTES, max_entry_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+               ) -> tuple[list[tuple[str, bytes]], list[Rejection]]:
     """``(entry path, bytes)`` of the files in a zip, and entries that could not be read.
 
-    Refuses the whole archive if any entry is absolute or has a ``..`` segment (zip-slip), or
-    if it is over the limits. Nested zips are not expanded (they are rejected as non-images).
+    Refuses the whole archive if any entry is absolute or has a ``..`` segment (zip-slip), if
+    it has more than ``max_files`` files, or if it expands to more than ``max_total_bytes``
+    (:class:`DatasetTooLargeError`). An entry over ``max_entry_bytes`` is rejected by name and
+    the rest still lands. Sizes are checked twice, because a zip's declared sizes can lie: the
+    declared ``file_size`` before anything is decompressed, then the bytes actually inflated,
+    read in chunks and stopped as soon as a limit is passed, so a small zip of zeros never
+    becomes a large allocation. Nested zips are not expanded (they are rejected as non-images).
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
@@ -293,29 +308,67 @@ def expand_zip(data: bytes | str | os.PathLike, name: str = "archive.zip", *, ma
         infos = [i for i in infos if not i.is_dir() and not _hidden(i.filename)]
         if len(infos) > max_files:
             raise InvalidDatasetInputError(f"{name} has {len(infos)} files, over the limit of {max_files}", "files")
+        declared = sum(i.file_size for i in infos)  # what the archive claims: refused before inflating any of it
+        if declared > max_total_bytes:
+            raise DatasetTooLargeError(
+                f"{name} expands to {declared} bytes, over the limit of {max_total_bytes} bytes", "files")
         files, rejected, total = [], [], 0
         for info in infos:
+            if info.file_size > max_entry_bytes:  # declared too big: not even decompressed
+                rejected.append(Rejection(filename=info.filename, reason=(
+                    f"file is {info.file_size} bytes, over the limit of {max_entry_bytes}")))
+                continue
             try:
-                with archive.open(info) as member:
-                    # the declared size can lie; read at most what the budget leaves
-                    content = member.read(max_total_bytes - total + 1)
+                content = _read_entry(archive, info, max_entry_bytes, max_total_bytes - total)
             except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, NotImplementedError) as exc:
                 rejected.append(Rejection(filename=info.filename, reason=f"cannot read archive entry: {exc}"))
                 continue
-            total += len(content)
+            total += len(content)  # every inflated byte counts, kept or not: it bounds the work too
             if total > max_total_bytes:
-                raise InvalidDatasetInputError(f"{name} expands to more than {max_total_bytes} bytes", "files")
+                raise DatasetTooLargeError(
+                    f"{name} expands to more than the limit of {max_total_bytes} bytes", "files")
+            if len(content) > max_entry_bytes:
+                rejected.append(Rejection(filename=info.filename, reason=(
+                    f"file is over the limit of {max_entry_bytes} bytes")))
+                continue
             files.append((info.filename, content))
         return files, rejected
 
 
-def expand_uploads(files: Iterable[tuple[str, bytes]]) -> tuple[list[tuple[str, bytes]], list[Rejection]]:
-    """Uploaded files with each zip replaced by its entries (one level deep)."""
+def _read_entry(archive: zipfile.ZipFile, info: zipfile.ZipInfo, max_entry_bytes: int, budget: int) -> bytes:
+    """The entry's bytes, or its first ``min(max_entry_bytes, budget) + 1`` bytes if it has more
+    (the caller tells which limit was passed from the length)."""
+    limit = min(max_entry_bytes, max(budget, 0)) + 1
+    chunks, size = [], 0
+    with archive.open(info) as member:
+        while size < limit:
+            chunk = member.read(min(_ZIP_CHUNK, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    return b"".join(chunks)
+
+
+def expand_uploads(files: Iterable[tuple[str, bytes]], *, max_total_bytes: int = DEFAULT_MAX_EXPANDED_BYTES,
+                   max_entry_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                   ) -> tuple[list[tuple[str, bytes]], list[Rejection]]:
+    """Uploaded files with each zip replaced by its entries (one level deep).
+
+    All the zips of one upload share ``max_total_bytes`` of expanded content (see :func:`expand_zip`).
+    """
     flat: list[tuple[str, bytes]] = []
     rejected: list[Rejection] = []
+    expanded = 0
     for name, data in files:
         if _is_zip(name, data):
-            entries, bad = expand_zip(data, name)
+            try:
+                entries, bad = expand_zip(data, name, max_total_bytes=max_total_bytes - expanded,
+                                          max_entry_bytes=max_entry_bytes)
+            except DatasetTooLargeError:
+                raise DatasetTooLargeError(f"the zip archives in this upload expand to more than the limit of "
+                                           f"{max_total_bytes} bytes (at {name})", "files") from None
+            expanded += sum(len(content) for _, content in entries)
             flat += entries
             rejected += bad
         else:
@@ -449,14 +502,16 @@ class DatasetStore:
     """Create, fill, read and delete datasets in a :class:`Storage`. Methods block."""
 
     def __init__(self, storage: Storage, *, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_expanded_bytes: int = DEFAULT_MAX_EXPANDED_BYTES):
         self.storage = storage
         self.max_image_bytes = max_image_bytes
         self.max_pixels = max_pixels
+        self.max_expanded_bytes = max_expanded_bytes
 
     def __reduce__(self):
         return (type(self), (self.storage,), {"max_image_bytes": self.max_image_bytes,
-                                               "max_pixels": self.max_pixels})
+                                               "max_pixels": self.max_pixels,
+                                               "max_expanded_bytes": self.max_expanded_bytes})
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -617,7 +672,8 @@ class DatasetStore:
         """Add uploaded files: images, same-stem ``.txt`` captions, zips (expanded; a zip with an
         escaping entry is refused whole, before anything is added)."""
         self._read_info(dataset_id)
-        flat, unreadable = expand_uploads(files)
+        flat, unreadable = expand_uploads(files, max_total_bytes=self.max_expanded_bytes,
+                                          max_entry_bytes=self.max_image_bytes)
         items, rejected = pair_captions(flat, captions, tags=tags, source=source, license=license)
         return self.add_images(dataset_id, items, unreadable + rejected)
 
@@ -626,7 +682,8 @@ class DatasetStore:
         """Add a zip of images with same-stem ``.txt`` captions."""
         name = "archive.zip" if isinstance(archive, (bytes, bytearray)) else os.path.basename(os.fspath(archive))
         self._read_info(dataset_id)
-        entries, unreadable = expand_zip(archive, name)
+        entries, unreadable = expand_zip(archive, name, max_total_bytes=self.max_expanded_bytes,
+                                         max_entry_bytes=self.max_image_bytes)
         items, rejected = pair_captions(entries, tags=tags, source=source or f"zip:{name}", license=license)
         return self.add_images(dataset_id, items, unreadable + rejected)
 

@@ -9,7 +9,9 @@
     python -m storage.datasets_cli show cats [--version 2] [--rows 10]
 
 ``--storage-root`` defaults to ``$ATELIER_STORAGE_ROOT`` or ``var/storage``; ``--storage-options``
-takes JSON (s3fs options). Datasets are named by id or name. Results print as JSON.
+takes JSON (s3fs options); ``--max-pixels`` caps width x height of added images. Datasets are
+named by id or name. Results print as JSON. Exit codes: 0 done, 1 refused by the store (the
+message says why), 2 bad arguments (argparse's usage error, also for a malformed ``--job`` id).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import json
 import os
 import sys
 
-from storage.datasets import DatasetError, DatasetStore
+from pydantic import ValidationError
+
+from storage.datasets import DEFAULT_MAX_PIXELS, DatasetError, DatasetStore
 from storage.fs import Storage
+from storage.keys import validate_id
 from storage.url_import import DatasetImportConfig, UrlRefusedError
+
+
+# DatasetImportConfig field -> the import-urls flag that sets it (for error messages)
+_URL_FLAGS = {"allow_private_hosts": "--allow-private", "max_bytes": "--max-bytes",
+              "concurrency": "--concurrency", "timeout_s": "--timeout"}
 
 
 def _tags(value: str | None) -> list[str]:
@@ -40,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m storage.datasets_cli", description=__doc__.split("\n")[0])
     parser.add_argument("--storage-root", default=os.environ.get("ATELIER_STORAGE_ROOT", "var/storage"))
     parser.add_argument("--storage-options", type=json.loads, default={}, help="JSON options for s3fs")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="width x height an added image may have (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("create", help="create an empty dataset")
@@ -82,8 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    store = DatasetStore(Storage(args.storage_root, args.storage_options))
+    """Run one command; 0 on success, 1 when the store refuses it, 2 (argparse's) for bad arguments."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_pixels <= 0:
+        parser.error(f"--max-pixels must be positive, got {args.max_pixels}")
+    if args.command == "add-outputs" and args.job:
+        for job_id in args.keys:
+            try:
+                validate_id(job_id, "job id")
+            except ValueError as exc:  # a typo, not a missing job: say so before touching storage
+                parser.error(f"--job: {exc}")
+    store = DatasetStore(Storage(args.storage_root, args.storage_options), max_pixels=args.max_pixels)
     try:
         if args.command == "create":
             _print(store.create(args.name, args.description, args.trigger_word, args.license))
@@ -109,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
                 if args.file:
                     with open(args.file) as f:
                         urls += [line.strip() for line in f if line.strip() and not line.startswith("#")]
-                config = DatasetImportConfig(allow_private_hosts=args.allow_private, max_bytes=args.max_bytes,
-                                             concurrency=args.concurrency, timeout_s=args.timeout,
-                                             max_urls=max(len(urls), 1))
+                try:
+                    config = DatasetImportConfig(allow_private_hosts=args.allow_private, max_bytes=args.max_bytes,
+                                                 concurrency=args.concurrency, timeout_s=args.timeout,
+                                                 max_urls=max(len(urls), 1))
+                except ValidationError as exc:
+                    parser.error("; ".join(f"{_URL_FLAGS.get(e['loc'][0], e['loc'][0])}: {e['msg']}"
+                                           for e in exc.errors()))
                 result = store.add_from_urls(dataset_id, urls, config, progress=_progress, **common)
             elif args.command == "import-prefix":
                 prefix = args.prefix

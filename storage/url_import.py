@@ -35,6 +35,8 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
+from storage.datasets import DEFAULT_MAX_PIXELS
+
 __all__ = [
     "DatasetImportConfig",
     "UrlFetchResult",
@@ -68,6 +70,13 @@ class DatasetImportConfig(BaseModel):
     max_urls: int = Field(1000, ge=1, description="Per import: URLs, job ids or output keys.")
     max_files: int = Field(10_000, ge=1, description="Per prefix import.")
     max_redirects: int = Field(5, ge=0)
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS, gt=0,
+        description="Width x height an image added to a dataset may have (uploads and imports alike).")
+    max_zip_expanded_bytes: int | None = Field(
+        None, gt=0,
+        description="What the zip archives of one upload may expand to; None: 4 x the ingress's "
+                    "max_upload_bytes. Over it, the upload is refused with 413.")
 
 
 class UrlRefusedError(ValueError):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 from typing import Any, Callable, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
@@ -29,6 +28,7 @@ from deployments.errors import (
     NotFoundError,
     OverloadedError,
     PayloadTooLargeError,
+    parse_json,
 )
 from deployments.protocol import ErrorResponse, JobView
 from storage.datasets import (
@@ -40,6 +40,7 @@ from storage.datasets import (
     DatasetInfo,
     DatasetNotFoundError,
     DatasetStore,
+    DatasetTooLargeError,
     check_prefix_allowed,
 )
 from storage.fs import InvalidKeyError, validate_key
@@ -104,6 +105,8 @@ def api_error(exc: DatasetError) -> AtelierError:
         return NotFoundError(exc.message, exc.param)
     if isinstance(exc, DatasetExistsError):
         return ConflictError(exc.message, exc.param)
+    if isinstance(exc, DatasetTooLargeError):
+        return PayloadTooLargeError(exc.message, exc.param)
     if isinstance(exc, DatasetBusyError):
         return OverloadedError(exc.message, exc.param, retry_after=1)
     return InvalidRequestError(exc.message, exc.param)
@@ -117,7 +120,13 @@ async def _call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
 
 
 def _store(ingress) -> DatasetStore:
-    return DatasetStore(ingress.storage)
+    """A store with the ingress's limits: an image in a zip may be as large as one uploaded on
+    its own (``max_upload_bytes``), and the zips of one upload expand to at most
+    ``dataset_import.max_zip_expanded_bytes`` (default 4 x ``max_upload_bytes``)."""
+    config = import_config(ingress)
+    upload_limit = ingress.config.max_upload_bytes
+    return DatasetStore(ingress.storage, max_image_bytes=upload_limit, max_pixels=config.max_pixels,
+                        max_expanded_bytes=config.max_zip_expanded_bytes or 4 * upload_limit)
 
 
 def _is_ip_literal(host: str) -> bool:
@@ -141,10 +150,7 @@ def _view(ingress, info: DatasetInfo, request: Request, thumbnails: list[str] | 
 def _json_field(value: str | None, param: str, kind: type) -> Any:
     if value is None or value == "":
         return None
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = None
+    parsed = parse_json(value, param)
     if not isinstance(parsed, kind):
         raise InvalidRequestError(f"{param} must be a JSON {kind.__name__}", param)
     return parsed

@@ -6,6 +6,7 @@ import http.server
 import io
 import threading
 import uuid
+import zipfile
 
 import pytest
 from PIL import Image
@@ -79,6 +80,22 @@ def test_corrupt_image_is_reported_by_name_and_the_rest_lands(client, dataset):
     result = client.post(f"/v1/datasets/{dataset['id']}/images", files=files).json()
     assert result["added"] == 1
     assert [r["filename"] for r in result["rejected"]] == ["broken.png"]
+
+
+def test_zip_bomb_upload_is_refused_with_413(client, dataset):
+    """100 MB of zeros deflate to about 100 KB: under the upload limit, but over what the zips of
+    one upload may expand to (4 x max_upload_bytes by default), so it is refused unread."""
+    buffer, chunk = io.BytesIO(), bytes(1024 * 1024)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("bomb.png", "w") as entry:
+            for _ in range(100):
+                entry.write(chunk)
+        archive.writestr("ok.png", noise_image(16, 16, seed=3))
+    response = client.post(f"/v1/datasets/{dataset['id']}/images",
+                           files=[("files", ("bomb.zip", buffer.getvalue(), "application/zip"))])
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["param"] == "files" and "bomb.zip" in response.json()["error"]["message"]
+    assert client.get(f"/v1/datasets/{dataset['id']}").json()["images"] == 0
 
 
 def test_url_import_runs_as_a_job(client, dataset, image_server):

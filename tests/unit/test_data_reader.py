@@ -53,6 +53,9 @@ def rows_by_key(ds) -> dict:
 def test_reader_gives_images_and_captions(dataset):
     storage, dataset_id, items = dataset
     ds = read_dataset(storage.root, storage.storage_options, dataset_id, rows_per_block=3)
+    assert ds.count() == 8
+    keys = [key for batch in ds.iter_batches(batch_size=3, batch_format="numpy") for key in batch["key"]]
+    assert len(keys) == len(set(keys)) == 8  # every row once, none twice (rows_by_key would hide a repeat)
     rows = rows_by_key(ds)
     assert len(rows) == 8
     by_caption = {i: item for i, item in enumerate(items)}
@@ -64,8 +67,12 @@ def test_reader_gives_images_and_captions(dataset):
         assert (row["width"], row["height"]) == (width, height)
         assert row["caption"] == by_caption[index].caption
         assert np.array_equal(row["image"], np.asarray(Image.open(io.BytesIO(items[index].data)).convert("RGB")))
-    # an earlier version reads as it was
-    assert read_dataset(storage.root, storage.storage_options, dataset_id, version=1).count() == 6
+    # an earlier version reads as it was: its 6 rows, once each
+    v1 = read_dataset(storage.root, storage.storage_options, dataset_id, version=1, rows_per_block=4)
+    assert v1.count() == 6
+    v1_keys = [key for batch in v1.iter_batches(batch_size=4, batch_format="numpy") for key in batch["key"]]
+    assert len(v1_keys) == len(set(v1_keys)) == 6
+    assert set(v1_keys) == set(DatasetStore(storage).manifest(dataset_id, 1).column("key").to_pylist())
 
 
 def test_prepare_center_crop_drops_small_and_fills_captions(dataset):

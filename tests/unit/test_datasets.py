@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import tracemalloc
 import zipfile
 from types import SimpleNamespace
 
@@ -17,12 +18,19 @@ from storage.datasets import (
     DatasetExistsError,
     DatasetNotFoundError,
     DatasetStore,
+    DatasetTooLargeError,
     ImageItem,
     InvalidDatasetInputError,
     check_prefix_allowed,
+    expand_uploads,
+    expand_zip,
     is_dataset_image_key,
 )
 from storage.keys import output_key
+
+MiB = 1024 * 1024
+BOMB_BYTES = 100 * 1000 * 1000  # zeros: deflates to about 100 KB
+PEAK_LIMIT = 8 * MiB  # a read chunk or two, never the expanded bytes
 
 
 def png(width: int, height: int, seed: int) -> bytes:
@@ -136,6 +144,105 @@ def test_zip_with_captions_lands(store, dataset_id):
     assert rows["set/one.png"]["source"] == "zip:archive.zip"
 
 
+def _zeros_zip(entries: dict[str, int], extra: dict[str, bytes] | None = None) -> bytes:
+    """A deflated zip with an entry of ``size`` zero bytes per name, written in 1 MiB chunks so
+    the test never holds the expanded bytes itself."""
+    buffer = io.BytesIO()
+    chunk = bytes(MiB)
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, size in entries.items():
+            with archive.open(name, "w") as entry:
+                for start in range(0, size, MiB):
+                    entry.write(chunk[:min(MiB, size - start)])
+        for name, data in (extra or {}).items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def zip_bomb() -> bytes:
+    bomb = _zeros_zip({"bomb.png": BOMB_BYTES}, extra={"ok.png": png(16, 16, 1)})
+    assert len(bomb) < 200_000  # a small upload
+    return bomb
+
+
+def _peak_memory(fn):
+    """``(fn's result or exception, peak bytes Python allocated while it ran)``."""
+    tracemalloc.start()
+    try:
+        try:
+            outcome = fn()
+        except Exception as exc:  # returned, so the caller can check it after measuring
+            outcome = exc
+        return outcome, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_zip_bomb_is_refused_before_it_is_inflated(zip_bomb):
+    outcome, peak = _peak_memory(lambda: expand_zip(zip_bomb, "bomb.zip", max_total_bytes=64 * MiB))
+    assert isinstance(outcome, DatasetTooLargeError), outcome
+    assert outcome.param == "files" and "bomb.zip" in outcome.message and str(64 * MiB) in outcome.message
+    assert peak < PEAK_LIMIT, peak  # the 100 MB were never allocated
+
+
+def test_zip_entry_over_the_image_limit_is_rejected_unread_and_the_rest_lands(zip_bomb):
+    (files, rejected), peak = _peak_memory(
+        lambda: expand_zip(zip_bomb, max_total_bytes=200 * 1000 * 1000, max_entry_bytes=MiB))
+    assert [name for name, _ in files] == ["ok.png"]
+    assert [(r.filename, r.reason) for r in rejected] == [
+        ("bomb.png", f"file is {BOMB_BYTES} bytes, over the limit of {MiB}")]
+    assert peak < PEAK_LIMIT, peak
+
+
+def _lie_about_sizes(archive: bytes, size: int) -> bytes:
+    """``archive`` (one stored-size-less entry) with its declared uncompressed size replaced by
+    ``size`` in the local and central headers, as a crafted bomb would."""
+    data = bytearray(archive)
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):
+        at = data.index(signature)
+        data[at + offset:at + offset + 4] = size.to_bytes(4, "little")
+    return bytes(data)
+
+
+def test_zip_that_understates_its_sizes_stops_at_the_declared_size():
+    liar = _lie_about_sizes(_zeros_zip({"liar.png": BOMB_BYTES}), 1000)
+    assert zipfile.ZipFile(io.BytesIO(liar)).getinfo("liar.png").file_size == 1000
+    (files, rejected), peak = _peak_memory(lambda: expand_zip(liar, max_total_bytes=4 * MiB, max_entry_bytes=MiB))
+    assert files == [] and [r.filename for r in rejected] == ["liar.png"]
+    assert "cannot read archive entry" in rejected[0].reason
+    assert peak < PEAK_LIMIT, peak
+
+
+def test_zips_of_one_upload_share_the_expansion_budget():
+    half = _zeros_zip({"a.png": 600 * 1024})
+    files, rejected = expand_uploads([("one.zip", half)], max_total_bytes=MiB, max_entry_bytes=MiB)
+    assert [(name, len(data)) for name, data in files] == [("a.png", 600 * 1024)]
+    with pytest.raises(DatasetTooLargeError) as err:
+        expand_uploads([("one.zip", half), ("two.zip", half)], max_total_bytes=MiB, max_entry_bytes=MiB)
+    assert err.value.param == "files" and "two.zip" in err.value.message
+
+
+def test_zip_bomb_upload_adds_nothing(storage, zip_bomb):
+    store = DatasetStore(storage, max_expanded_bytes=64 * MiB)
+    dataset_id = store.create("bombed").id
+    with pytest.raises(DatasetTooLargeError):
+        store.add_files(dataset_id, [("bomb.zip", zip_bomb)])
+    assert store.versions(dataset_id) == [] and store.storage.list(f"datasets/{dataset_id}/images/") == []
+
+
+def test_max_pixels_at_the_limit_lands_and_one_past_is_rejected(storage):
+    store = DatasetStore(storage, max_pixels=16 * 16)
+    dataset_id = store.create("tiny").id
+    result = store.add_images(dataset_id, [ImageItem("at.png", png(16, 16, 1)), ImageItem("past.png", png(17, 16, 2)),
+                                           ImageItem("tall.png", png(16, 17, 3))])
+    assert (result.added, result.images) == (1, 1)
+    assert {r.filename: r.reason for r in result.rejected} == {
+        "past.png": "image is 17x16, over the limit of 256 pixels",
+        "tall.png": "image is 16x17, over the limit of 256 pixels"}
+    assert store.manifest(dataset_id).column("filename").to_pylist() == ["at.png"]
+
+
 @pytest.mark.parametrize("evil", ["../escape.png", "set/../../escape.png", "/etc/abs.png", "C:/win.png"])
 def test_zip_with_escaping_entry_is_refused_whole(store, dataset_id, evil):
     archive = _zip({"ok.png": png(16, 16, 1), evil: png(16, 16, 2)})
@@ -223,6 +330,42 @@ def test_adding_job_outputs(store, dataset_id):
     assert result.added == 1 and len(result.rejected) == 3
     row = store.manifest(dataset_id).to_pylist()[0]
     assert (row["caption"], row["source"]) == ("a generated cat", key)
+
+
+def test_adding_job_outputs_by_job_id_captions_them_with_the_prompt(store, dataset_id):
+    from storage.jobs import JobOutput, JobStore
+
+    jobs = JobStore(store.storage)
+
+    def finished_job(request: dict, outputs: list[tuple[bytes, str]], result: dict | None = None) -> str:
+        record = jobs.create("images.generations", request)
+        for index, (data, content_type) in enumerate(outputs):
+            key = output_key(record.id, index, "png" if content_type == "image/png" else "mp4")
+            store.storage.put_bytes(key, data, content_type=content_type)
+            record.outputs.append(JobOutput(key=key, content_type=content_type, width=16, height=16))
+        jobs.save(record.model_copy(update={"status": "completed", "result": result}))
+        return record.id
+
+    fox = finished_job({"sdxl": {"prompt": "a red fox", "seed": 1}},
+                       [(png(16, 16, 11), "image/png"), (png(16, 16, 12), "image/png")])
+    refined = finished_job({"sdxl": {"prompt": "owl"}}, [(png(16, 16, 13), "image/png")],
+                           result={"prompt": "a snowy owl at dusk, detailed"})
+    video = finished_job({"prompt": "a river"}, [(b"\x00\x00\x00\x18ftypmp42", "video/mp4")])
+    progress = []
+    result = store.add_job_outputs(dataset_id, [fox, refined, video, "job_doesnotexist"], tags=["generated"],
+                                   progress=lambda done, total: progress.append((done, total)))
+    assert (result.version, result.added, result.images) == (1, 3, 3)
+    assert {r.filename: r.reason for r in result.rejected} == {
+        video: "job has no image outputs (status completed)", "job_doesnotexist": "no such job"}
+    assert progress[-1] == (3, 3)  # one step per image output
+    rows = store.manifest(dataset_id).to_pylist()
+    fox_keys = [o.key for o in jobs.get(fox).outputs]
+    assert [(r["source"], r["caption"], r["tags"]) for r in rows] == [
+        (fox_keys[0], "a red fox", ["generated"]), (fox_keys[1], "a red fox", ["generated"]),
+        (jobs.get(refined).outputs[0].key, "a snowy owl at dusk, detailed", ["generated"])]
+    assert rows[0]["sha256"] == hashlib.sha256(store.storage.get_bytes(fox_keys[0])).hexdigest()
+    again = store.add_job_outputs(dataset_id, [fox])
+    assert (again.added, again.version, len(again.duplicates)) == (0, 1, 2)
 
 
 def test_delete_needs_confirmation(store, dataset_id):
@@ -342,6 +485,37 @@ def test_api_zip_upload_and_bad_inputs(api):
     assert too_big.status_code == 413
 
 
+def test_api_zip_limits_come_from_the_upload_limit_and_config(api, zip_bomb):
+    client, ingress = api
+    dataset_id = client.post("/v1/datasets", json={"name": "bombs"}).json()["id"]
+    upload_limit = ingress.config.max_upload_bytes  # 256 KiB here; zips may expand to 4x that
+    assert len(zip_bomb) < upload_limit
+    bomb = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("bomb.zip", zip_bomb))])
+    assert bomb.status_code == 413, bomb.text
+    assert bomb.json()["error"]["param"] == "files" and str(4 * upload_limit) in bomb.json()["error"]["message"]
+    # an entry over the per-file upload limit is rejected by name; the rest lands
+    mixed = _zeros_zip({"huge.png": upload_limit + 1}, extra={"fine.png": png(16, 16, 4)})
+    landed = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("mixed.zip", mixed))])
+    assert landed.status_code == 200, landed.text
+    assert landed.json()["added"] == 1 and [r["filename"] for r in landed.json()["rejected"]] == ["huge.png"]
+    # an explicit dataset_import.max_zip_expanded_bytes wins over 4 x max_upload_bytes
+    ingress.config.dataset_import = ingress.config.dataset_import.model_copy(
+        update={"max_zip_expanded_bytes": 1024})
+    refused = client.post(f"/v1/datasets/{dataset_id}/images",
+                          files=[("files", ("small.zip", _zip({"b.png": png(32, 32, 5)})))])
+    assert refused.status_code == 413 and "1024" in refused.json()["error"]["message"]
+
+
+def test_api_max_pixels_comes_from_config(api):
+    client, ingress = api
+    ingress.config.dataset_import = ingress.config.dataset_import.model_copy(update={"max_pixels": 16 * 16})
+    dataset_id = client.post("/v1/datasets", json={"name": "small"}).json()["id"]
+    files = [("files", ("at.png", png(16, 16, 1))), ("files", ("past.png", png(17, 16, 2)))]
+    body = client.post(f"/v1/datasets/{dataset_id}/images", files=files).json()
+    assert body["added"] == 1
+    assert body["rejected"] == [{"filename": "past.png", "reason": "image is 17x16, over the limit of 256 pixels"}]
+
+
 def test_api_imports_validate_then_record_a_job(api):
     client, ingress = api
     dataset_id = client.post("/v1/datasets", json={"name": "web"}).json()["id"]
@@ -389,6 +563,16 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     with pytest.raises(JobCancelledError):
         dataset_import(JobContext(jobs, jobs.get(cancelled.id)), {})
     assert store.versions(dataset_id) == [1]  # nothing committed
+
+    # the job applies the recorded config's max_pixels
+    store.storage.put_bytes("uploads/wide/wide.png", png(17, 16, 9))
+    store.storage.put_bytes("uploads/wide/fits.png", png(16, 16, 10))
+    limited = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/wide/",
+                                              "config": {"max_pixels": 16 * 16}})
+    ctx = JobContext(jobs, limited)
+    dataset_import(ctx, {})
+    assert (ctx.record.result["added"], ctx.record.result["rejected"]) == (1, 1)
+    assert ctx.record.result["rejections"][0]["filename"] == "uploads/wide/wide.png"
 
     outside = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "/etc/"})
     with pytest.raises(Exception) as err:

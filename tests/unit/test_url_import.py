@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import io
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,8 +26,16 @@ def png(seed: int, size: int = 16) -> bytes:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     routes: dict = {}
+    # /slow/<n>.png counts the requests in flight at once; each waits (up to a second) for
+    # `slow_target` to be in flight, so a bounded client reaches its bound even on a busy machine
+    slow = threading.Condition()
+    slow_in_flight = 0
+    slow_max_in_flight = 0
+    slow_target = 0
 
     def do_GET(self):  # noqa: N802
+        if self.path.startswith("/slow/"):
+            self._count_in_flight()
         status, headers, body = self.routes.get(self.path, (404, {}, b"missing"))
         self.send_response(status)
         for name, value in headers.items():
@@ -39,6 +48,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client aborted an oversized body, as it should
+
+    def _count_in_flight(self):
+        cls = type(self)
+        with cls.slow:
+            cls.slow_in_flight += 1
+            cls.slow_max_in_flight = max(cls.slow_max_in_flight, cls.slow_in_flight)
+            cls.slow.notify_all()
+            cls.slow.wait_for(lambda: cls.slow_in_flight >= cls.slow_target, timeout=1.0)
+        time.sleep(0.05)  # still in flight while the others arrive
+        with cls.slow:
+            cls.slow_in_flight -= 1
 
     def log_message(self, *args):
         pass
@@ -62,6 +82,7 @@ def server():
         "/page.html": (200, {"Content-Type": "text/html"}, b"<html>hello</html>"),
         "/fake.png": (200, {"Content-Type": "image/png"}, b"this is not a png at all"),
         "/gone.png": (404, {}, b"nope"),
+        **{f"/slow/{i}.png": (200, {"Content-Type": "image/png"}, png(100 + i)) for i in range(12)},
     }
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -152,6 +173,13 @@ def test_fetch_urls_in_order_with_bounded_concurrency(server):
     assert sorted(seen) == list(range(len(urls)))
     with pytest.raises(UrlRefusedError):
         fetch_urls(urls, ALLOW.model_copy(update={"max_urls": 3}))
+
+    slow = [f"{server}/slow/{i}.png" for i in range(12)]
+    for bound in (ALLOW.concurrency, 1):
+        Handler.slow_max_in_flight, Handler.slow_target = 0, bound
+        fetched = fetch_urls(slow, ALLOW.model_copy(update={"concurrency": bound}))
+        assert [r.data for r in fetched] == [png(100 + i) for i in range(12)]
+        assert Handler.slow_max_in_flight == bound
 
 
 def test_url_import_into_dataset(server, storage):
