@@ -130,7 +130,10 @@ async def _validation_error(request: Request, exc: RequestValidationError | Vali
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = {404: "not_found_error", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request_error")
-    return error_response(exc.status_code, kind, str(exc.detail), None, getattr(exc, "headers", None))
+    # FastAPI's own 400s are bodies it could not parse ("There was an error parsing the body": JSON
+    # nested too deeply, a broken multipart form): the field at fault is the body.
+    param = "body" if exc.status_code == 400 else None
+    return error_response(exc.status_code, kind, str(exc.detail), param, getattr(exc, "headers", None))
 
 
 async def _backpressure(request: Request, exc: BackPressureError) -> JSONResponse:
@@ -514,8 +517,9 @@ class IngressDeployment:
         depth = self.jobs.count_active()
         if depth >= self.config.queue.max_queue_depth:
             raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
+        # The queue depth gauge is reported by the job runners (JobRunnerDeployment.report_queue_depth),
+        # which also see jobs finish; a value set here would never be lowered.
         record = self.jobs.create(kind, payload, stages=stages or [], max_attempts=self.config.queue.max_attempts)
-        metrics.queue_depth(depth + 1)
         try:
             enqueue_job(self.queue, self.jobs, record)
         except Exception as exc:

@@ -175,6 +175,7 @@ class JobRunnerDeployment:
         ctx = JobContext(self.store, record)
         if self.store.is_cancel_requested(job_id):
             ctx.save(status="cancelled", finished_at=time.time())
+            self.report_queue_depth()
             return {"job_id": job_id, "status": "cancelled"}
         ctx.save(status="in_progress", attempts=record.attempts + 1, started_at=record.started_at or time.time())
 
@@ -196,6 +197,7 @@ class JobRunnerDeployment:
             record = ctx.record
             metrics.job_finished(record.kind, record.status, (record.finished_at or time.time()) -
                                  (record.started_at or record.created_at))
+            self.report_queue_depth()
         return {"job_id": job_id, "status": ctx.record.status}
 
     def _run_with_retries(self, ctx: JobContext) -> None:
@@ -231,6 +233,21 @@ class JobRunnerDeployment:
                 self.reap_once()
             except Exception:
                 logger.exception("job reaper pass failed")
+            # Also on a timer: jobs leave the queue where no runner sees it (a queued job cancelled
+            # through the ingress, one finished by another replica).
+            self.report_queue_depth()
+
+    def report_queue_depth(self) -> None:
+        """Set the queue depth gauge to the store's count of unfinished jobs.
+
+        Runners are the only reporters: each reports the same store-wide count, so any one series
+        (or their max) is the depth. A reporter that stopped reporting (the ingress, which only
+        sees submissions) would leave a series stuck at its last value.
+        """
+        try:
+            metrics.queue_depth(self.store.count_active())
+        except Exception:  # storage hiccup: the next pass reports again
+            logger.debug("queue depth not reported", exc_info=True)
 
     def reap_once(self) -> list[str]:
         """Recover running jobs whose heartbeat stopped: re-enqueue, or fail when out of attempts."""

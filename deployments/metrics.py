@@ -48,7 +48,11 @@ def _safe(record):
 
 @_safe
 def queue_depth(depth: int) -> None:
-    _metric("gauge", "atelier_job_queue_depth", "Unfinished jobs (queued or running).", ()).set(depth)
+    """Unfinished jobs in the store. Job runner replicas report it after every job and on a timer
+    (JobRunnerDeployment.report_queue_depth); every series carries the same store-wide count, so
+    read it with max(), not sum()."""
+    _metric("gauge", "atelier_job_queue_depth", "Unfinished jobs (queued or running), store-wide.",
+            ()).set(depth)
 
 
 @_safe

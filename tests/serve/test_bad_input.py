@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.serve.helpers import assert_error, noise_image
@@ -87,3 +89,35 @@ def test_file_outside_outputs_or_traversal_is_404(client):
 
 def test_unknown_route_has_the_error_shape(client):
     assert_error(client.get("/v1/nothing-here"), 404, None)
+
+
+# --- JSON nested too deeply: json.loads recurses once per level and raises RecursionError ---------
+
+DEEP_JSON = "[" * 100_000
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/workflows/validate",   # parsed by the route (deployments.errors.parse_json)
+    "/v1/workflows/runs",
+    "/v1/workflows",
+    "/v1/videos",
+    "/v1/images/upscale",
+    "/v1/images/generations",   # parsed by FastAPI into the request model
+])
+def test_json_body_nested_too_deeply_is_400_naming_the_body(client, path):
+    before = client.get("/v1/jobs", params={"limit": 100}).json()["data"]
+    response = client.post(path, content=DEEP_JSON.encode(), headers={"content-type": "application/json"})
+    error = assert_error(response, 400, "body")
+    assert error["type"] == "invalid_request_error", error
+    assert client.get("/v1/jobs", params={"limit": 100}).json()["data"] == before  # no job was made
+
+
+def test_dataset_upload_with_tags_nested_too_deeply_is_400_naming_tags(client):
+    created = client.post("/v1/datasets", json={"name": f"deep-{uuid.uuid4().hex[:8]}"})
+    assert created.status_code == 201, created.text
+    dataset_id = created.json()["id"]
+    response = client.post(f"/v1/datasets/{dataset_id}/images", data={"tags": DEEP_JSON},
+                           files=[("files", ("a.png", noise_image(32, 32), "image/png"))])
+    error = assert_error(response, 400, "tags")
+    assert error["type"] == "invalid_request_error", error
+    assert client.get(f"/v1/datasets/{dataset_id}").json()["images"] == 0  # nothing was added

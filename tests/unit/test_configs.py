@@ -101,3 +101,58 @@ def test_every_model_section_validates_and_fits_its_resources(path):
         assert args.upscaler["model"] == "stabilityai/stable-diffusion-x4-upscaler"
         assert args.llm["model_source"].startswith("google/gemma")
         assert gpu_total > 0.9
+
+
+MODEL_DEPLOYMENTS = ("SDXLDeployment", "SVDDeployment", "UpscalerDeployment")
+
+
+def serve_options(path: str) -> dict[str, dict]:
+    """Each deployment's Serve options by name: the `deployments:` entries, and Gemma's from the LLM
+    config's deployment_config (ray.serve.llm builds that deployment from it)."""
+    app = yaml.safe_load((REPO / path).read_text())["applications"][0]
+    options = {d["name"]: d for d in app["deployments"]}
+    options["GemmaDeployment"] = app["args"]["llm"]["deployment_config"]
+    return options
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
+def test_every_deployment_bounds_its_ongoing_and_queued_requests(path):
+    options = serve_options(path)
+    for name in (*MODEL_DEPLOYMENTS, "GemmaDeployment", "IngressDeployment", "JobRunnerDeployment"):
+        assert options[name].get("max_ongoing_requests", 0) >= 1, name
+        # -1 (Serve's default) queues without bound: a bound is what turns overload into a 503
+        assert options[name].get("max_queued_requests", -1) >= 1, name
+    # The ingress admits more than any one model, so the models refuse first, in the JSON error shape.
+    ingress = options["IngressDeployment"]["max_ongoing_requests"]
+    assert all(options[name]["max_ongoing_requests"] < ingress for name in (*MODEL_DEPLOYMENTS, "GemmaDeployment"))
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
+def test_job_runner_serve_concurrency_is_the_queue_concurrency(path):
+    # Serve sizes the task consumer's thread pool with max_ongoing_requests; the config's value wins
+    # over graphs.app's, so the two must agree.
+    args = AtelierArgs.model_validate(yaml.safe_load((REPO / path).read_text())["applications"][0]["args"])
+    assert serve_options(path)["JobRunnerDeployment"]["max_ongoing_requests"] == args.queue.concurrency
+
+
+@pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
+def test_refusals_past_max_queued_requests_carry_retry_after(path):
+    """What Serve answers with these configs when a queue is full: the proxy's own response for the
+    ingress (get_http_response_status is what the proxy calls), the BackPressureError the ingress
+    turns into JSON for the models."""
+    from ray.serve._private.config import DeploymentConfig
+    from ray.serve._private.http_util import get_http_response_status
+    from ray.serve.exceptions import BackPressureError
+
+    for name, options in serve_options(path).items():
+        if name == "JobRunnerDeployment":  # fed by the queue; no HTTP or handle caller queues at it
+            continue
+        config = DeploymentConfig(**{k: v for k, v in options.items() if k in ("max_queued_requests",
+                                                                                 "backpressure_config")})
+        refused = BackPressureError(num_queued_requests=config.max_queued_requests,
+                                    max_queued_requests=config.max_queued_requests,
+                                    status_code=config.backpressure_config.status_code,
+                                    retry_after_s=config.backpressure_config.retry_after_s)
+        status = get_http_response_status(refused, None, "request-id")
+        assert status.code in (503, 429), name
+        assert int(dict(status.headers or [])[b"retry-after"]) >= 1, f"{name}: no Retry-After"

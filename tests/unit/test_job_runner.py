@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 from ray.exceptions import ActorDiedError
 
-from deployments.errors import InvalidRequestError, JobCancelledError
-from deployments.job_runner import RUN_JOB_TASK, JobContext, JobRunnerDeployment
+from deployments.errors import InvalidRequestError, JobCancelledError, OverloadedError
+from deployments.job_runner import RUN_JOB_TASK, JobContext, JobQueueConfig, JobRunnerDeployment
 from storage.fs import Storage
 from storage.jobs import JobStore
 
@@ -146,3 +146,103 @@ def test_reaper_requeues_a_job_whose_runner_died_then_fails_it(runner):
     lost = runner.store.get(record.id)
     assert lost.status == "failed" and lost.error.type == "replica_lost"
     assert runner.store.get(fresh.id).status == "in_progress"  # a live job is left alone
+
+
+# --- the queue depth gauge -------------------------------------------------------------------
+
+
+def by_outcome(ctx, handles):
+    """A pipeline that ends the way the job's request says."""
+    outcome = ctx.request["outcome"]
+    if outcome == "fail":
+        raise InvalidRequestError("image is not readable", "image")
+    if outcome == "cancel":
+        ctx.store.request_cancel(ctx.id)
+        time.sleep(0.3)
+        ctx.check_cancelled()
+
+
+def test_queue_depth_gauge_falls_as_jobs_complete_fail_and_are_cancelled(runner, monkeypatch):
+    reported = []
+    monkeypatch.setattr("deployments.metrics.queue_depth", reported.append)
+    runner.pipelines = {"test": by_outcome}
+    jobs = [runner.store.create("test", {"outcome": outcome})
+            for outcome in ("complete", "fail", "cancel", "complete", "complete")]
+
+    outcomes = []
+    for job in jobs[:4]:
+        outcomes.append(runner.run_job(job.id)["status"])
+        outcomes.append(reported[-1])
+    assert outcomes == ["completed", 4, "failed", 3, "cancelled", 2, "completed", 1]
+    assert runner.store.count_active() == 1
+
+
+def test_queue_depth_gauge_follows_the_store_on_a_timer(tmp_path, monkeypatch):
+    """A job can leave the queue where no runner sees it (a queued job cancelled through the ingress):
+    the reaper's timer reports the store's count all the same."""
+    reported = []
+    monkeypatch.setattr("deployments.metrics.queue_depth", reported.append)
+    queue = {"broker_url": "memory://", "backend_url": "cache+memory://", "reap_interval_s": 0.05}
+    runner = JobRunnerDeployment(queue, storage_root=str(tmp_path))
+    runner._adapter = FakeQueue()
+    try:
+        first, second = runner.store.create("test", {}), runner.store.create("test", {})
+        wait_for(lambda: reported and reported[-1] == 2)
+        runner.store.request_cancel(first.id)
+        wait_for(lambda: reported[-1] == 1)
+        runner.store.update(second.id, status="completed", finished_at=time.time())  # by another replica
+        wait_for(lambda: reported[-1] == 0)
+    finally:
+        runner._stop.set()
+
+
+def wait_for(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+# --- the job queue's maximum depth (IngressDeployment.create_and_enqueue) -------------------
+
+
+@pytest.fixture()
+def submit(tmp_path):
+    """The ingress's create_and_enqueue on a queue of max_queue_depth 3, without Ray."""
+    from deployments.ingress import IngressDeployment
+
+    ingress = SimpleNamespace(
+        config=SimpleNamespace(queue=JobQueueConfig(broker_url="memory://", backend_url="cache+memory://",
+                                                    max_queue_depth=3)),
+        jobs=JobStore(Storage(str(tmp_path))), queue=FakeQueue())
+
+    def submit(seed: int):
+        return IngressDeployment.func_or_class.create_and_enqueue(ingress, "images.generations", {"seed": seed})
+
+    submit.ingress = ingress
+    return submit
+
+
+def test_job_queue_takes_jobs_up_to_its_max_depth_and_refuses_one_past_it(submit):
+    jobs, queue = submit.ingress.jobs, submit.ingress.queue
+    accepted = [submit(seed) for seed in range(3)]  # the third brings the queue to exactly its limit
+    assert [job.status for job in accepted] == ["queued"] * 3
+    assert jobs.count_active() == 3 and [kwargs["job_id"] for _, kwargs, _ in queue.sent] == [j.id for j in accepted]
+
+    with pytest.raises(OverloadedError) as refused:
+        submit(3)
+    assert refused.value.status_code == 503 and refused.value.error_type == "overloaded_error"
+    assert int(refused.value.headers["Retry-After"]) >= 1
+    assert "3 unfinished jobs" in refused.value.message
+    # refused before anything was written or enqueued
+    assert jobs.count_active() == 3 and len(jobs.list(limit=10)) == 3 and len(queue.sent) == 3
+
+
+def test_a_finished_job_frees_its_place_in_a_full_queue(submit):
+    jobs = submit.ingress.jobs
+    accepted = [submit(seed) for seed in range(3)]
+    jobs.update(accepted[0].id, status="completed", finished_at=time.time())
+    assert submit(3).status == "queued"
+    with pytest.raises(OverloadedError):
+        submit(4)
+    assert jobs.count_active() == 3
