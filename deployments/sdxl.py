@@ -148,6 +148,9 @@ class SDXLResponse(BaseModel):
     guidance_scale: float
     images: list[SDXLImage]
     lora: str | None = Field(None, description="The adapter used, as name:version.")
+    # Lineage: what made the images, besides the request (the PNGs carry the same in text chunks).
+    source: str | None = Field(None, description="Folder or hub id of the base pipeline.")
+    lora_sha256: str | None = Field(None, description="sha256 of the adapter's weights file.")
     batch_images: int = Field(description="Images in the pipeline call this request ran in.")
     elapsed_s: float
 
@@ -637,10 +640,17 @@ class SDXLDeployment:
             results = []
             for i in range(p.request.n):
                 seed = p.seed + i
+                # Lineage in PNG text chunks. Only what decides the pixels goes in: a job id would
+                # make a replay's bytes differ, so it stays in the job record's output metadata.
                 metadata = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": str(seed),
-                            "steps": str(p.steps), "model": self.config.model_name}
+                            "steps": str(p.steps), "guidance_scale": str(p.guidance_scale), "mode": p.request.mode,
+                            "model": self.config.model_name, "model_id": self.config.model}
+                if p.request.mode != "text_to_image":
+                    metadata["strength"] = str(p.request.strength)
                 if p.lora is not None:
                     metadata.update(lora=p.lora.record.id, lora_scale=str(p.request.lora_scale))
+                    if p.lora.record.sha256:
+                        metadata["lora_sha256"] = p.lora.record.sha256
                 png = encode_png(next(images), metadata)
                 image = SDXLImage(seed=seed, width=p.width, height=p.height)
                 if p.request.store:
@@ -654,7 +664,8 @@ class SDXLDeployment:
                 SDXLResponse(
                     model=self.config.model_name, mode=p.request.mode, prompt=p.prompt,
                     negative_prompt=p.negative_prompt, steps=p.steps, guidance_scale=p.guidance_scale,
-                    images=results, lora=p.lora.record.id if p.lora else None, batch_images=len(generators),
+                    images=results, lora=p.lora.record.id if p.lora else None, source=self.config.model,
+                    lora_sha256=p.lora.record.sha256 if p.lora else None, batch_images=len(generators),
                     elapsed_s=elapsed,
                 )
             )

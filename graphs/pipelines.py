@@ -74,11 +74,31 @@ def image_generation(ctx, handles: dict[str, Any]) -> None:
     ctx.start_stage("generate")
     response = stream_sdxl(ctx, handles["sdxl"], request)
     for image in response.images:
+        lineage = image_lineage(ctx.id, ctx.record.kind, sdxl, response, image.seed)
         ctx.add_output(JobOutput(key=image.key, content_type="image/png", width=image.width,
-                                 height=image.height, seed=image.seed))
+                                 height=image.height, seed=image.seed, extra={"lineage": lineage}))
     ctx.record.result = {
-        "model": response.model, "mode": response.mode, "prompt": response.prompt,
+        "model": response.model, "model_id": response.source, "mode": response.mode, "prompt": response.prompt,
         "negative_prompt": response.negative_prompt, "steps": response.steps,
         "guidance_scale": response.guidance_scale, "seeds": [image.seed for image in response.images],
+        "lora": lora_lineage(response.lora, response.lora_sha256),
         "refine": refined.model_dump() if refined else None,
     }
+
+
+def lora_lineage(ref: str | None, sha256: str | None) -> dict | None:
+    """`name:version` and the weights' sha256 of the adapter used, or None."""
+    if ref is None:
+        return None
+    name, _, version = ref.partition(":")
+    return {"name": name, "version": int(version) if version.isdigit() else None, "sha256": sha256}
+
+
+def image_lineage(job_id: str, kind: str, sdxl: dict, response: SDXLResponse, seed: int) -> dict:
+    """What made one image: the request as run (the prompt after refinement; uploads by key), its
+    seed, the model and adapter, and the job. The job id lives here, not in the PNG, so a replay
+    (another job) writes the same bytes."""
+    request = {k: v for k, v in sdxl.items() if k not in ("image", "mask", "store", "output_id", "job_id")}
+    return {"job_id": job_id, "kind": kind, "request": request, "seed": seed,
+            "model": response.model, "model_id": response.source,
+            "lora": lora_lineage(response.lora, response.lora_sha256)}

@@ -1,8 +1,10 @@
 """Run a user workflow (graphs/workflows.py) as one job: each node on the deployment that owns it.
 
 The job request is `{"workflow": <Workflow>, "use_cache": bool, "refine": {node id: chat context},
-"saved": {"id", "version"} | None}`, prepared by deployments/api/workflows.py. Seeds are pinned
-there, so a run (and its replay) is reproducible and its diffusion nodes are cacheable.
+"loras": {"name:version": {name, version, sha256}}, "saved": {"id", "version"} | None}`, prepared
+by deployments/api/workflows.py. Seeds (refine's included) and LoRA versions are pinned there, so
+a run (and its replay) is reproducible and its model nodes are cacheable. Cache keys also hold
+the model each deployment runs, asked of it when the job starts.
 
 Node runners block in the executor's threads, calling DeploymentHandles; images, masks and
 videos pass between nodes as storage keys, so no pixels cross the runner. Node states (status,
@@ -21,12 +23,13 @@ from deployments.sdxl import SDXLRequest, routed
 from deployments.svd import SVDRequest
 from deployments.upscaler import UpscaleRequest
 from configs.styles import StylePreset
-from graphs.pipelines import drain_stream
-from graphs.workflows import NodeContext, Workflow, run_workflow
+from graphs.pipelines import drain_stream, lora_lineage
+from graphs.workflows import NODE_TYPES, NodeContext, Workflow, run_workflow
 from storage.fs import ObjectNotFoundError, Storage
 from storage.jobs import JobOutput
 
 CACHE_PREFIX = "workflows/cache/"
+DESCRIBE_TIMEOUT_S = 60
 CONTENT_TYPES = {"image": "image/png", "images": "image/png", "mask": "image/png", "video": "video/mp4"}
 
 
@@ -110,7 +113,8 @@ def node_runners(handles: dict[str, Any], job_id: str, spec: dict) -> dict[str, 
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
         context = spec["refine"][node.node_id]
-        request = RefineRequest(prompt=node.inputs["prompt"], style=node.params.style, lora=node.params.lora)
+        request = RefineRequest(prompt=node.inputs["prompt"], style=node.params.style, lora=node.params.lora,
+                                seed=node.params.seed)  # pinned by the ingress: a replay samples the same text
         style = StylePreset.model_validate(context["style"]) if context.get("style") else None
         chat = build_refine_chat(request, context["model"], RefineSettings.model_validate(context["settings"]),
                                  style, context.get("trigger_word"))
@@ -127,9 +131,33 @@ def node_runners(handles: dict[str, Any], job_id: str, spec: dict) -> dict[str, 
             "inpaint": diffusion("inpaint"), "upscale": upscale, "image_to_video": image_to_video, "refine": refine}
 
 
-def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str) -> dict:
-    """What produced an output: the nodes upstream of it (type and params, seeds included), the
-    saved workflow and version it ran from, and the job."""
+def model_ids(handles: dict[str, Any], workflow: Workflow, spec: dict) -> dict[str, str]:
+    """The model behind each deployment this workflow uses (its folder or hub id), for cache keys
+    and lineage. Asked of the deployments when the job runs: the ingress caches what they said at
+    its start, which a redeploy of one model leaves stale."""
+    needed = sorted({NODE_TYPES[node.type].deployment for node in workflow.nodes} - {None})
+    ids: dict[str, str] = {}
+    for name in needed:
+        if name == "llm":
+            # vLLM's server has no describe(); the ingress pins the LLM from its own config, which
+            # changes (and restarts the ingress) whenever the LLM is redeployed.
+            context = next(iter(spec.get("refine", {}).values()), {})
+            model = context.get("source") or context.get("model")
+        elif name in handles:
+            info = handles[name].describe.remote().result(timeout_s=DESCRIBE_TIMEOUT_S)
+            model = info.get("source") or info.get("model")
+        else:
+            continue
+        if model:
+            ids[name] = str(model)
+    return ids
+
+
+def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str, models: dict[str, str]) -> dict:
+    """What produced an output: the nodes upstream of it (type and params, seeds included; the
+    model each ran on; the LoRA with its weights' sha256), the saved workflow and version it ran
+    from, and the job. Kept in the job record's output metadata; the job id is never written
+    into the files, so a replay can write identical bytes."""
     sources: dict[str, list[str]] = {}
     for edge in workflow.edges:
         sources.setdefault(edge.target, []).append(edge.source)
@@ -140,8 +168,20 @@ def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str) -> dict:
         if current not in seen:
             seen.append(current)
             stack.extend(sources.get(current, []))
-    return {"job_id": job_id, "workflow": spec.get("saved"),
-            "nodes": [{"id": n, "type": by_id[n].type, "params": by_id[n].params} for n in reversed(seen)]}
+    loras = spec.get("loras") or {}
+    nodes = []
+    for n in reversed(seen):
+        node = by_id[n]
+        entry: dict[str, Any] = {"id": n, "type": node.type, "params": node.params}
+        deployment = NODE_TYPES[node.type].deployment
+        if deployment is not None:
+            entry["model_id"] = models.get(deployment)
+        if node.params.get("lora"):
+            entry["lora"] = loras.get(node.params["lora"]) or lora_lineage(node.params["lora"], None)
+        nodes.append(entry)
+    return {"job_id": job_id, "workflow": spec.get("saved"), "replay_of": spec.get("replay_of"),
+            "seeds": {n["id"]: n["params"]["seed"] for n in nodes if n["params"].get("seed") is not None},
+            "nodes": nodes}
 
 
 def workflow_run(ctx, handles: dict[str, Any]) -> None:
@@ -164,11 +204,12 @@ def workflow_run(ctx, handles: dict[str, Any]) -> None:
             return True
         return False
 
+    models = model_ids(handles, workflow, spec)
     result = run_workflow(workflow, {**node_runners(handles, ctx.id, spec)}, on_update=on_update,
                           is_cancelled=is_cancelled, cache=StorageWorkflowCache(ctx.store.storage),
-                          use_cache=spec.get("use_cache", True))
+                          use_cache=spec.get("use_cache", True), model_ids=models)
     nodes = {node_id: state.model_dump(mode="json") for node_id, state in result.nodes.items()}
-    ctx.record.result = {"nodes": nodes, "outputs": result.outputs, "workflow": spec.get("saved"),
+    ctx.record.result = {"nodes": nodes, "outputs": result.outputs, "workflow": spec.get("saved"), "models": models,
                          "cached": sorted(n for n, s in nodes.items() if s["status"] == "cached")}
     ctx.record.outputs = []
     port_types = _output_port_types(workflow)
@@ -180,7 +221,7 @@ def workflow_run(ctx, handles: dict[str, Any]) -> None:
             if kind in CONTENT_TYPES and isinstance(key, str):
                 ctx.add_output(JobOutput(key=key, content_type=CONTENT_TYPES[kind], extra={
                     "node": node.id, "name": node.params.get("name") or node.id,
-                    "lineage": _lineage(workflow, node.id, spec, ctx.id)}))
+                    "lineage": _lineage(workflow, node.id, spec, ctx.id, models)}))
     ctx.save(force=True)
     if result.status == "cancelled":
         raise JobCancelledError("cancelled by request")
@@ -193,8 +234,6 @@ def workflow_run(ctx, handles: dict[str, Any]) -> None:
 
 def _output_port_types(workflow: Workflow) -> dict[str, str]:
     """The type an output node receives: the type of the port feeding it."""
-    from graphs.workflows import NODE_TYPES
-
     types = {node.id: node.type for node in workflow.nodes}
     out = {}
     for edge in workflow.edges:

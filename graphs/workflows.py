@@ -1,8 +1,9 @@
 """User workflow graphs: the JSON format, validation, and a concurrent executor.
 
 A workflow is a DAG of typed nodes joined by edges between named ports. This module is pure Python
-(pydantic + stdlib threads): the model calls are injected as `NodeRunner`s, so the graph logic is
-testable without Ray and the ingress can wire runners to whichever deployments it has.
+(pydantic, stdlib threads, storage's key rules): the model calls are injected as `NodeRunner`s, so
+the graph logic is testable without Ray and the ingress can wire runners to whichever deployments
+it has.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Annotated, Any, Callable, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storage.fs import InvalidKeyError, validate_key
+from storage.keys import OUTPUTS_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +56,23 @@ class KeyParams(NodeParams):
 
     @field_validator("key")
     @classmethod
-    def _relative_key(cls, key: str) -> str:
-        # The key reaches storage; refuse anything that could escape the storage root.
-        if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError("key must be a relative storage key without '..'")
+    def _output_key(cls, key: str) -> str:
+        # The same rule as the HTTP `image_key` fields (deployments/api/videos._reference_key): a
+        # valid key under outputs/, so a workflow cannot read job records, uploads or LoRA weights.
+        try:
+            validate_key(key)
+        except InvalidKeyError as exc:
+            raise ValueError(f"key is not a valid storage key: {exc}") from None
+        if not key.startswith(OUTPUTS_PREFIX):
+            raise ValueError(f"key must name a stored output ({OUTPUTS_PREFIX}…)")
         return key
 
 
 class RefineParams(NodeParams):
     style: str | None = None
     lora: str | None = Field(None, max_length=300)
+    # Refinement samples (temperature > 0): a pinned seed makes a run, its cache entry and its replay agree.
+    seed: Seed = None
 
 
 class _DiffusionParams(NodeParams):
@@ -484,6 +495,7 @@ class NodeState(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     cache_key: str | None = None
+    progress_updates: int = 0  # progress reports the runner made (steps streamed from its deployment)
 
 
 class WorkflowResult(BaseModel):
@@ -543,9 +555,11 @@ def is_cacheable(node: Node) -> bool:
     return not ("seed" in type(params).model_fields and getattr(params, "seed") is None)
 
 
-def cache_key(node: Node, inputs: dict[str, Any]) -> str:
-    """sha256 of the node type, its params with defaults filled in, and its input values."""
-    payload = {"type": node.type, "params": _params(node).model_dump(mode="json"), "inputs": inputs}
+def cache_key(node: Node, inputs: dict[str, Any], model_id: str | None = None) -> str:
+    """sha256 of the node type, its params with defaults filled in, its input values, and the
+    identity of the model that runs it (so swapping a deployment's weights does not serve stale outputs)."""
+    payload = {"type": node.type, "params": _params(node).model_dump(mode="json"), "inputs": inputs,
+               "model": model_id}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -581,11 +595,14 @@ def run_workflow(
     cache: WorkflowCache | None = None,
     use_cache: bool = True,
     max_parallel: int = 8,
+    model_ids: dict[str, str] | None = None,
 ) -> WorkflowResult:
     """Run a valid workflow, each node as soon as its inputs are ready, up to `max_parallel` at once.
 
     Blocks until every node is settled. `runners` (by node type) override `BUILTIN_RUNNERS`.
     With use_cache=False the cache is not read, but fresh results are still written to it.
+    `model_ids` (by deployment: "sdxl", "upscaler", ...) name the models behind the runners; they
+    are part of each node's cache key.
     """
     report = validate_workflow(workflow)
     if not report.valid:
@@ -629,7 +646,8 @@ def run_workflow(
         with lock:  # producers are settled, but read their outputs under the lock anyway
             inputs = {port: states[src].outputs[src_port]  # type: ignore[index]
                       for port, (src, src_port) in feeds[node_id].items()}
-        key = cache_key(node, inputs) if cache is not None and is_cacheable(node) else None
+        model_id = (model_ids or {}).get(NODE_TYPES[node.type].deployment or "")
+        key = cache_key(node, inputs, model_id) if cache is not None and is_cacheable(node) else None
         if key is not None and use_cache:
             hit = cache.get(key)  # type: ignore[union-attr]
             if hit is not None:
@@ -641,7 +659,9 @@ def run_workflow(
         update(node_id, status="running", started_at=time.time(), cache_key=key)
 
         def progress(fraction: float) -> None:
-            update(node_id, progress=round(min(max(fraction, 0.0), 1.0) * 100, 2))
+            with lock:  # the counter is read and written under the one (re-entrant) state lock
+                update(node_id, progress=round(min(max(fraction, 0.0), 1.0) * 100, 2),
+                       progress_updates=states[node_id].progress_updates + 1)
 
         ctx = NodeContext(node, _params(node), inputs, progress, check_cancelled)
         outputs = all_runners[node.type](ctx)

@@ -4,7 +4,7 @@ Layout under the storage root (``lora_prefix`` in :mod:`storage.keys`)::
 
     models/loras/<name>/<version>/claim.json                        claims the version number
     models/loras/<name>/<version>/pytorch_lora_weights.safetensors  the adapter (diffusers format)
-    models/loras/<name>/<version>/manifest.json                     the LoraRecord; written last
+    models/loras/<name>/<version>/manifest.json                     the LoraRecord (and weights sha256); written last
     models/loras/<name>/<version>/deleted.json                      a deleted version (its number is not reused)
 
 Versions are 1, 2, ... per name. Registering claims the next number by creating its
@@ -24,6 +24,7 @@ References: ``"name"`` is the latest version, ``"name:3"`` (or ``"name:latest"``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -119,6 +120,8 @@ class LoraRecord(BaseModel):
     created_at: float
     weights_key: str
     size_bytes: int
+    sha256: str | None = Field(None, description="Hex sha256 of the weights file, for lineage; None on "
+                                                 "versions registered before it was recorded.")
     manifest: LoraManifest
 
     @property
@@ -370,7 +373,8 @@ class LoraRegistry:
 
         # 3. Weights, then the manifest: the version exists once the manifest does.
         record = LoraRecord(name=name, version=version, created_at=time.time(),
-                            weights_key=self.weights_key(name, version), size_bytes=len(data), manifest=manifest)
+                            weights_key=self.weights_key(name, version), size_bytes=len(data),
+                            sha256=hashlib.sha256(data).hexdigest(), manifest=manifest)
         try:
             self.storage.put_bytes(record.weights_key, data, content_type="application/octet-stream")
             self.storage.put_json(self.manifest_key(name, version), record.model_dump(mode="json"))

@@ -18,21 +18,26 @@ with every problem listed (400), and a job fails only for reasons that could not
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 
 from deployments.api import current_ingress
-from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError
+from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError, parse_json
+from deployments.api.videos import check_upscalable
 from deployments.media import check_size, parse_size
-from deployments.runtime import random_seed
-from graphs.workflows import NODE_TYPES, ValidationReport, Workflow, WorkflowIssue, validate_workflow, workflow_schema
+from deployments.runtime import MAX_SEED, random_seed
+from deployments.sdxl import check_denoising_steps
+from graphs.workflows import (NODE_TYPES, Node, ValidationReport, Workflow, WorkflowIssue, validate_workflow,
+                              workflow_schema)
 from storage.datasets import _put_if_absent
-from storage.fs import ObjectNotFoundError
+from storage.fs import InvalidKeyError, ObjectNotFoundError
 from storage.jobs import JobRecord
 from storage.keys import new_id
 
@@ -73,11 +78,7 @@ class SavedWorkflow(BaseModel):
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}", "body") from None
+    return parse_json(await request.body(), "body")
 
 
 def _parse(model: type[BaseModel], body: Any) -> Any:
@@ -104,8 +105,107 @@ def invalid_workflow(report: ValidationReport) -> JSONResponse:
 # --- validation against the running application ---------------------------------------------------
 
 
+def _stored_image_size(ingress, key: str) -> tuple[int, int] | str:
+    """(width, height) of a stored image, read from its header; or why it cannot be used."""
+    try:
+        data = ingress.storage.get_bytes(key)
+    except (ObjectNotFoundError, InvalidKeyError):
+        return f"no stored output at {key!r}"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError):
+        return f"{key!r} is not an image"
+
+
+class _Checks:
+    """Collects every problem of a workflow against the running models, with its node and field."""
+
+    def __init__(self) -> None:
+        self.issues: list[WorkflowIssue] = []
+
+    def add(self, node: str, field: str, message: str) -> None:
+        self.issues.append(WorkflowIssue(node=node, field=field, message=message))
+
+    def size(self, node: str, field: str, width: int, height: int, **limits: int) -> bool:
+        try:
+            check_size(width, height, param=field.rsplit(".", 1)[-1], **limits)
+        except AtelierError as exc:
+            self.add(node, field, exc.message)
+            return False
+        return True
+
+
+def _check_sdxl_node(checks: _Checks, node: Node, sdxl: dict, image: tuple[int, int] | None,
+                     mask: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The SDXL deployment's own checks (SDXLDeployment.check_inputs); the images' size if known."""
+    params = node.params
+    size = None
+    if params.get("size"):
+        size = parse_size(params["size"])
+        if not checks.size(node.id, "params.size", *size, min_size=sdxl["min_size"], max_size=sdxl["max_size"]):
+            size = None
+    elif node.type == "text_to_image":
+        size = (sdxl["default_size"], sdxl["default_size"])
+    elif image is not None:  # the input image's size, rounded down to a multiple of 8
+        size = (image[0] // 8 * 8, image[1] // 8 * 8)
+        if not checks.size(node.id, "inputs.image", *size, min_size=sdxl["min_size"], max_size=sdxl["max_size"]):
+            size = None
+    if node.type != "text_to_image":
+        try:
+            check_denoising_steps(node.type, params.get("steps") or sdxl["default_steps"], params.get("strength", 0.8))
+        except AtelierError as exc:
+            checks.add(node.id, "params.steps", exc.message)
+    if params.get("seed") is not None and params["seed"] + params.get("n", 1) - 1 > MAX_SEED:
+        checks.add(node.id, "params.seed", f"seed + n - 1 must be at most {MAX_SEED} (image i uses seed + i)")
+    if node.type == "inpaint" and image is not None and mask is not None and image != mask:
+        checks.add(node.id, "inputs.mask", f"mask is {mask[0]}x{mask[1]} but image is {image[0]}x{image[1]}; "
+                                           "they must match")
+    return size
+
+
+def _check_upscale_node(checks: _Checks, node: Node, up: dict, image: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The upscaler's limits, as POST /v1/images/upscale checks them; the output size if known."""
+    params = node.params
+    if params.get("steps") is not None and params["steps"] > up["max_steps"]:
+        checks.add(node.id, "params.steps", f"steps must be at most {up['max_steps']}; got {params['steps']}")
+    if params.get("noise_level") is not None and params["noise_level"] > up["max_noise_level"]:
+        checks.add(node.id, "params.noise_level",
+                   f"noise_level must be at most {up['max_noise_level']}; got {params['noise_level']}")
+    if image is None:
+        return None
+    try:
+        check_upscalable(up, *image, "inputs.image", "the input image")
+    except AtelierError as exc:
+        checks.add(node.id, "inputs.image", exc.message)
+        return None
+    return image[0] * up["scale"], image[1] * up["scale"]
+
+
+def _check_video_node(checks: _Checks, node: Node, svd: dict) -> None:
+    """SVD's limits, as POST /v1/videos checks them (frames, rate, size, steps)."""
+    params = node.params
+    frames, fps, steps = params.get("num_frames"), params.get("fps"), params.get("steps")
+    if frames is not None and not 1 <= frames <= svd["max_num_frames"]:
+        checks.add(node.id, "params.num_frames", f"num_frames must be between 1 and {svd['max_num_frames']}; "
+                                                 f"got {frames}")
+    if fps is not None and not svd["min_fps"] <= fps <= svd["max_fps"]:
+        checks.add(node.id, "params.fps", f"fps must be between {svd['min_fps']} and {svd['max_fps']}; got {fps}")
+    if steps is not None and steps > svd["max_steps"]:
+        checks.add(node.id, "params.steps", f"steps must be at most {svd['max_steps']}; got {steps}")
+    if params.get("size"):
+        checks.size(node.id, "params.size", *parse_size(params["size"]), min_size=svd["min_size"],
+                    max_size=svd["max_size"], multiple=svd["size_multiple"])
+
+
 async def check_workflow(ingress, doc: Any) -> tuple[ValidationReport, Workflow | None]:
-    """Structural checks, then the models' limits, styles and LoRAs; every problem is reported."""
+    """Structural checks, then each node's params against the model that runs it (SDXL's sizes,
+    steps, styles and LoRAs; SVD's frames, rate, size and steps; the upscaler's steps, noise
+    level and input size), and that stored images and masks exist. Every problem is reported.
+
+    Image sizes are followed through the graph where they are known before running (a size
+    param, a model's default, a stored image, x4 after an upscale), so an upscale of an image
+    too large for the upscaler is refused here rather than failing in the job."""
     sdxl = await ingress.sdxl_info()
     limits = {t: {"max_steps": sdxl["max_steps"]} for t in SDXL_NODE_TYPES}
     report = validate_workflow(doc, available_deployments=set(ingress.handles),
@@ -113,49 +213,71 @@ async def check_workflow(ingress, doc: Any) -> tuple[ValidationReport, Workflow 
     if not report.valid:
         return report, None
     workflow = Workflow.model_validate(doc)
-    issues: list[WorkflowIssue] = []
-    for node in workflow.nodes:
-        params = node.params
-        if node.type in SDXL_NODE_TYPES and params.get("size"):
-            try:
-                width, height = parse_size(params["size"])
-                check_size(width, height, min_size=sdxl["min_size"], max_size=sdxl["max_size"])
-            except AtelierError as exc:
-                issues.append(WorkflowIssue(node=node.id, field="params.size", message=exc.message))
+    types = {node.type for node in workflow.nodes}
+    up = await ingress.model_info("upscaler") if "upscale" in types else None
+    svd = await ingress.model_info("svd") if "image_to_video" in types else None
+    by_id = {node.id: node for node in workflow.nodes}
+    feeds = {(edge.target, edge.target_port): edge.source for edge in workflow.edges}
+    sizes: dict[str, tuple[int, int] | None] = {}  # node id -> size of its image(s) or mask, if known
+    checks = _Checks()
+    for node_id in report.order:
+        node, params = by_id[node_id], by_id[node_id].params
+
+        def input_size(port: str) -> tuple[int, int] | None:
+            return sizes.get(feeds.get((node_id, port), ""))
+
+        if node.type in ("image", "mask"):
+            found = await asyncio.to_thread(_stored_image_size, ingress, params["key"])
+            if isinstance(found, str):
+                checks.add(node_id, "params.key", found)
+            else:
+                sizes[node_id] = found
+        elif node.type in SDXL_NODE_TYPES:
+            sizes[node_id] = _check_sdxl_node(checks, node, sdxl, input_size("image"), input_size("mask"))
+        elif node.type == "select":
+            sizes[node_id] = input_size("images")
+        elif node.type == "upscale" and up is not None:
+            sizes[node_id] = _check_upscale_node(checks, node, up, input_size("image"))
+        elif node.type == "image_to_video" and svd is not None:
+            _check_video_node(checks, node, svd)
         if params.get("style") and params["style"] not in sdxl["styles"]:
-            issues.append(WorkflowIssue(node=node.id, field="params.style",
-                                        message=f"unknown style {params['style']!r}; known: {sorted(sdxl['styles'])}"))
+            checks.add(node_id, "params.style", f"unknown style {params['style']!r}; known: {sorted(sdxl['styles'])}")
         if params.get("lora"):
             try:
                 await ingress.lora_record(params["lora"])
             except AtelierError as exc:
-                issues.append(WorkflowIssue(node=node.id, field="params.lora", message=exc.message))
-    if issues:
-        return ValidationReport(valid=False, errors=issues, order=report.order), None
+                checks.add(node_id, "params.lora", exc.message)
+    if checks.issues:
+        return ValidationReport(valid=False, errors=checks.issues, order=report.order), None
     return report, workflow
 
 
 async def _run_payload(ingress, workflow: Workflow, use_cache: bool, saved: dict | None) -> dict:
-    """Seeds pinned (a run and its replay are reproducible), LoRAs pinned to a version, and
-    what each refine node needs to talk to the LLM."""
+    """Seeds pinned (a run and its replay are reproducible; refine's too, as the LLM samples),
+    LoRAs pinned to a version with their weights' sha256 (lineage), and what each refine node
+    needs to talk to the LLM."""
     nodes = []
     refine: dict[str, dict] = {}
+    loras: dict[str, dict] = {}
     for node in workflow.nodes:
         params = dict(node.params)
         if "seed" in NODE_TYPES[node.type].params.model_fields and params.get("seed") is None:
-            params["seed"] = random_seed()
+            params["seed"] = min(random_seed(), MAX_SEED - params.get("n", 1) + 1)  # image i uses seed + i
         if params.get("lora"):
-            params["lora"] = (await ingress.lora_record(params["lora"])).id
+            record = await ingress.lora_record(params["lora"])
+            params["lora"] = record.id
+            loras[record.id] = {"name": record.name, "version": record.version, "sha256": record.sha256}
         if node.type == "refine":
             style = await ingress.style_preset(params.get("style"))
             refine[node.id] = {
-                "model": ingress.llm_info["model"], "settings": ingress.llm_settings.model_dump(),
+                "model": ingress.llm_info["model"], "source": ingress.llm_info.get("source"),
+                "settings": ingress.llm_settings.model_dump(),
                 "style": style.model_dump() if style else None,
                 "trigger_word": await ingress.lora_trigger_word(params.get("lora")),
             }
         nodes.append({**node.model_dump(), "params": params})
     return {"workflow": {**workflow.model_dump(), "nodes": nodes}, "use_cache": use_cache, "refine": refine,
-            "saved": saved}
+            "loras": loras, "saved": saved}
 
 
 # --- routes --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import time
 import httpx
 import imageio.v3 as iio
 import pytest
+from PIL import Image
 
 from tests.serve.helpers import read_events, wait_for_job
 
@@ -62,10 +63,10 @@ def test_text_image_upscale_video_runs_as_one_job_with_node_progress(client):
         "nodes": [node("idea", "prompt", text="a lighthouse"), node("still", "text_to_image", size="32x32", steps=2),
                   node("pick", "select"), node("big", "upscale", steps=2),
                   node("clip", "image_to_video", num_frames=3, fps=6, steps=2, size="64x64"),
-                  node("video", "output")],
+                  node("video", "output"), node("frame", "output")],
         "edges": [edge("idea", "text", "still", "prompt"), edge("still", "images", "pick", "images"),
                   edge("pick", "image", "big", "image"), edge("big", "image", "clip", "image"),
-                  edge("clip", "video", "video", "value")],
+                  edge("clip", "video", "video", "value"), edge("pick", "image", "frame", "value")],
     }
     response = client.post("/v1/workflows/runs", json={"workflow": workflow})
     assert response.status_code == 202, response.text
@@ -76,17 +77,41 @@ def test_text_image_upscale_video_runs_as_one_job_with_node_progress(client):
     assert all(n["status"] == "completed" and n["progress"] == 100 for n in nodes.values()), nodes
     for before, after in [("still", "big"), ("big", "clip")]:
         assert nodes[before]["finished_at"] <= nodes[after]["started_at"]
-    # progress of each node showed up in the job's events while it ran
+    # every model node streamed its denoising steps into its state on the job (2 steps each)...
+    model_nodes = ("still", "big", "clip")
+    assert all(nodes[n]["progress_updates"] >= 2 for n in model_nodes), {n: nodes[n] for n in model_nodes}
+    # ...and progress showed up in the job's events while a node ran
     running = {(name, n["progress"]) for e in events for name, n in ((e.get("result") or {}).get("nodes") or {}).items()
                if n["status"] == "running"}
     assert any(0 < progress < 100 for _, progress in running), running
-    assert [o["content_type"] for o in job["outputs"]] == ["video/mp4"]
-    frames = iio.imread(io.BytesIO(httpx.get(job["outputs"][0]["url"]).content), index=None, extension=".mp4")
+    assert [o["content_type"] for o in job["outputs"]] == ["video/mp4", "image/png"]
+    video, frame = job["outputs"]
+    frames = iio.imread(io.BytesIO(httpx.get(video["url"]).content), index=None, extension=".mp4")
     assert frames.shape[:3] == (3, 64, 64)
-    lineage = job["outputs"][0]["extra"]["lineage"]
+
+    # The ingress pinned a seed on every node whose type takes one; the recorded run holds them.
+    schema = client.get("/v1/workflows/schema").json()["node_types"]
+    seeded = {t for t, spec in schema.items() if "seed" in spec["params"]["properties"]}
+    recorded = {n["id"]: n for n in job["params"]["workflow"]["nodes"]}
+    seeds = {n["id"]: n["params"].get("seed") for n in recorded.values() if n["type"] in seeded}
+    assert set(seeds) == set(model_nodes) and all(isinstance(seed, int) for seed in seeds.values()), seeds
+
+    # Lineage on each output: the job, the seeds, and the model each node ran on.
+    models = job["result"]["models"]
+    assert set(models) == {"sdxl", "upscaler", "svd"} and all(isinstance(m, str) and m for m in models.values())
+    lineage = video["extra"]["lineage"]
     assert lineage["job_id"] == job["id"] and [n["id"] for n in lineage["nodes"]][-1] == "video"
-    assert all(isinstance(n["params"].get("seed"), int) for n in lineage["nodes"] if n["type"] != "select"
-               and "seed" in n["params"])
+    assert lineage["seeds"] == seeds
+    by_id = {n["id"]: n for n in lineage["nodes"]}
+    assert {n: by_id[n]["model_id"] for n in model_nodes} == {"still": models["sdxl"], "big": models["upscaler"],
+                                                               "clip": models["svd"]}
+    assert frame["extra"]["lineage"]["seeds"] == {"still": seeds["still"]}
+    # The SDXL image's PNG text chunks carry its lineage, but not the job id (a replay is another
+    # job and must write the same bytes): that stays in the output's metadata above.
+    chunks = Image.open(io.BytesIO(httpx.get(frame["url"]).content)).text
+    assert chunks["seed"] == str(seeds["still"]) and chunks["model_id"] == models["sdxl"]
+    assert chunks["prompt"] == "a lighthouse" and chunks["steps"] == "2" and chunks["mode"] == "text_to_image"
+    assert job["id"] not in json.dumps(chunks)
 
 
 def test_diamond_runs_branches_concurrently_then_from_cache_and_replays(client):

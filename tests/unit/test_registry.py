@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
@@ -48,6 +49,22 @@ def test_register_get_and_read_back(storage):
     assert got.manifest.dataset_version == 2 and got.manifest.validation_seeds == [0, 1]
     assert registry.get_weights("corgi", 1) == WEIGHTS == storage.get_bytes(record.weights_key)
     assert registry.resolve("corgi:1") == record and registry.resolve("corgi:latest") == record
+
+
+def test_weights_sha256_is_recorded_for_lineage(storage):
+    registry = LoraRegistry(storage)
+    first = registry.register("corgi", MANIFEST, WEIGHTS)
+    other_weights = safetensors_bytes(["unet.lora.down.weight"], fill=1)
+    second = registry.register("corgi", MANIFEST, other_weights, new_version=True)
+    assert first.sha256 == hashlib.sha256(WEIGHTS).hexdigest()
+    assert second.sha256 == hashlib.sha256(other_weights).hexdigest() != first.sha256
+    # it is in the stored manifest, so every reader (SDXL replicas, the ingress) sees it
+    assert storage.get_json(registry.manifest_key("corgi", 1))["sha256"] == first.sha256
+    assert registry.get("corgi", 1).sha256 == first.sha256
+    # a version registered before the hash was recorded still reads, without one
+    legacy = {k: v for k, v in storage.get_json(registry.manifest_key("corgi", 2)).items() if k != "sha256"}
+    storage.put_json(registry.manifest_key("corgi", 2), legacy)
+    assert registry.get("corgi", 2).sha256 is None
 
 
 def test_name_collision_needs_new_version(storage):

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from graphs.workflows import (
     NODE_TYPES,
     InMemoryWorkflowCache,
+    Node,
     NodeContext,
     Workflow,
     WorkflowCancelled,
+    cache_key,
+    is_cacheable,
     run_workflow,
     validate_workflow,
     workflow_schema,
@@ -253,6 +260,8 @@ def test_run_chain_outputs_and_progress() -> None:
     assert any(u["gen"].status == "running" and u["gen"].progress == 50 for u in updates)
     assert all(s.status == "completed" and s.progress == 100 for s in result.nodes.values())
     assert result.nodes["gen"].started_at <= result.nodes["gen"].finished_at
+    # each progress report is counted on the node, so a job shows which nodes streamed progress
+    assert (result.nodes["gen"].progress_updates, result.nodes["up"].progress_updates) == (1, 0)
 
 
 def test_invalid_workflow_is_refused() -> None:
@@ -400,3 +409,279 @@ def test_workflow_cancelled_from_runner_is_cancelled() -> None:
     result = run_workflow(Workflow.model_validate(txt2img_doc()), {"text_to_image": gen, "upscale": gen})
     assert result.status == "cancelled"
     assert result.nodes["gen"].status == "cancelled"
+
+
+def test_key_params_take_only_stored_outputs() -> None:
+    def doc(key: str) -> dict[str, Any]:
+        return {"nodes": [node("i", "image", key=key), node("o", "output")], "edges": [edge("i.image", "o.value")]}
+
+    assert validate_workflow(doc("outputs/2026/01/01/job/0.png")).valid
+    # the rule of the HTTP image_key fields: job records, uploads, LoRA weights and escapes are refused
+    for key in ("jobs/job_1.json", "uploads/u/image", "models/loras/corgi/1/pytorch_lora_weights.safetensors",
+                "outputs/../jobs/job_1.json", "/etc/passwd", "outputs//a.png", "outputs/a*.png"):
+        assert issues(doc(key)) == {("i", "params.key")}, key
+
+
+def test_refine_seed_makes_it_cacheable() -> None:
+    refine = {"id": "r", "type": "refine", "params": {}}
+    assert "seed" in NODE_TYPES["refine"].params.model_fields
+    assert not is_cacheable(Node.model_validate(refine))  # an unpinned refine samples anew each run
+    assert is_cacheable(Node.model_validate({**refine, "params": {"seed": 5}}))
+    assert issues({"nodes": [node("p", "prompt", text="x"), node("r", "refine", seed=-1), node("o", "output")],
+                   "edges": [edge("p.text", "r.prompt"), edge("r.prompt", "o.value")]}) == {("r", "params.seed")}
+
+
+def test_cache_key_holds_the_model_so_a_swap_recomputes() -> None:
+    gen = Node.model_validate(node("gen", "text_to_image", seed=1))
+    inputs = {"prompt": "a cat"}
+    assert cache_key(gen, inputs, "stabilityai/sdxl-base-1.0") != cache_key(gen, inputs, "acme/sdxl-finetune")
+    assert cache_key(gen, inputs, "stabilityai/sdxl-base-1.0") == cache_key(gen, inputs, "stabilityai/sdxl-base-1.0")
+
+    cache = InMemoryWorkflowCache()
+    wf = Workflow.model_validate(txt2img_doc(seed=7))
+    run_workflow(wf, FakeRunners().as_dict(), cache=cache, model_ids={"sdxl": "sdxl-a", "upscaler": "x4"})
+    swapped = FakeRunners()
+    result = run_workflow(wf, swapped.as_dict(), cache=cache, model_ids={"sdxl": "sdxl-b", "upscaler": "x4"})
+    assert [c[0] for c in swapped.calls] == ["gen"]  # the new SDXL reruns; the upscaler's key is unchanged
+    assert (result.nodes["gen"].status, result.nodes["up"].status) == ("completed", "cached")
+
+
+# ------------------------------------------------------- checks against the running models (ingress)
+
+SDXL_INFO = {"min_size": 32, "max_size": 512, "default_size": 64, "default_steps": 4, "max_steps": 50,
+             "styles": {"noir": {"name": "noir"}}}
+MODEL_INFO = {
+    "upscaler": {"scale": 4, "min_input_size": 16, "max_input_size": 256, "max_steps": 50, "max_noise_level": 250,
+                 "max_frames": 16},
+    "svd": {"min_size": 32, "max_size": 256, "size_multiple": 8, "max_num_frames": 14, "min_fps": 1, "max_fps": 30,
+            "max_steps": 50},
+}
+
+
+class FakeIngress:
+    """What check_workflow and _run_payload use of the ingress: model limits, storage, the LoRA registry."""
+
+    def __init__(self, storage) -> None:
+        from deployments.gemma import RefineSettings
+
+        self.storage = storage
+        self.handles = {"sdxl": None, "upscaler": None, "svd": None, "llm": None}
+        self.config = SimpleNamespace(max_workflow_nodes=100)
+        self.llm_info = {"model": "gemma", "source": "models/tiny/gemma"}
+        self.llm_settings = RefineSettings()
+
+    async def sdxl_info(self) -> dict:
+        return SDXL_INFO
+
+    async def model_info(self, name: str) -> dict:
+        return MODEL_INFO[name]
+
+    async def lora_record(self, ref: str | None):
+        from deployments.errors import InvalidRequestError
+
+        if ref is None:
+            return None
+        if not ref.startswith("corgi"):
+            raise InvalidRequestError(f"unknown LoRA {ref!r}", "lora")
+        return SimpleNamespace(id="corgi:2", name="corgi", version=2, sha256="ab" * 32, trigger_word="sks")
+
+    async def style_preset(self, name: str | None):
+        return None
+
+    async def lora_trigger_word(self, name: str | None) -> str | None:
+        return (await self.lora_record(name)).trigger_word if name else None
+
+
+def png(width: int, height: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture()
+def ingress(tmp_path) -> FakeIngress:
+    from storage import Storage
+
+    return FakeIngress(Storage(str(tmp_path / "root")))
+
+
+def check(ingress: FakeIngress, doc: dict[str, Any]):
+    from deployments.api.workflows import check_workflow
+
+    return asyncio.run(check_workflow(ingress, doc))
+
+
+def test_video_and_upscale_params_are_checked_against_the_models(ingress) -> None:
+    doc = {
+        "nodes": [node("p", "prompt", text="a kite"), node("t", "text_to_image", size="128x128", steps=2, seed=1),
+                  node("s", "select"), node("up1", "upscale", steps=80, noise_level=300),
+                  node("up2", "upscale"),  # 128 → 512: too large an input for the upscaler
+                  node("v", "image_to_video", size="2048x2048", num_frames=60, steps=150, fps=45),
+                  node("o1", "output"), node("o2", "output")],
+        "edges": [edge("p.text", "t.prompt"), edge("t.images", "s.images"), edge("s.image", "up1.image"),
+                  edge("up1.image", "up2.image"), edge("up2.image", "o1.value"),
+                  edge("s.image", "v.image"), edge("v.video", "o2.value")],
+    }
+    assert validate_workflow(doc).valid  # structurally fine: only the running models' limits refuse it
+    report, workflow = check(ingress, doc)
+    assert workflow is None and not report.valid
+    found = {(e.node, e.field): e.message for e in report.errors}
+    assert set(found) == {("up1", "params.steps"), ("up1", "params.noise_level"), ("up2", "inputs.image"),
+                          ("v", "params.size"), ("v", "params.num_frames"), ("v", "params.steps"),
+                          ("v", "params.fps")}, found
+    assert "512x512" in found[("up2", "inputs.image")] and "256" in found[("up2", "inputs.image")]
+    assert found[("v", "params.num_frames")] == "num_frames must be between 1 and 14; got 60"
+    assert found[("v", "params.steps")] == "steps must be at most 50; got 150"
+    assert "2048x2048" in found[("v", "params.size")]
+    assert report.order  # the execution order still comes back
+
+    fixed = json.loads(json.dumps(doc))
+    fixed["nodes"][3]["params"] = {"steps": 2}
+    fixed["nodes"][4]["params"] = {"steps": 2}
+    fixed["nodes"][1]["params"]["size"] = "32x32"  # up1 makes 128x128, which up2 takes
+    fixed["nodes"][5]["params"] = {"size": "64x64", "num_frames": 3, "steps": 2, "fps": 6}
+    report, workflow = check(ingress, fixed)
+    assert report.valid and workflow is not None, report.errors
+
+
+def test_stored_images_and_masks_must_exist_and_match(ingress) -> None:
+    ingress.storage.put_bytes("outputs/a/0.png", png(64, 48))
+    ingress.storage.put_bytes("outputs/a/mask.png", png(32, 32, "L"))
+    ingress.storage.put_bytes("outputs/a/notes.txt", b"not an image")
+    doc = {
+        "nodes": [node("p", "prompt", text="a kite"), node("img", "image", key="outputs/a/0.png"),
+                  node("m", "mask", key="outputs/a/mask.png"), node("gone", "image", key="outputs/missing.png"),
+                  node("txt", "image", key="outputs/a/notes.txt"),
+                  node("paint", "inpaint", steps=1, strength=0.5, seed=1), node("up", "upscale", seed=1),
+                  node("o", "output"), node("o2", "output"), node("o3", "output")],
+        "edges": [edge("p.text", "paint.prompt"), edge("img.image", "paint.image"), edge("m.mask", "paint.mask"),
+                  edge("paint.images", "o.value"), edge("gone.image", "up.image"), edge("up.image", "o2.value"),
+                  edge("txt.image", "o3.value")],
+    }
+    report, workflow = check(ingress, doc)
+    assert workflow is None
+    found = {(e.node, e.field): e.message for e in report.errors}
+    assert set(found) == {("gone", "params.key"), ("txt", "params.key"), ("paint", "inputs.mask"),
+                          ("paint", "params.steps")}, found
+    assert found[("gone", "params.key")] == "no stored output at 'outputs/missing.png'"
+    assert found[("txt", "params.key")] == "'outputs/a/notes.txt' is not an image"
+    assert found[("paint", "inputs.mask")] == "mask is 32x32 but image is 64x48; they must match"
+    assert "leaves no denoising step" in found[("paint", "params.steps")]  # int(1 × 0.5) = 0
+
+
+def test_run_payload_pins_every_seed_refine_included_and_the_lora_hash(ingress) -> None:
+    from deployments.api.workflows import _run_payload
+
+    doc = {"nodes": [node("p", "prompt", text="a corgi"), node("r", "refine", lora="corgi"),
+                     node("t", "text_to_image", lora="corgi", n=8), node("o", "output")],
+           "edges": [edge("p.text", "r.prompt"), edge("r.prompt", "t.prompt"), edge("t.images", "o.value")]}
+    payload = asyncio.run(_run_payload(ingress, Workflow.model_validate(doc), True, None))
+    nodes = {n["id"]: n for n in payload["workflow"]["nodes"]}
+    seeded = [n for n in nodes.values() if "seed" in NODE_TYPES[n["type"]].params.model_fields]
+    assert {n["id"] for n in seeded} == {"r", "t"}
+    assert all(isinstance(n["params"]["seed"], int) for n in seeded)
+    assert nodes["t"]["params"]["seed"] + 7 <= 2**32 - 1  # room for the 8 images' seeds
+    assert nodes["t"]["params"]["lora"] == nodes["r"]["params"]["lora"] == "corgi:2"
+    assert payload["loras"] == {"corgi:2": {"name": "corgi", "version": 2, "sha256": "ab" * 32}}
+    assert payload["refine"]["r"]["source"] == "models/tiny/gemma"
+    assert validate_workflow(payload["workflow"]).valid
+
+
+# ------------------------------------------------------------------------------------ lineage
+
+
+class FakeDescribe:
+    def __init__(self, info: dict) -> None:
+        self.describe = SimpleNamespace(remote=lambda: SimpleNamespace(result=lambda timeout_s=None: info))
+
+
+def test_workflow_lineage_names_models_loras_seeds_and_job() -> None:
+    from graphs.workflow_jobs import _lineage, model_ids
+
+    doc = {"nodes": [node("p", "prompt", text="a corgi"), node("r", "refine", seed=4),
+                     node("t", "text_to_image", lora="corgi:2", seed=9), node("s", "select"),
+                     node("u", "upscale", seed=3), node("o", "output")],
+           "edges": [edge("p.text", "r.prompt"), edge("r.prompt", "t.prompt"), edge("t.images", "s.images"),
+                     edge("s.image", "u.image"), edge("u.image", "o.value")]}
+    workflow = Workflow.model_validate(doc)
+    spec = {"refine": {"r": {"model": "gemma", "source": "google/gemma-3-1b-it"}},
+            "loras": {"corgi:2": {"name": "corgi", "version": 2, "sha256": "ab" * 32}},
+            "saved": {"id": "wf_1", "version": 3, "name": "corgis"}}
+    handles = {"sdxl": FakeDescribe({"model": "sdxl", "source": "stabilityai/stable-diffusion-xl-base-1.0"}),
+               "upscaler": FakeDescribe({"model": "x4", "source": "stabilityai/stable-diffusion-x4-upscaler"}),
+               "svd": FakeDescribe({"model": "svd", "source": "never-asked"})}
+    models = model_ids(handles, workflow, spec)
+    assert models == {"llm": "google/gemma-3-1b-it", "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+                      "upscaler": "stabilityai/stable-diffusion-x4-upscaler"}  # svd is not used: not asked
+
+    lineage = _lineage(workflow, "o", spec, "job_1", models)
+    assert lineage["job_id"] == "job_1" and lineage["workflow"] == spec["saved"]
+    assert lineage["seeds"] == {"r": 4, "t": 9, "u": 3}
+    by_id = {n["id"]: n for n in lineage["nodes"]}
+    assert [n["id"] for n in lineage["nodes"]][-1] == "o" and set(by_id) == {"p", "r", "t", "s", "u", "o"}
+    assert by_id["t"]["model_id"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert by_id["t"]["lora"] == {"name": "corgi", "version": 2, "sha256": "ab" * 32}
+    assert by_id["r"]["model_id"] == "google/gemma-3-1b-it"
+    assert by_id["u"]["model_id"] == "stabilityai/stable-diffusion-x4-upscaler"
+    assert "model_id" not in by_id["s"]  # built-ins run on no model
+
+
+class FakeJobContext:
+    def __init__(self, request: dict) -> None:
+        self.id = "job_42"
+        self.request = request
+        self.record = SimpleNamespace(kind="images.generations", result=None)
+        self.outputs: list = []
+
+    def start_stage(self, stage: str) -> None: ...
+
+    def step(self, step: int, total: int) -> None: ...
+
+    def check_cancelled(self) -> None: ...
+
+    def add_output(self, output) -> None:
+        self.outputs.append(output)
+
+
+class FakeSDXLHandle:
+    """Answers generate_stream with one progress event and the response."""
+
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def options(self, **_: Any) -> "FakeSDXLHandle":
+        return self
+
+    @property
+    def generate_stream(self) -> SimpleNamespace:
+        from deployments.sdxl import SDXLImage, SDXLProgress, SDXLResponse
+
+        def remote(request):
+            self.requests.append(request)
+            images = [SDXLImage(seed=request.seed + i, width=64, height=64, key=f"outputs/x/{i}.png")
+                      for i in range(request.n)]
+            return [SDXLProgress(step=1, total_steps=1),
+                    SDXLResponse(model="sdxl", mode=request.mode, prompt=request.prompt, negative_prompt="",
+                                 steps=2, guidance_scale=5.0, images=images, lora=request.lora,
+                                 source="stabilityai/stable-diffusion-xl-base-1.0", lora_sha256="cd" * 32,
+                                 batch_images=request.n, elapsed_s=0.1)]
+
+        return SimpleNamespace(remote=remote)
+
+
+def test_image_job_outputs_carry_lineage_with_the_job_id_outside_the_png() -> None:
+    from graphs.pipelines import image_generation
+
+    ctx = FakeJobContext({"sdxl": {"prompt": "a pear", "n": 2, "seed": 11, "lora": "pear:1", "steps": 2}})
+    handle = FakeSDXLHandle()
+    image_generation(ctx, {"sdxl": handle})
+    assert handle.requests[0].job_id == "job_42"  # the deployment gets the job id only to name its files
+    assert [o.seed for o in ctx.outputs] == [11, 12]
+    for output in ctx.outputs:
+        lineage = output.extra["lineage"]
+        assert lineage["job_id"] == "job_42" and lineage["kind"] == "images.generations"
+        assert lineage["seed"] == output.seed and lineage["request"]["prompt"] == "a pear"
+        assert lineage["model_id"] == "stabilityai/stable-diffusion-xl-base-1.0"
+        assert lineage["lora"] == {"name": "pear", "version": 1, "sha256": "cd" * 32}
+        assert "job_id" not in lineage["request"]
+    assert ctx.record.result["seeds"] == [11, 12] and ctx.record.result["lora"]["sha256"] == "cd" * 32
