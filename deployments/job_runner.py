@@ -46,6 +46,8 @@ class JobQueueConfig(BaseModel):
     reap_interval_s: float = Field(5.0, gt=0)
     max_attempts: int = Field(2, ge=1)
     max_queue_depth: int = Field(1000, ge=1, description="Unfinished jobs past which submission gets 503.")
+    backpressure_wait_s: float = Field(
+        600.0, ge=0, description="How long a job waits out full model queues (503s) before it fails.")
 
     def task_processor_config(self) -> TaskProcessorConfig:
         return TaskProcessorConfig(
@@ -73,6 +75,12 @@ def enqueue_job(adapter, store: JobStore, record: JobRecord) -> str:
 class ReplicaLostError(AtelierError):
     status_code = 503
     error_type = "replica_lost"
+
+
+def is_backpressure(exc: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(exc, BackPressureError)
 
 
 def is_replica_failure(exc: BaseException) -> bool:
@@ -201,13 +209,25 @@ class JobRunnerDeployment:
         return {"job_id": job_id, "status": ctx.record.status}
 
     def _run_with_retries(self, ctx: JobContext) -> None:
-        """Run the job's pipeline; a model replica dying mid-call costs one attempt, not the job."""
+        """Run the job's pipeline; a model replica dying mid-call costs one attempt, not the job.
+
+        A full model queue (Serve's BackPressureError) costs nothing: an accepted job waits it out,
+        backing off, for up to `backpressure_wait_s`, rather than fail for load it did not cause.
+        """
         pipeline = self.pipelines[ctx.record.kind]
+        waited, backoff = 0.0, 0.5
         while True:
             try:
                 pipeline(ctx, self.handles)
                 return
             except Exception as exc:
+                if is_backpressure(exc) and waited < self.queue.backpressure_wait_s:
+                    logger.info("job %s: model queue full at stage %r; retrying in %.1f s", ctx.id, ctx.record.stage, backoff)
+                    ctx.check_cancelled()
+                    time.sleep(backoff)
+                    waited, backoff = waited + backoff, min(backoff * 2, 10.0)
+                    ctx.check_cancelled()
+                    continue
                 if not is_replica_failure(exc):
                     raise
                 logger.warning("job %s: a replica died on attempt %d/%d: %s", ctx.id, ctx.record.attempts,

@@ -86,6 +86,35 @@ def test_dead_model_replica_is_retried_then_completes(runner):
     assert len(calls) == 2 and runner.store.get(record.id).attempts == 2
 
 
+def test_full_model_queue_is_waited_out_without_costing_an_attempt(runner):
+    from ray.serve.exceptions import BackPressureError
+
+    calls = []
+
+    def pipeline(ctx, handles):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+
+    record = with_pipeline(runner, pipeline)
+    assert runner.run_job(record.id)["status"] == "completed"
+    assert len(calls) == 3 and runner.store.get(record.id).attempts == 1
+
+
+def test_full_model_queue_past_the_wait_budget_fails_with_the_reason(runner):
+    from ray.serve.exceptions import BackPressureError
+
+    runner.queue.backpressure_wait_s = 0.0
+
+    def pipeline(ctx, handles):
+        raise BackPressureError(num_queued_requests=8, max_queued_requests=8)
+
+    record = with_pipeline(runner, pipeline)
+    runner.run_job(record.id)
+    failed = runner.store.get(record.id)
+    assert failed.status == "failed" and "queue" in failed.error.message.lower()
+
+
 def test_dead_model_replica_every_time_fails_clearly(runner):
     def pipeline(ctx, handles):
         ctx.start_stage("generate")
