@@ -20,13 +20,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from storage.keys import validate_id
 
-__all__ = ["TrainConfig", "TrainConfigError", "load_config", "config_error", "LR_SCHEDULERS",
+__all__ = ["TrainConfig", "TrainConfigError", "load_config", "config_error", "LR_SCHEDULERS", "RESUME_FIELDS",
            "DEFAULT_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES"]
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # The attention projections, as diffusers' train_dreambooth_lora_sdxl.py targets them.
 DEFAULT_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# What a checkpoint records of its run's config, and a run resuming it must match: the adapter's
+# shapes, the data and the optimisation. Length (max_steps, epochs), workers and validation may
+# change between attempts.
+RESUME_FIELDS = (
+    "base_model", "method", "rank", "alpha", "target_modules", "train_text_encoder", "resolution", "min_size",
+    "instance_prompt", "class_prompt", "prior_loss_weight", "learning_rate", "text_encoder_learning_rate",
+    "lr_scheduler", "lr_warmup_steps", "batch_size", "gradient_accumulation", "mixed_precision", "seed",
+)
 
 
 class TrainConfigError(ValueError):
@@ -38,8 +46,17 @@ class TrainConfigError(ValueError):
         self.param = param
 
 
+# Hard ceilings for any run (an app's `ingress.fine_tuning.limits` sets lower ones for HTTP requests).
+MAX_RANK = 1024
+MAX_RESOLUTION = 4096
+MAX_STEPS = 10_000_000
+MAX_EPOCHS = 100_000
+
+
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Every float field must be a finite number: a JSON body may carry Infinity or NaN, which
+    # would pass `gt=0` (inf) or train nothing but NaNs.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # --- what to train ------------------------------------------------------------------------
     name: str = Field(description="Name the adapter is registered under (letters, digits, '_', '.', '-').")
@@ -58,7 +75,7 @@ class TrainConfig(BaseModel):
     class_inference_steps: int = Field(25, ge=1, le=200, description="Denoising steps per class image.")
 
     # --- adapter ------------------------------------------------------------------------------
-    rank: int = Field(4, description="LoRA rank (> 0).")
+    rank: int = Field(4, le=MAX_RANK, description="LoRA rank (> 0).")
     alpha: float | None = Field(None, gt=0, description="LoRA alpha; default: the rank (scale 1).")
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGET_MODULES), min_length=1)
     train_text_encoder: bool = Field(False, description="Also train LoRA on both text encoders.")
@@ -70,10 +87,10 @@ class TrainConfig(BaseModel):
     lr_warmup_steps: int = Field(0, ge=0, validate_default=True)
     batch_size: int = Field(1, ge=1, le=256, description="Images per worker per micro-batch.")
     gradient_accumulation: int = Field(1, ge=1, le=1024)
-    epochs: int | None = Field(None, ge=1)
-    max_steps: int | None = Field(None, ge=1, validate_default=True,
+    epochs: int | None = Field(None, ge=1, le=MAX_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, validate_default=True,
                                   description="Optimizer steps; wins over epochs when both are set.")
-    resolution: int = Field(1024, description="Training side in pixels (a multiple of 8).")
+    resolution: int = Field(1024, le=MAX_RESOLUTION, description="Training side in pixels (a multiple of 8).")
     min_size: int = Field(0, ge=0, description="Images with a shorter side below this are left out.")
     min_images: int = Field(1, ge=1, description="Refuse to train on fewer images than this.")
     use_gpu: bool = False
@@ -184,6 +201,10 @@ class TrainConfig(BaseModel):
         return value
 
     # --- derived ------------------------------------------------------------------------------
+
+    def resume_fields(self) -> dict[str, Any]:
+        """The fields a checkpoint of this run was trained with that a resumed run must share."""
+        return self.model_dump(mode="json", include=set(RESUME_FIELDS))
 
     @property
     def lora_alpha(self) -> float:

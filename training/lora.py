@@ -7,8 +7,10 @@ What a run does:
 
 1. ``check_inputs`` refuses bad input before anything starts: an unknown dataset, version or
    base model, fewer usable images than ``min_images`` (or than workers x batch size), and a
-   name that is registered already unless ``new_version`` is set. Field checks (rank, learning
-   rate, resolution...) are in :class:`training.config.TrainConfig`.
+   name that is registered already unless ``new_version`` is set, and a run folder whose latest
+   checkpoint was trained with another config (rank, dataset, learning rate...: RESUME_FIELDS),
+   which it would resume. Field checks (rank, learning rate, resolution...) are in
+   :class:`training.config.TrainConfig`.
 2. The dataset version is read as a Ray Dataset (:func:`training.data.read_dataset`) and
    prepared (center crop to ``resolution``, captions). DreamBooth class images that are missing
    from the cache are generated first by a Ray Data ``map_batches`` batch-inference step with the
@@ -70,6 +72,8 @@ __all__ = [
     "TrainResult",
     "RunStatus",
     "check_inputs",
+    "check_resume",
+    "resume_record",
     "train",
     "read_status",
     "status_key",
@@ -242,9 +246,50 @@ def check_inputs(config: TrainConfig) -> TrainPlan:
     steps_per_epoch = max(1, per_worker // config.batch_size // config.gradient_accumulation)
     total_steps = config.max_steps or config.epochs * steps_per_epoch
     class_prefix = _class_images_prefix(config) if config.method == "dreambooth" else None
-    return TrainPlan(run_name=run_name, dataset_id=dataset_id, dataset_version=version, num_images=num_images,
+    plan = TrainPlan(run_name=run_name, dataset_id=dataset_id, dataset_version=version, num_images=num_images,
                      trigger_word=trigger_word, instance_caption=caption, validation_prompt=validation_prompt,
                      steps_per_epoch=steps_per_epoch, total_steps=total_steps, class_images_prefix=class_prefix)
+
+    # 5. A run folder with a checkpoint is resumed: it must have been trained the same way.
+    check_resume(storage, run_name, resume_record(config, plan))
+    return plan
+
+
+def resume_record(config: TrainConfig, plan: TrainPlan) -> dict[str, Any]:
+    """What a checkpoint records of how its run trains (``state.json["config"]``); see RESUME_FIELDS."""
+    record = config.resume_fields()
+    if os.path.isdir(config.base_model):  # train() hands workers the absolute path
+        record["base_model"] = os.path.abspath(config.base_model)
+    return {**record, "dataset_id": plan.dataset_id, "dataset_version": plan.dataset_version,
+            "trigger_word": plan.trigger_word}
+
+
+_CHECKPOINT_STATE = re.compile(r"checkpoint_(\d+)/state\.json")
+
+
+def check_resume(storage: Storage, run_name: str, expected: dict[str, Any]) -> int | None:
+    """The step of the run's latest checkpoint (None: nothing to resume). TrainConfigError naming the
+    first field whose value differs from the one the checkpoint was trained with: resuming would
+    fail on the LoRA shapes (rank, targets) or silently mix two trainings (data, prompts, learning rate)."""
+    prefix = run_prefix(run_name)
+    steps = sorted(int(m.group(1)) for key in storage.list(prefix)
+                   if (m := _CHECKPOINT_STATE.fullmatch(key[len(prefix):])))
+    if not steps:
+        return None
+    step = steps[-1]
+    try:
+        saved = storage.get_json(f"{prefix}{_checkpoint_dir_name(step)}/state.json").get("config")
+    except (ObjectNotFoundError, ValueError, AttributeError):
+        saved = None
+    if not isinstance(saved, dict):
+        return step  # a checkpoint written before checkpoints recorded their config
+    for field, value in expected.items():
+        if field in saved and saved[field] != value:
+            raise TrainConfigError(
+                f"run {run_name!r} has a checkpoint at step {step} trained with {field}={saved[field]!r}, "
+                f"but this run has {field}={value!r}; re-running a name resumes it, so use the same {field}, "
+                f"or another name (or new_version) to start a new run", field)
+    return step
 
 
 def job_entrypoint(config: TrainConfig) -> str:
@@ -858,6 +903,7 @@ def _train_loop(loop_config: dict) -> dict | None:
         with checkpoint.as_directory() as folder:
             state = _load_checkpoint(folder, trainable, optimizer, lr_scheduler, scaler)
         state["resumed_from_steps"] = state.get("resumed_from_steps", []) + [state["step"]]
+    state["config"] = resume_record(config, plan)  # check_resume compares a later run against it
     _broadcast_from_rank0(params, world)
     step = start_step = state["step"]
     torch.manual_seed(config.seed + 1_000_003 * (rank + 1) + start_step)  # per-rank noise, new after a resume

@@ -10,11 +10,20 @@ The ingress submits the same entrypoint ops run by hand (`python -m training.lor
 through Ray's `JobSubmissionClient`, so a run outlives the request and the ingress replica. The
 record in storage (`fine_tuning/jobs/<id>.json`) maps the job id to its Ray submission and run;
 progress is the run's own `status.json` (training/lora.py), read on every GET.
+
+One run folder (`training/<run_name>/`: checkpoints, status) belongs to one job at a time. A
+submission claims its run name by creating `fine_tuning/runs/<run_name>/<generation>.json` only
+if nothing is there (create-if-absent, as the LoRA registry claims versions); the next claim of
+the name takes the next generation, once the job holding the latest one is no longer queued or
+running. So two submissions of one suffix cannot both train into the same folder: the second is
+refused (409), or with `new_version` takes the next free run name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import os
 import re
 import sys
@@ -26,13 +35,22 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.api import current_ingress
-from deployments.errors import InvalidRequestError, NotFoundError
+from deployments.errors import ConflictError, InvalidRequestError, NotFoundError, OverloadedError
+from storage.datasets import _put_if_absent
 from storage.fs import ObjectNotFoundError
 from storage.keys import new_id
 
 router = APIRouter(tags=["fine-tuning"])
 
 RECORDS_PREFIX = "fine_tuning/jobs/"
+CLAIMS_PREFIX = "fine_tuning/runs/"
+ACTIVE_STATUSES = ("validating_files", "queued", "running")
+MAX_CLAIM_ATTEMPTS = 20
+# A job Ray does not know (yet) with no run status: queued while its submission may still be under
+# way, failed after. A run whose Ray job cannot be asked counts as running while its status is fresh.
+SUBMIT_GRACE_S = 60.0
+RUN_STALE_S = 300.0
+SUBMIT_RETRY_AFTER_S = 10
 CODE_ROOT = str(Path(__file__).resolve().parents[2])  # where this code lives in the replica's environment
 
 # Hyperparameters a request may set (TrainConfig fields); `n_epochs` is OpenAI's name for epochs.
@@ -48,6 +66,19 @@ TOP_LEVEL = ("dataset_version", "trigger_word", "instance_prompt", "class_prompt
              "new_version", "seed")
 
 
+class FineTuningLimits(BaseModel):
+    """Ceilings on what a request may ask for (the configured defaults are held to them too)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(100_000, ge=1, description="Optimizer steps, also as epochs x steps per epoch.")
+    epochs: int = Field(1_000, ge=1)
+    rank: int = Field(256, ge=1)
+    resolution: int = Field(2048, ge=64)
+    num_workers: int | None = Field(None, ge=1, description="Default: as many as the cluster's nodes hold "
+                                                            "(CPUs per worker, a GPU each), checked at submission.")
+
+
 class FineTuningConfig(BaseModel):
     """`ingress.fine_tuning` in the app config."""
 
@@ -55,7 +86,10 @@ class FineTuningConfig(BaseModel):
     ray_address: str | None = Field(None, description="Ray dashboard URL for job submission; "
                                                        "default: this cluster's dashboard.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="TrainConfig fields every run starts from "
-                                                                       "(workers, CPUs or GPU, resolution...).")
+                                                                       "(workers, CPUs or GPU, resolution...). "
+                                                                       "Its min_images is a floor: a request may "
+                                                                       "ask for more images, not fewer.")
+    limits: FineTuningLimits = Field(FineTuningLimits(), description="Ceilings on a request's hyperparameters.")
     runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime_env of the training job.")
 
 
@@ -186,11 +220,70 @@ def build_train_config(ingress, body: FineTuningCreate, info: dict) -> dict:
     if "epochs" in hyper and "max_steps" not in hyper:
         fields.pop("max_steps", None)  # an epoch count asked for wins over a default step count
     try:
-        return TrainConfig.model_validate(fields).model_dump(mode="json")
+        config = TrainConfig.model_validate(fields)
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error.get("loc") else None
         raise InvalidRequestError(f"{field}: {error['msg']}", _request_param(field)) from None
+
+    # The configured minimum of images is a floor, so a client cannot train on less than the operator allows.
+    settings = ingress.config.fine_tuning
+    floor = settings.defaults.get("min_images", TrainConfig.model_fields["min_images"].default)
+    if config.min_images < floor:
+        raise InvalidRequestError(f"min_images: at least {floor} images are required here; got {config.min_images}",
+                                  _request_param("min_images"))
+    for field, limit in settings.limits.model_dump(exclude={"num_workers"}).items():
+        value = getattr(config, field)
+        if value is not None and value > limit:
+            raise InvalidRequestError(f"{field}: at most {limit} here; got {value}", _request_param(field))
+    return config.model_dump(mode="json")
+
+
+def check_length(ingress, config, plan) -> None:
+    """An epoch count is held to the step limit too, once the plan knows the steps per epoch."""
+    limit = ingress.config.fine_tuning.limits.max_steps
+    if plan.total_steps > limit:
+        field = "max_steps" if config.max_steps else "epochs"
+        raise InvalidRequestError(f"{field}: {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per epoch), "
+                                  f"over the limit of {limit}", _request_param(field))
+
+
+def _cluster_nodes() -> list[dict[str, float]] | None:
+    """The resources of each live node of this Ray cluster; None when not running on Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def _fits(available: float, each: float) -> int:
+    # Ray counts resources in 1/10000 units: 1.0 CPU holds five 0.2-CPU workers (1.0 // 0.2 == 4.0 in floats).
+    return int(round(available * 10_000)) // max(1, int(round(each * 10_000)))
+
+
+def check_capacity(ingress, config) -> None:
+    """num_workers within the configured maximum, or what the cluster's nodes can hold at all: a
+    worker group bigger than the cluster waits for resources forever instead of failing."""
+    limit = ingress.config.fine_tuning.limits.num_workers
+    param = _request_param("num_workers")
+    if limit is not None:
+        if config.num_workers > limit:
+            raise InvalidRequestError(f"num_workers: at most {limit} here; got {config.num_workers}", param)
+        return
+    nodes = _cluster_nodes()
+    if nodes is None:
+        return
+    fit = 0
+    for resources in nodes:
+        per_node = _fits(resources.get("CPU", 0.0), config.cpus_per_worker)
+        if config.use_gpu:
+            per_node = min(per_node, int(resources.get("GPU", 0.0)))
+        fit += per_node
+    if config.num_workers > fit:
+        each = f"{config.cpus_per_worker:g} CPU{' and 1 GPU' if config.use_gpu else ''}"
+        raise InvalidRequestError(f"num_workers: this cluster holds at most {fit} workers of {each} each; "
+                                  f"got {config.num_workers}", param)
 
 
 def _default_name(dataset: str) -> str:
@@ -213,16 +306,23 @@ async def create_fine_tuning_job(body: FineTuningCreate, ingress=Depends(current
     from training.config import TrainConfig, TrainConfigError
     from training.lora import check_inputs, job_entrypoint
 
+    # 1. Check inputs: fields, the cluster, then storage (dataset, base model, name, a checkpoint to resume).
     if not ingress.config.fine_tuning.enabled:
         raise NotFoundError("fine-tuning is disabled in this application", "model")
     config = TrainConfig.model_validate(build_train_config(ingress, body, await ingress.sdxl_info()))
+    await asyncio.to_thread(check_capacity, ingress, config)
     try:
         plan = await asyncio.to_thread(check_inputs, config)
     except TrainConfigError as exc:
         raise InvalidRequestError(exc.message, _request_param(exc.param)) from None
+    check_length(ingress, config, plan)
+
+    # 2. Claim the run folder, so no other job trains into it meanwhile.
+    job_id = f"ftjob-{new_id('ft').split('_', 1)[-1]}"
+    plan = await asyncio.to_thread(claim_run, ingress, config, plan, job_id)
     config = config.model_copy(update={"run_name": plan.run_name})
 
-    job_id = f"ftjob-{new_id('ft').split('_', 1)[-1]}"
+    # 3. The durable record, then the Ray job.
     record = {
         "id": job_id, "created_at": time.time(), "config": config.model_dump(mode="json"),
         "plan": plan.model_dump(mode="json"), "metadata": body.metadata,
@@ -235,12 +335,101 @@ async def create_fine_tuning_job(body: FineTuningCreate, ingress=Depends(current
     entrypoint = job_entrypoint(config).replace("python ", f"{sys.executable} ", 1)
 
     def submit() -> None:
-        _job_client(ingress).submit_job(entrypoint=entrypoint, submission_id=job_id,
-                                        runtime_env={**runtime_env, "env_vars": env_vars},
-                                        metadata={"atelier": "fine_tuning", "lora": config.name})
+        try:
+            _job_client(ingress).submit_job(entrypoint=entrypoint, submission_id=job_id,
+                                            runtime_env={**runtime_env, "env_vars": env_vars},
+                                            metadata={"atelier": "fine_tuning", "lora": config.name})
+        except Exception as exc:
+            if _ray_has_job(ingress, job_id):
+                return  # accepted, though the answer was lost (a timeout after the POST)
+            reason = f"the Ray job could not be submitted: {type(exc).__name__}: {exc}"[:2000]
+            # The record says so (the run name is free again), and the client may retry.
+            ingress.storage.put_json(f"{RECORDS_PREFIX}{job_id}.json", {**record, "submit_error": reason})
+            raise OverloadedError(f"fine-tuning job {job_id} failed: {reason}", None,
+                                  retry_after=SUBMIT_RETRY_AFTER_S) from None
 
     await asyncio.to_thread(submit)
     return await asyncio.to_thread(job_view, ingress, record)
+
+
+def _ray_has_job(ingress, job_id: str) -> bool:
+    try:
+        _job_client(ingress).get_job_info(job_id)
+        return True
+    except Exception:
+        return False
+
+
+# --- run claims -------------------------------------------------------------------------------------
+
+
+def _claim_key(run_name: str, generation: int) -> str:
+    return f"{CLAIMS_PREFIX}{run_name}/{generation:08d}.json"
+
+
+def _latest_claim(storage, run_name: str) -> tuple[int, dict | None]:
+    """``(generation, claim)`` of the newest claim of a run name; ``(0, None)`` if it was never claimed."""
+    prefix = f"{CLAIMS_PREFIX}{run_name}/"
+    generations = sorted(int(m[1]) for key in storage.list(prefix)
+                         if (m := re.fullmatch(r"(\d+)\.json", key[len(prefix):])))
+    if not generations:
+        return 0, None
+    try:
+        return generations[-1], storage.get_json(_claim_key(run_name, generations[-1]))
+    except (ObjectNotFoundError, ValueError):
+        return generations[-1], {}
+
+
+def _claim_holder(ingress, claim: dict) -> str | None:
+    """The id of the job holding a claim while it is queued or running; None once it is finished."""
+    job_id = claim.get("job_id")
+    try:
+        record = load_record(ingress, str(job_id))
+    except NotFoundError:  # claimed, and its record is not written yet (or never will be)
+        young = time.time() - float(claim.get("claimed_at") or 0) < SUBMIT_GRACE_S
+        return str(job_id) if young else None
+    return job_id if job_view(ingress, record).status in ACTIVE_STATUSES else None
+
+
+def _run_name_candidates(name: str, first: str, new_version: bool):
+    yield first
+    if not new_version:
+        return
+    match = re.fullmatch(re.escape(name) + r"-v(\d+)", first)
+    version = int(match[1]) + 1 if match else 2
+    for _ in range(MAX_CLAIM_ATTEMPTS):
+        yield f"{name}-v{version}"
+        version += 1
+
+
+def claim_run(ingress, config, plan, job_id: str):
+    """The plan, with the run name this job now holds. 409 naming ``suffix`` while another job
+    trains that name; with ``new_version``, the next run name that no job holds (and whose
+    checkpoint, if any, this config may resume) is taken instead."""
+    from training.config import TrainConfigError
+    from training.lora import check_resume, resume_record
+
+    claim = json.dumps({"job_id": job_id, "claimed_at": time.time()}).encode()
+    holders = []
+    for run_name in _run_name_candidates(config.name, plan.run_name, config.new_version):
+        if run_name != plan.run_name:
+            try:
+                check_resume(ingress.storage, run_name, resume_record(config, plan))
+            except TrainConfigError:
+                continue  # a run of this name trained differently: not ours to resume
+        for _attempt in range(MAX_CLAIM_ATTEMPTS):
+            generation, latest = _latest_claim(ingress.storage, run_name)
+            holder = _claim_holder(ingress, latest) if latest is not None else None
+            if holder is not None:
+                holders.append(holder)
+                break
+            # create-if-absent: of two submissions that both saw the name free, one gets it
+            if _put_if_absent(ingress.storage, _claim_key(run_name, generation + 1), claim, "application/json"):
+                return plan.model_copy(update={"run_name": run_name})
+    holder = f" (job {holders[0]})" if holders else ""
+    hint = "" if config.new_version else ", or set new_version to train another version alongside it"
+    raise ConflictError(f"a fine-tuning job for {config.name!r} is queued or running{holder}; wait for it to "
+                        f"finish or cancel it{hint}", "suffix")
 
 
 # --- views ------------------------------------------------------------------------------------------
@@ -264,22 +453,42 @@ def job_view(ingress, record: dict) -> FineTuningJob:
     from training.lora import read_status
 
     config, plan = record["config"], record["plan"]
-    try:
-        info = _job_client(ingress).get_job_info(record["id"])
-        ray_status, ray_message, end_time = str(info.status.value if isinstance(info.status, JobStatus)
-                                                else info.status), info.message, info.end_time
-    except Exception as exc:  # the Ray job may be gone (cluster restarted): the run's status still tells
-        ray_status, ray_message, end_time = "UNKNOWN", f"Ray job unavailable: {exc}", None
+    ray_missing = False
+    if record.get("submit_error"):
+        ray_status, ray_message, end_time = "NOT_SUBMITTED", record["submit_error"], None
+    else:
+        try:
+            info = _job_client(ingress).get_job_info(record["id"])
+            ray_status, ray_message, end_time = str(info.status.value if isinstance(info.status, JobStatus)
+                                                    else info.status), info.message, info.end_time
+        except Exception as exc:  # gone (cluster restarted), not submitted yet, or Ray cannot be asked
+            ray_missing = "status code 404" in str(exc)
+            ray_status, ray_message, end_time = "UNKNOWN", f"Ray job unavailable: {exc}", None
     run = read_status(ingress.storage, config["run_name"])
-    status = _RAY_STATUS.get(ray_status, "running")
-    if ray_status == "UNKNOWN" and run is not None:
-        status = {"succeeded": "succeeded", "failed": "failed"}.get(run.state, "failed")
+    now = time.time()
+    if ray_status in _RAY_STATUS:
+        status = _RAY_STATUS[ray_status]
+    elif ray_status == "NOT_SUBMITTED":
+        status = "failed"
+    elif run is not None and run.state in ("succeeded", "failed"):
+        status = run.state  # the run's own last word
+    elif run is not None and not ray_missing and now - (run.updated_at or run.started_at or 0) < RUN_STALE_S:
+        status = "running"  # Ray cannot be asked right now, and the run reports progress
+    elif run is None and now - record["created_at"] < SUBMIT_GRACE_S:
+        status = "queued"  # the submission may still be under way
+    else:
+        status = "failed"  # Ray does not know the job and the run is silent: it is not coming back
+        if ray_missing:
+            ray_message = "the Ray job is gone (was the cluster restarted?) and the run stopped reporting"
     if status == "succeeded" and (run is None or not run.lora):
         status = "failed"  # the entrypoint exited 0 without registering: never report a model that is not there
     error = None
     if status == "failed":
-        message = (run.error if run and run.error else None) or ray_message or "the training run failed"
-        error = FineTuningError(code="training_failed", message=message)
+        if ray_status == "NOT_SUBMITTED":
+            error = FineTuningError(code="submission_failed", message=ray_message)
+        else:
+            message = (run.error if run and run.error else None) or ray_message or "the training run failed"
+            error = FineTuningError(code="training_failed", message=message)
     total = (run.total_steps if run else 0) or plan["total_steps"]
     step = run.step if run else 0
     hyper = {name: config.get(name) for name in HYPERPARAMETERS if name in config}
@@ -291,7 +500,7 @@ def job_view(ingress, record: dict) -> FineTuningJob:
         method={"type": config["method"], "trigger_word": plan.get("trigger_word")}, seed=config["seed"],
         error=error, metadata=record.get("metadata"), run_name=config["run_name"], suffix=config["name"],
         step=step, total_steps=total, progress=round(100.0 * step / max(total, 1), 2) if status != "succeeded"
-        else 100.0, loss=run.loss if run else None, state=run.state if run else None,
+        else 100.0, loss=run.loss if run and run.loss is not None and math.isfinite(run.loss) else None, state=run.state if run else None,
         resumed_from_step=run.resumed_from_step if run else None,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -98,6 +99,9 @@ def test_cancel_stops_the_run_and_registers_nothing(client, eight_images):
     while client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["step"] < 1:
         assert time.monotonic() < deadline, "training never started"
         time.sleep(1)
+    # While it runs, its name is taken: a second job would train into the same run folder.
+    twin = client.post("/v1/fine_tuning/jobs", json={"model": "sdxl", "training_file": eight_images, "suffix": name})
+    assert job["id"] in assert_error(twin, 409, "suffix")["message"]
     cancelled = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert cancelled.status_code == 200, cancelled.text
     final = _wait(client, job["id"], timeout_s=60)
@@ -114,6 +118,9 @@ def test_cancel_stops_the_run_and_registers_nothing(client, eight_images):
     ({"hyperparameters": {"learning_rate": -1e-4}}, "hyperparameters.learning_rate"),
     ({"hyperparameters": {"resolution": 60}}, "hyperparameters.resolution"),
     ({"hyperparameters": {"batch_size": 8}}, "hyperparameters.batch_size"),
+    ({"hyperparameters": {"num_workers": 100}}, "hyperparameters.num_workers"),  # more than the cluster holds
+    ({"hyperparameters": {"rank": 100_000}}, "hyperparameters.rank"),
+    ({"hyperparameters": {"min_images": 0}}, "hyperparameters.min_images"),
     ({"hyperparameters": {"warp_speed": 9}}, "hyperparameters.warp_speed"),
     ({"method": "distillation"}, "method"),
     ({"suffix": "bad name!"}, "suffix"),
@@ -123,8 +130,19 @@ def test_bad_fine_tuning_requests_name_the_field(client, eight_images, override,
     assert_error(client.post("/v1/fine_tuning/jobs", json=body), 400, param)
 
 
+@pytest.mark.parametrize("field", ["learning_rate", "alpha", "max_grad_norm"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_hyperparameters_name_the_field(client, eight_images, field, value):
+    # json.dumps writes JSON's Infinity / NaN, which Python's json (and so FastAPI) reads back
+    body = json.dumps({"model": "sdxl", "training_file": eight_images, "suffix": f"x-{uuid.uuid4().hex[:6]}",
+                       "hyperparameters": {field: value}})
+    response = client.post("/v1/fine_tuning/jobs", content=body, headers={"content-type": "application/json"})
+    assert "finite" in assert_error(response, 400, f"hyperparameters.{field}")["message"]
+
+
 def test_too_few_images_and_unknown_ids(client):
     small = _dataset(client, 2)
+    # configs/local.yaml sets no min_images (a floor of 1): a request may ask for more, never fewer
     response = client.post("/v1/fine_tuning/jobs", json={
         "model": "sdxl", "training_file": small, "suffix": f"few-{uuid.uuid4().hex[:6]}",
         "hyperparameters": {"min_images": 5}})

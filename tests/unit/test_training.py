@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +25,7 @@ from storage import Storage
 from storage.datasets import DatasetStore, ImageItem
 from storage.registry import LoraRegistry
 from training.config import TrainConfig, TrainConfigError, load_config
-from training.lora import FAIL_AT_ENV, check_inputs, read_status, run_prefix, train
+from training.lora import FAIL_AT_ENV, check_inputs, read_status, resume_record, run_prefix, train
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
@@ -89,6 +94,12 @@ def loads_into_a_pipeline(model: Path, storage: Storage, key: str) -> dict:
     ({"rank": -2}, "rank"),
     ({"learning_rate": 0}, "learning_rate"),
     ({"learning_rate": -1e-4}, "learning_rate"),
+    ({"learning_rate": float("inf")}, "learning_rate"),
+    ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"alpha": float("inf")}, "alpha"),
+    ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+    ({"rank": 100_000}, "rank"),
+    ({"resolution": 8192}, "resolution"),
     ({"resolution": 100}, "resolution"),
     ({"max_steps": None}, "max_steps"),
     ({"method": "dreambooth"}, "class_prompt"),
@@ -146,23 +157,284 @@ def test_storage_checks_refuse_before_training(dataset, model):
     assert check_inputs(tiny_config(storage, dataset_id, model, new_version=True)).run_name == "dogs-v2"
 
 
+def test_resuming_a_run_trained_differently_names_the_field(dataset, model, tmp_path):
+    storage, dataset_id = dataset
+    config = tiny_config(storage, dataset_id, model)
+    plan = check_inputs(config)
+    # what the worker writes in each checkpoint's state.json (see _train_loop)
+    storage.put_json("training/dogs/checkpoint_00000002/state.json",
+                     {"step": 2, "resumed_from_steps": [], "config": resume_record(config, plan)})
+    assert check_inputs(tiny_config(storage, dataset_id, model, max_steps=12)).run_name == "dogs"  # longer is fine
+
+    other = DatasetStore(storage).create("cats").id
+    DatasetStore(storage).add_images(other, [ImageItem(f"{i}.png", png(50 + i)) for i in range(8)])
+    for fields, param in [({"rank": 8}, "rank"), ({"dataset_id": other}, "dataset_id"),
+                          ({"learning_rate": 5e-4}, "learning_rate"), ({"train_text_encoder": True}, "train_text_encoder"),
+                          ({"resolution": 128}, "resolution")]:
+        with pytest.raises(TrainConfigError) as raised:
+            check_inputs(tiny_config(storage, dataset_id, model, **fields))
+        assert raised.value.param == param, fields
+        assert "step 2" in raised.value.message and "resume" in raised.value.message
+    # a new dataset version is a different run too
+    DatasetStore(storage).add_images(dataset_id, [ImageItem("extra.png", png(99))])
+    with pytest.raises(TrainConfigError) as raised:
+        check_inputs(config)
+    assert raised.value.param == "dataset_version"
+    assert check_inputs(tiny_config(storage, dataset_id, model, dataset_version=1)).run_name == "dogs"
+
+
+# --- POST /v1/fine_tuning/jobs, on the ingress's FastAPI app with an injected Ray job client ---------
+
+
+class FakeJobClient:
+    """Ray's JobSubmissionClient, as far as the fine-tuning routes use it."""
+
+    def __init__(self, submit_error: Exception | None = None, info_error: Exception | None = None):
+        self.status: dict[str, str] = {}
+        self.submit_error, self.info_error = submit_error, info_error
+
+    def submit_job(self, *, entrypoint: str, submission_id: str, runtime_env: dict, metadata: dict) -> str:
+        assert entrypoint.endswith("'") and "training.lora --config-json" in entrypoint
+        if self.submit_error is not None:
+            raise self.submit_error
+        self.status[submission_id] = "PENDING"
+        return submission_id
+
+    def get_job_info(self, job_id: str):
+        if self.info_error is not None:
+            raise self.info_error
+        if job_id not in self.status:
+            raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+        return SimpleNamespace(status=self.status[job_id], message="", end_time=None)
+
+
+@pytest.fixture()
+def api(dataset, model, monkeypatch):
+    """``(TestClient, FakeJobClient, storage, dataset id, configure)`` over the real ingress app, whose
+    replica is a stand-in holding storage and the fine-tuning config (``configure(**FineTuningConfig)``)."""
+    from fastapi.testclient import TestClient
+
+    from deployments.api import fine_tuning
+    from deployments.ingress import app
+
+    storage, dataset_id = dataset
+    jobs = FakeJobClient()
+    monkeypatch.setattr(fine_tuning, "_job_client", lambda ingress: jobs)
+    monkeypatch.setattr(fine_tuning, "_cluster_nodes", lambda: None)
+    defaults = {"resolution": 64, "max_steps": 8, "num_workers": 1, "cpus_per_worker": 0.5, "learning_rate": 1e-3}
+
+    class Ingress:
+        def __init__(self):
+            self.storage = storage
+            self.config = SimpleNamespace(storage_root=storage.root, storage_options={},
+                                          fine_tuning=fine_tuning.FineTuningConfig(defaults=defaults))
+
+        async def sdxl_info(self) -> dict:
+            return {"model": "sdxl", "source": str(model)}
+
+    ingress = Ingress()
+
+    def configure(**settings):
+        ingress.config.fine_tuning = fine_tuning.FineTuningConfig(**{"defaults": defaults, **settings})
+
+    previous = {name: getattr(app.state, name, None) for name in ("ingress", "api_keys")}
+    app.state.ingress, app.state.api_keys = ingress, []  # no keys: every route is open
+    yield TestClient(app, raise_server_exceptions=False), jobs, storage, dataset_id, configure
+    app.state.ingress, app.state.api_keys = previous["ingress"], previous["api_keys"] or []
+
+
+def post_job(client, dataset_id: str, **fields):
+    # json.dumps writes inf and nan as JSON's Infinity and NaN, which a client may send
+    body = json.dumps({"model": "sdxl", "training_file": dataset_id, **fields})
+    return client.post("/v1/fine_tuning/jobs", content=body, headers={"content-type": "application/json"})
+
+
+def error_of(response, status: int, param: str | None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    return error
+
+
+def test_a_suffix_in_flight_is_refused_and_new_version_trains_alongside(api):
+    client, jobs, storage, dataset_id, _ = api
+    first = post_job(client, dataset_id, suffix="dogs")
+    assert first.status_code == 200, first.text
+    assert (first.json()["status"], first.json()["run_name"]) == ("queued", "dogs")
+
+    # 1. The same suffix while the first is queued: 409 naming suffix; nothing submitted.
+    error = error_of(post_job(client, dataset_id, suffix="dogs"), 409, "suffix")
+    assert first.json()["id"] in error["message"] and error["type"] == "conflict_error"
+    assert len(jobs.status) == 1
+
+    # 2. new_version picks a run name no job holds, and a third one the next.
+    second = post_job(client, dataset_id, suffix="dogs", new_version=True)
+    third = post_job(client, dataset_id, suffix="dogs", new_version=True)
+    assert [r.json()["run_name"] for r in (second, third)] == ["dogs-v2", "dogs-v3"]
+    jobs.status[first.json()["id"]] = "RUNNING"
+    error_of(post_job(client, dataset_id, suffix="dogs"), 409, "suffix")
+
+    # 3. Once the first has failed, its name is free again (a re-run resumes it).
+    jobs.status[first.json()["id"]] = "FAILED"
+    again = post_job(client, dataset_id, suffix="dogs")
+    assert again.status_code == 200 and again.json()["run_name"] == "dogs", again.text
+    assert [k.rsplit("/", 1)[1] for k in storage.list("fine_tuning/runs/dogs/")] == ["00000001.json",
+                                                                                      "00000002.json"]
+
+
+def test_concurrent_claims_of_one_run_name_give_it_to_one_job(api, model):
+    from deployments.api.fine_tuning import claim_run
+    from deployments.errors import ConflictError
+    from deployments.ingress import app
+
+    client, jobs, storage, dataset_id, _ = api
+    config = tiny_config(storage, dataset_id, model)
+    plan = check_inputs(config)
+    barrier = threading.Barrier(8)
+    outcomes = []
+
+    def claim(index: int) -> None:
+        barrier.wait()
+        try:
+            outcomes.append(claim_run(app.state.ingress, config, plan, f"ftjob-{index}").run_name)
+        except ConflictError as exc:
+            outcomes.append(exc.param)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(outcomes) == ["dogs"] + ["suffix"] * 7
+    assert storage.list("fine_tuning/runs/dogs/") == ["fine_tuning/runs/dogs/00000001.json"]
+
+
+def test_a_failed_submission_fails_the_job_and_answers_503(api):
+    client, jobs, storage, dataset_id, _ = api
+    jobs.submit_error = ConnectionError("the dashboard at http://127.0.0.1:8265 refused the connection")
+    response = post_job(client, dataset_id, suffix="dogs")
+    assert response.status_code == 503 and response.headers["retry-after"] == "10", response.text
+    error = response.json()["error"]
+    assert error["type"] == "overloaded_error" and "refused the connection" in error["message"]
+
+    listed = client.get("/v1/fine_tuning/jobs").json()["data"]
+    assert len(listed) == 1 and listed[0]["status"] == "failed"
+    assert listed[0]["error"]["code"] == "submission_failed" and "refused" in listed[0]["error"]["message"]
+    assert listed[0]["id"] in error["message"]
+
+    jobs.submit_error = None  # the name is not held by the job that never started
+    retried = post_job(client, dataset_id, suffix="dogs")
+    assert retried.status_code == 200 and retried.json()["run_name"] == "dogs", retried.text
+
+
+def test_a_job_ray_does_not_know_is_not_running_forever(api):
+    from deployments.api.fine_tuning import RECORDS_PREFIX
+    from training.lora import RunStatus, status_key
+
+    client, jobs, storage, dataset_id, _ = api
+    job = post_job(client, dataset_id, suffix="dogs").json()
+    key = f"{RECORDS_PREFIX}{job['id']}.json"
+    record = storage.get_json(key)
+    view = lambda: client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()  # noqa: E731
+
+    jobs.status.clear()  # the cluster restarted: Ray has no such job
+    assert view()["status"] == "queued"  # young: its submission may still be under way
+    storage.put_json(key, {**record, "created_at": time.time() - 3600})
+    stale = view()
+    assert stale["status"] == "failed" and "gone" in stale["error"]["message"]
+
+    # Ray cannot be asked at all: a run that reports progress is running; a silent one failed.
+    jobs.info_error = ConnectionError("no dashboard")
+    status = RunStatus(name="dogs", run_name="dogs", state="training", step=3, total_steps=8, loss=float("nan"),
+                       updated_at=time.time())
+    storage.put_json(status_key("dogs"), status.model_dump(mode="json"))
+    running = view()
+    assert (running["status"], running["step"], running["loss"]) == ("running", 3, None)  # NaN loss: null
+    storage.put_json(status_key("dogs"), {**status.model_dump(mode="json"), "updated_at": time.time() - 3600})
+    assert view()["status"] == "failed"
+
+
+def test_min_images_is_a_floor_and_hyperparameters_are_bounded(api, monkeypatch):
+    from deployments.api import fine_tuning
+
+    client, jobs, storage, dataset_id, configure = api
+    configure(defaults={"resolution": 64, "max_steps": 8, "num_workers": 1, "cpus_per_worker": 0.5,
+                        "min_images": 5}, limits={"max_steps": 100, "rank": 64})
+
+    # 1. min_images: more than the configured 5 may be asked for, fewer may not.
+    error = error_of(post_job(client, dataset_id, suffix="a", hyperparameters={"min_images": 2}), 400,
+                     "hyperparameters.min_images")
+    assert "at least 5" in error["message"]
+    error = error_of(post_job(client, dataset_id, suffix="a", hyperparameters={"min_images": 9}), 400,
+                     "training_file")
+    assert "fewer than min_images 9" in error["message"]
+
+    # 2. Non-finite numbers (JSON's Infinity / NaN) and values over the limits name the field.
+    for hyper, param in [({"learning_rate": float("inf")}, "learning_rate"), ({"alpha": float("nan")}, "alpha"),
+                         ({"prior_loss_weight": float("inf")}, "prior_loss_weight"), ({"rank": 128}, "rank"),
+                         ({"max_steps": 101}, "max_steps"), ({"n_epochs": 1000}, "n_epochs"),
+                         ({"resolution": 4096}, "resolution")]:
+        error_of(post_job(client, dataset_id, suffix="a", hyperparameters=hyper), 400, f"hyperparameters.{param}")
+
+    # 3. num_workers: what the cluster's nodes hold (two 1-CPU nodes: four 0.5-CPU workers), or a configured max.
+    monkeypatch.setattr(fine_tuning, "_cluster_nodes", lambda: [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}])
+    error = error_of(post_job(client, dataset_id, suffix="a", hyperparameters={"num_workers": 5}), 400,
+                     "hyperparameters.num_workers")
+    assert "at most 4 workers" in error["message"]
+    assert post_job(client, dataset_id, suffix="a", hyperparameters={"num_workers": 4}).status_code == 200
+    configure(defaults={"resolution": 64, "max_steps": 8, "num_workers": 1, "cpus_per_worker": 0.5},
+              limits={"num_workers": 2})
+    error_of(post_job(client, dataset_id, suffix="b", hyperparameters={"num_workers": 3}), 400,
+             "hyperparameters.num_workers")
+    assert len(storage.list("fine_tuning/jobs/")) == len(jobs.status) == 1  # only the good request got a job
+
+
 # --- runs ----------------------------------------------------------------------------------------------
 
 
-def test_two_workers_survive_a_killed_worker_and_register_the_adapter(ray_local, dataset, model, monkeypatch):
-    storage, dataset_id = dataset
-    # rank 1 exits abruptly once, after step 3; the checkpoint of step 2 is the latest
-    monkeypatch.setenv(FAIL_AT_ENV, "1:3")
-    config = tiny_config(storage, dataset_id, model, num_workers=2, max_failures=1, validation_every_steps=3)
-    result = train(config)
+def kill_a_train_worker_after_a_checkpoint(storage: Storage, run_name: str, killed: dict,
+                                           timeout_s: float = 600) -> None:
+    """From outside the run: once a checkpoint of step >= 2 is in storage, SIGKILL the process of
+    one Ray Train worker of this cluster on this node. Fills ``killed`` with the pid and that step."""
+    import ray._private.state  # the GCS actor table: ray.util.state needs the dashboard init_local_ray leaves out
 
-    # 1. It finished, after resuming from a checkpoint rather than from step 0.
-    assert storage.exists(f"{run_prefix('dogs')}fault-injected")  # the worker really died
-    assert result.metrics["step"] == 6 and result.metrics["workers"] == 2
-    assert result.metrics["resumed_from_steps"] == [2]
+    node_id = ray.get_runtime_context().get_node_id()
+    prefix = run_prefix(run_name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not killed:
+        steps = [int(key[len(prefix):].split("/")[0].removeprefix("checkpoint_")) for key in storage.list(prefix)
+                 if key.endswith("/state.json") and key[len(prefix):].startswith("checkpoint_")]
+        workers = [actor for actor in ray._private.state.actors(actor_state_name="ALIVE").values()
+                   if actor["ActorClassName"] == "RayTrainWorker" and actor["Address"]["NodeID"] == node_id
+                   and actor["Pid"]]
+        if steps and max(steps) >= 2 and workers:
+            killed.update(pid=workers[-1]["Pid"], checkpoint_step=max(steps))
+            os.kill(killed["pid"], signal.SIGKILL)
+            return
+        time.sleep(0.1)
+
+
+def test_two_workers_survive_a_killed_worker_and_register_the_adapter(ray_local, dataset, model):
+    storage, dataset_id = dataset
+    config = tiny_config(storage, dataset_id, model, num_workers=2, max_failures=1, max_steps=12,
+                         validation_every_steps=6)
+    killed: dict = {}
+    killer = threading.Thread(target=kill_a_train_worker_after_a_checkpoint, args=(storage, "dogs", killed),
+                              daemon=True)
+    killer.start()
+    result = train(config)
+    killer.join(timeout=5)
+
+    # 1. A worker was killed mid-run, and the run finished after resuming from a checkpoint, not step 0.
+    assert killed, "no Ray Train worker was killed"
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed["pid"], 0)  # the worker process really is gone
+    assert result.metrics["step"] == 12 and result.metrics["workers"] == 2
+    resumed = result.metrics["resumed_from_steps"]
+    assert len(resumed) == 1 and resumed[0] >= killed["checkpoint_step"] >= 2, (resumed, killed)
     status = read_status(storage, "dogs")
-    assert (status.state, status.step, status.total_steps, status.lora) == ("succeeded", 6, 6, "dogs:1")
-    assert status.resumed_from_step == 2 and status.checkpoint_step == 6
+    assert (status.state, status.step, status.total_steps, status.lora) == ("succeeded", 12, 12, "dogs:1")
+    assert status.resumed_from_step == resumed[0] and status.checkpoint_step == 12
 
     # 2. Registered, with its manifest.
     record = LoraRegistry(storage).get("dogs")
@@ -170,11 +442,11 @@ def test_two_workers_survive_a_killed_worker_and_register_the_adapter(ray_local,
     manifest = record.manifest
     assert (manifest.base_model, manifest.method, manifest.trigger_word, manifest.rank) == (str(model), "lora", "sks", 4)
     assert (manifest.dataset_id, manifest.dataset_version) == (dataset_id, 1)
-    assert manifest.hyperparameters["learning_rate"] == 1e-3 and manifest.hyperparameters["total_steps"] == 6
-    assert manifest.metrics["resumed_from_steps"] == [2] and np.isfinite(manifest.metrics["loss"])
+    assert manifest.hyperparameters["learning_rate"] == 1e-3 and manifest.hyperparameters["total_steps"] == 12
+    assert manifest.metrics["resumed_from_steps"] == resumed and np.isfinite(manifest.metrics["loss"])
     assert manifest.validation_seeds == [0, 1]
     rendered = {(image["step"], image["seed"]) for image in manifest.validation_images}
-    assert rendered == {(3, 0), (3, 1), (6, 0), (6, 1)}
+    assert rendered == {(6, 0), (6, 1), (12, 0), (12, 1)}
     for image in manifest.validation_images:
         assert Image.open(io.BytesIO(storage.get_bytes(image["key"]))).size == (64, 64)
 
@@ -206,6 +478,9 @@ def test_dreambooth_failed_run_registers_nothing_and_a_rerun_resumes(ray_local, 
     class_images = [k for k in storage.list("training/class_images/") if k.endswith(".png")]
     assert len(class_images) == 2  # generated by the Ray Data batch-inference step, cached in storage
     cached = {k: storage.get_bytes(k) for k in class_images}
+    with pytest.raises(TrainConfigError) as raised:  # the checkpoint recorded how it was trained
+        train(config.model_copy(update={"rank": 8}))
+    assert raised.value.param == "rank" and "step 2" in raised.value.message
 
     # 2. Running the same name again resumes from the step-2 checkpoint (the fault fires once).
     result = train(config)
