@@ -10,6 +10,8 @@ import time
 import httpx
 from PIL import Image
 
+from tests.media import noise_image, png_bytes  # noqa: F401  (re-exported for the serve tests)
+
 
 def decode_b64_png(b64: str) -> Image.Image:
     data = base64.b64decode(b64)
@@ -17,21 +19,6 @@ def decode_b64_png(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def noise_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    channels = 3 if mode == "RGB" else 1
-    array = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
-    return png_bytes(Image.fromarray(array.squeeze() if channels == 1 else array, mode))
 
 
 def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:

@@ -13,6 +13,7 @@ from configs.local_runner import init_local_ray
 
 from storage.datasets import DatasetStore, ImageItem
 from training.data import bucket_sizes, instance_caption, prepare_for_training, read_dataset
+from tests.media import noise_image
 
 SIZES = [(24, 16), (32, 32), (40, 24), (16, 40), (64, 48), (48, 64), (20, 20), (96, 32)]
 
@@ -24,18 +25,11 @@ def ray_local():
     ray.shutdown()
 
 
-def png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @pytest.fixture()
 def dataset(storage):
     store = DatasetStore(storage)
     dataset_id = store.create("faces", trigger_word="sks").id
-    items = [ImageItem(f"{i}.png", png(w, h, i), caption=f"photo {i}" if i % 2 else "")
+    items = [ImageItem(f"{i}.png", noise_image(w, h, i), caption=f"photo {i}" if i % 2 else "")
              for i, (w, h) in enumerate(SIZES)]
     store.add_images(dataset_id, items[:6])
     store.add_images(dataset_id, items[6:])

@@ -9,9 +9,7 @@ import tracemalloc
 import zipfile
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from storage.datasets import (
     MANIFEST_SCHEMA,
@@ -27,21 +25,15 @@ from storage.datasets import (
     is_dataset_image_key,
 )
 from storage.keys import output_key
+from tests.media import noise_image
 
 MiB = 1024 * 1024
 BOMB_BYTES = 100 * 1000 * 1000  # zeros: deflates to about 100 KB
 PEAK_LIMIT = 8 * MiB  # a read chunk or two, never the expanded bytes
 
 
-def png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def eight_images(seed: int = 0) -> list[ImageItem]:
-    return [ImageItem(f"img{i}.png", png(24 + 8 * i, 16 + 4 * i, seed * 100 + i), caption=f"caption {i}",
+    return [ImageItem(f"img{i}.png", noise_image(24 + 8 * i, 16 + 4 * i, seed * 100 + i), caption=f"caption {i}",
                       tags=["cat", f"t{i}"], source="test") for i in range(8)]
 
 
@@ -88,7 +80,7 @@ def test_same_images_again_are_all_duplicates(store, dataset_id):
     assert sorted(again.duplicates) == sorted(f"img{i}.png" for i in range(8))
     assert store.versions(dataset_id) == [1]
     # within one batch too
-    twice = store.add_images(dataset_id, [ImageItem("a.png", png(8, 8, 99)), ImageItem("b.png", png(8, 8, 99))])
+    twice = store.add_images(dataset_id, [ImageItem("a.png", noise_image(8, 8, 99)), ImageItem("b.png", noise_image(8, 8, 99))])
     assert (twice.added, twice.duplicates) == (1, ["b.png"])
 
 
@@ -108,7 +100,7 @@ def test_new_version_leaves_old_one_readable(store, dataset_id):
 
 def test_corrupt_image_is_rejected_by_name_and_the_rest_lands(store, dataset_id):
     good = eight_images()
-    truncated = png(32, 32, 7)[:60]
+    truncated = noise_image(32, 32, 7)[:60]
     items = good[:4] + [ImageItem("broken.png", truncated), ImageItem("notes.png", b"hello, not an image")] + good[4:]
     result = store.add_images(dataset_id, items)
     assert result.added == 8
@@ -118,8 +110,8 @@ def test_corrupt_image_is_rejected_by_name_and_the_rest_lands(store, dataset_id)
 
 
 def test_files_with_txt_captions_and_caption_field(store, dataset_id):
-    files = [("a.png", png(16, 16, 1)), ("a.txt", "a caption from a file\n".encode()),
-             ("b.png", png(16, 16, 2)), ("c.png", png(16, 16, 3)), ("orphan.txt", b"no image")]
+    files = [("a.png", noise_image(16, 16, 1)), ("a.txt", "a caption from a file\n".encode()),
+             ("b.png", noise_image(16, 16, 2)), ("c.png", noise_image(16, 16, 3)), ("orphan.txt", b"no image")]
     result = store.add_files(dataset_id, files, captions={"c.png": "from the field"})
     assert result.added == 3 and [r.filename for r in result.rejected] == ["orphan.txt"]
     captions = dict(zip(*store.manifest(dataset_id).select(["filename", "caption"]).to_pydict().values()))
@@ -135,7 +127,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 
 
 def test_zip_with_captions_lands(store, dataset_id):
-    archive = _zip({"set/one.png": png(16, 16, 1), "set/one.txt": b"first", "set/two.jpg": png(16, 16, 2),
+    archive = _zip({"set/one.png": noise_image(16, 16, 1), "set/one.txt": b"first", "set/two.jpg": noise_image(16, 16, 2),
                     "__MACOSX/set/._one.png": b"junk", "set/.DS_Store": b"junk"})
     result = store.add_zip(dataset_id, archive)
     assert result.added == 2 and result.rejected == []
@@ -161,7 +153,7 @@ def _zeros_zip(entries: dict[str, int], extra: dict[str, bytes] | None = None) -
 
 @pytest.fixture(scope="module")
 def zip_bomb() -> bytes:
-    bomb = _zeros_zip({"bomb.png": BOMB_BYTES}, extra={"ok.png": png(16, 16, 1)})
+    bomb = _zeros_zip({"bomb.png": BOMB_BYTES}, extra={"ok.png": noise_image(16, 16, 1)})
     assert len(bomb) < 200_000  # a small upload
     return bomb
 
@@ -234,8 +226,8 @@ def test_zip_bomb_upload_adds_nothing(storage, zip_bomb):
 def test_max_pixels_at_the_limit_lands_and_one_past_is_rejected(storage):
     store = DatasetStore(storage, max_pixels=16 * 16)
     dataset_id = store.create("tiny").id
-    result = store.add_images(dataset_id, [ImageItem("at.png", png(16, 16, 1)), ImageItem("past.png", png(17, 16, 2)),
-                                           ImageItem("tall.png", png(16, 17, 3))])
+    result = store.add_images(dataset_id, [ImageItem("at.png", noise_image(16, 16, 1)), ImageItem("past.png", noise_image(17, 16, 2)),
+                                           ImageItem("tall.png", noise_image(16, 17, 3))])
     assert (result.added, result.images) == (1, 1)
     assert {r.filename: r.reason for r in result.rejected} == {
         "past.png": "image is 17x16, over the limit of 256 pixels",
@@ -245,7 +237,7 @@ def test_max_pixels_at_the_limit_lands_and_one_past_is_rejected(storage):
 
 @pytest.mark.parametrize("evil", ["../escape.png", "set/../../escape.png", "/etc/abs.png", "C:/win.png"])
 def test_zip_with_escaping_entry_is_refused_whole(store, dataset_id, evil):
-    archive = _zip({"ok.png": png(16, 16, 1), evil: png(16, 16, 2)})
+    archive = _zip({"ok.png": noise_image(16, 16, 1), evil: noise_image(16, 16, 2)})
     with pytest.raises(InvalidDatasetInputError) as err:
         store.add_zip(dataset_id, archive)
     assert err.value.param == "files" and evil in err.value.message
@@ -307,16 +299,16 @@ def test_concurrent_adds_lose_nothing(store, dataset_id):
 def test_prefix_import_with_captions(store, dataset_id, tmp_path):
     folder = tmp_path / "src"
     (folder / "sub").mkdir(parents=True)
-    (folder / "a.png").write_bytes(png(16, 16, 1))
+    (folder / "a.png").write_bytes(noise_image(16, 16, 1))
     (folder / "a.txt").write_text("caption a")
-    (folder / "sub" / "b.png").write_bytes(png(16, 16, 2))
+    (folder / "sub" / "b.png").write_bytes(noise_image(16, 16, 2))
     (folder / "junk.png").write_bytes(b"junk")
     result = store.add_from_prefix(dataset_id, str(folder))
     assert result.added == 2 and [r.filename for r in result.rejected] == ["junk.png"]
     captions = dict(zip(*store.manifest(dataset_id).select(["filename", "caption"]).to_pydict().values()))
     assert captions == {"a.png": "caption a", "sub/b.png": ""}
     # a prefix inside the storage root (works on S3 too)
-    store.storage.put_bytes("uploads/x/c.png", png(16, 16, 3))
+    store.storage.put_bytes("uploads/x/c.png", noise_image(16, 16, 3))
     store.storage.put_bytes("uploads/x/c.txt", b"caption c")
     inside = store.add_from_prefix(dataset_id, "uploads/x/")
     assert inside.added == 1 and store.manifest(dataset_id).num_rows == 3
@@ -324,7 +316,7 @@ def test_prefix_import_with_captions(store, dataset_id, tmp_path):
 
 def test_adding_job_outputs(store, dataset_id):
     key = output_key("job_0000000000000000001", 0)
-    store.storage.put_bytes(key, png(16, 16, 5))
+    store.storage.put_bytes(key, noise_image(16, 16, 5))
     result = store.add_outputs(dataset_id, [key, "jobs/job_x.json", "outputs/../jobs/x", "outputs/missing.png"],
                                captions={key: "a generated cat"})
     assert result.added == 1 and len(result.rejected) == 3
@@ -347,8 +339,8 @@ def test_adding_job_outputs_by_job_id_captions_them_with_the_prompt(store, datas
         return record.id
 
     fox = finished_job({"sdxl": {"prompt": "a red fox", "seed": 1}},
-                       [(png(16, 16, 11), "image/png"), (png(16, 16, 12), "image/png")])
-    refined = finished_job({"sdxl": {"prompt": "owl"}}, [(png(16, 16, 13), "image/png")],
+                       [(noise_image(16, 16, 11), "image/png"), (noise_image(16, 16, 12), "image/png")])
+    refined = finished_job({"sdxl": {"prompt": "owl"}}, [(noise_image(16, 16, 13), "image/png")],
                            result={"prompt": "a snowy owl at dusk, detailed"})
     video = finished_job({"prompt": "a river"}, [(b"\x00\x00\x00\x18ftypmp42", "video/mp4")])
     progress = []
@@ -443,7 +435,7 @@ def test_api_create_list_get_delete(api):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "name"
     assert [d["id"] for d in client.get("/v1/datasets").json()["data"]] == [dataset_id]
 
-    files = [("files", (f"d{i}.png", png(16, 16, i), "image/png")) for i in range(5)]
+    files = [("files", (f"d{i}.png", noise_image(16, 16, i), "image/png")) for i in range(5)]
     files += [("files", ("d0.txt", b"a good dog", "text/plain")),
               ("files[]", ("broken.png", b"\x89PNG broken", "image/png"))]
     upload = client.post(f"/v1/datasets/{dataset_id}/images", files=files,
@@ -471,13 +463,13 @@ def test_api_create_list_get_delete(api):
 def test_api_zip_upload_and_bad_inputs(api):
     client, _ = api
     dataset_id = client.post("/v1/datasets", json={"name": "zips"}).json()["id"]
-    archive = _zip({"a.png": png(16, 16, 1), "a.txt": b"zipped"})
+    archive = _zip({"a.png": noise_image(16, 16, 1), "a.txt": b"zipped"})
     ok = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("set.zip", archive, "application/zip"))])
     assert ok.status_code == 200 and ok.json()["added"] == 1
-    evil = _zip({"../../etc/x.png": png(16, 16, 2)})
+    evil = _zip({"../../etc/x.png": noise_image(16, 16, 2)})
     refused = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("evil.zip", evil, "application/zip"))])
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "files"
-    bad_captions = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("b.png", png(8, 8, 3)))],
+    bad_captions = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("b.png", noise_image(8, 8, 3)))],
                                data={"captions": "[1, 2]"})
     assert bad_captions.status_code == 400 and bad_captions.json()["error"]["param"] == "captions"
     too_big = client.post(f"/v1/datasets/{dataset_id}/images",
@@ -494,7 +486,7 @@ def test_api_zip_limits_come_from_the_upload_limit_and_config(api, zip_bomb):
     assert bomb.status_code == 413, bomb.text
     assert bomb.json()["error"]["param"] == "files" and str(4 * upload_limit) in bomb.json()["error"]["message"]
     # an entry over the per-file upload limit is rejected by name; the rest lands
-    mixed = _zeros_zip({"huge.png": upload_limit + 1}, extra={"fine.png": png(16, 16, 4)})
+    mixed = _zeros_zip({"huge.png": upload_limit + 1}, extra={"fine.png": noise_image(16, 16, 4)})
     landed = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("mixed.zip", mixed))])
     assert landed.status_code == 200, landed.text
     assert landed.json()["added"] == 1 and [r["filename"] for r in landed.json()["rejected"]] == ["huge.png"]
@@ -502,7 +494,7 @@ def test_api_zip_limits_come_from_the_upload_limit_and_config(api, zip_bomb):
     ingress.config.dataset_import = ingress.config.dataset_import.model_copy(
         update={"max_zip_expanded_bytes": 1024})
     refused = client.post(f"/v1/datasets/{dataset_id}/images",
-                          files=[("files", ("small.zip", _zip({"b.png": png(32, 32, 5)})))])
+                          files=[("files", ("small.zip", _zip({"b.png": noise_image(32, 32, 5)})))])
     assert refused.status_code == 413 and "1024" in refused.json()["error"]["message"]
 
 
@@ -510,7 +502,7 @@ def test_api_max_pixels_comes_from_config(api):
     client, ingress = api
     ingress.config.dataset_import = ingress.config.dataset_import.model_copy(update={"max_pixels": 16 * 16})
     dataset_id = client.post("/v1/datasets", json={"name": "small"}).json()["id"]
-    files = [("files", ("at.png", png(16, 16, 1))), ("files", ("past.png", png(17, 16, 2)))]
+    files = [("files", ("at.png", noise_image(16, 16, 1))), ("files", ("past.png", noise_image(17, 16, 2)))]
     body = client.post(f"/v1/datasets/{dataset_id}/images", files=files).json()
     assert body["added"] == 1
     assert body["rejected"] == [{"filename": "past.png", "reason": "image is 17x16, over the limit of 256 pixels"}]
@@ -545,7 +537,7 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     from storage.jobs import JobStore
 
     for i in range(3):
-        store.storage.put_bytes(f"uploads/batch/{i}.png", png(16, 16, i))
+        store.storage.put_bytes(f"uploads/batch/{i}.png", noise_image(16, 16, i))
     store.storage.put_bytes("uploads/batch/0.txt", b"zero")
     jobs = JobStore(store.storage)
     record = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/batch/", "tags": ["b"]})
@@ -556,7 +548,7 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     assert store.manifest(dataset_id).column("tags").to_pylist() == [["b"]] * 3
 
     for i in range(3, 6):
-        store.storage.put_bytes(f"uploads/more/{i}.png", png(16, 16, i))
+        store.storage.put_bytes(f"uploads/more/{i}.png", noise_image(16, 16, i))
     cancelled = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/more/"})
     jobs.save(cancelled.model_copy(update={"status": "in_progress"}))
     jobs.request_cancel(cancelled.id)
@@ -565,8 +557,8 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     assert store.versions(dataset_id) == [1]  # nothing committed
 
     # the job applies the recorded config's max_pixels
-    store.storage.put_bytes("uploads/wide/wide.png", png(17, 16, 9))
-    store.storage.put_bytes("uploads/wide/fits.png", png(16, 16, 10))
+    store.storage.put_bytes("uploads/wide/wide.png", noise_image(17, 16, 9))
+    store.storage.put_bytes("uploads/wide/fits.png", noise_image(16, 16, 10))
     limited = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/wide/",
                                               "config": {"max_pixels": 16 * 16}})
     ctx = JobContext(jobs, limited)

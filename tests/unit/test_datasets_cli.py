@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import http.server
-import io
 import json
 import threading
 import zipfile
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from storage.datasets import DatasetStore
 from storage.datasets_cli import main
 from storage.fs import Storage
 from storage.jobs import JobOutput, JobStore
 from storage.keys import output_key
-
-
-def png(width: int, height: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.media import noise_image
 
 
 @pytest.fixture()
@@ -65,12 +56,12 @@ def test_create_add_list_and_show(cli, root, tmp_path):
 
     files = tmp_path / "files"
     files.mkdir()
-    (files / "a.png").write_bytes(png(16, 12, 1))
+    (files / "a.png").write_bytes(noise_image(16, 12, 1))
     (files / "a.txt").write_text("a cat on a mat\n")
-    (files / "b.png").write_bytes(png(20, 20, 2))
+    (files / "b.png").write_bytes(noise_image(20, 20, 2))
     (files / "broken.png").write_bytes(b"\x89PNG truncated")
     with zipfile.ZipFile(files / "more.zip", "w") as archive:
-        archive.writestr("set/c.png", png(8, 24, 3))
+        archive.writestr("set/c.png", noise_image(8, 24, 3))
         archive.writestr("set/c.txt", "from the zip")
     code, out, _ = cli("add", "cats", *(str(files / n) for n in ("a.png", "a.txt", "b.png", "broken.png", "more.zip")),
                        "--tags", "cat, pet", "--captions", '{"b.png": "from the flag"}')
@@ -103,9 +94,9 @@ def test_import_prefix_and_max_pixels(cli, tmp_path):
     cli("create", "folder")
     source = tmp_path / "src"
     (source / "sub").mkdir(parents=True)
-    (source / "fits.png").write_bytes(png(16, 16, 1))
+    (source / "fits.png").write_bytes(noise_image(16, 16, 1))
     (source / "fits.txt").write_text("sixteen square")
-    (source / "sub" / "wide.png").write_bytes(png(17, 16, 2))
+    (source / "sub" / "wide.png").write_bytes(noise_image(17, 16, 2))
     code, out, err = cli("--max-pixels", "256", "import-prefix", "folder", str(source))
     assert code == 0 and "2/2" in err  # progress goes to stderr, the result to stdout
     result = json.loads(out)
@@ -119,11 +110,11 @@ def test_add_outputs_by_key_and_by_job(cli, root):
     jobs = JobStore(storage)
     record = jobs.create("images.generations", {"sdxl": {"prompt": "a lighthouse at night"}})
     key = output_key(record.id, 0)
-    storage.put_bytes(key, png(16, 16, 7), content_type="image/png")
+    storage.put_bytes(key, noise_image(16, 16, 7), content_type="image/png")
     record.outputs.append(JobOutput(key=key, content_type="image/png", width=16, height=16))
     jobs.save(record.model_copy(update={"status": "completed"}))
     loose = output_key("req_0000000000000000001", 0)
-    storage.put_bytes(loose, png(16, 16, 8))
+    storage.put_bytes(loose, noise_image(16, 16, 8))
 
     code, out, _ = cli("add-outputs", "made", loose, "jobs/not-an-output.json")
     assert code == 0
@@ -153,7 +144,7 @@ def test_malformed_job_id_is_a_usage_error(cli, root, capsys, bad_id):
 class _Images(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802
         seed = int(self.path.strip("/").split(".")[0])
-        body = png(12, 12, seed)
+        body = noise_image(12, 12, seed)
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", str(len(body)))

@@ -3,25 +3,20 @@
 from __future__ import annotations
 
 import http.server
-import io
 import threading
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from storage.datasets import DatasetStore
 from storage.url_import import DatasetImportConfig, UrlRefusedError, check_url, fetch_url, fetch_urls, resolve_allowed
+from tests.media import noise_image
 
 LIMIT = 64 * 1024
 
 
 def png(seed: int, size: int = 16) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return noise_image(size, size, seed)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
