@@ -11,6 +11,7 @@ import hashlib
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -175,8 +176,10 @@ def test_a_job_whose_storage_dies_is_never_reported_completed(s3_behind_proxy, m
              "lease_s": 1, "heartbeat_s": 0.1}
     runner = JobRunnerDeployment(queue, storage_root=storage.root, storage_options=storage.storage_options)
     requeued = []
-    monkeypatch.setattr("deployments.job_runner.enqueue_job",
-                        lambda adapter, store, record: requeued.append(record.id) or "task-2")
+    # The broker stands in for Celery (Serve's task_consumer sets _adapter in a replica); the real
+    # enqueue_job still persists the re-queued record before it sends the task.
+    runner._adapter = SimpleNamespace(
+        enqueue_task_sync=lambda name, kwargs=None, **options: requeued.append(kwargs["job_id"]))
     reached_write = threading.Event()
 
     def pipeline(ctx, handles):

@@ -47,9 +47,10 @@ async function reuse(jobId) {
     const p = job.params || {};
     if (!job.kind.startsWith("videos.")) throw new Error(`Job ${jobId} (${job.kind}) is not a video.`);
     $("#video-prompt").value = p.prompt || p.sdxl?.prompt || "";
-    $("#video-frames").value = p.num_frames ?? "";
-    $("#video-fps").value = p.fps ?? "";
-    $("#video-seed").value = p.seed ?? "";
+    const svd = p.svd || {}; // a video job records its SVD stage's request under `svd`
+    $("#video-frames").value = svd.num_frames ?? p.num_frames ?? "";
+    $("#video-fps").value = svd.fps ?? p.fps ?? "";
+    $("#video-seed").value = svd.seed ?? p.seed ?? "";
     // A file input cannot be filled from a URL: the source image has to be chosen again.
     $("#video-info").textContent = job.kind === "videos.image_to_video"
       ? `Settings loaded from video ${jobId}. It was made from an image: choose that image again above.`
