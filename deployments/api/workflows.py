@@ -47,6 +47,27 @@ SAVED_PREFIX = "workflows/saved/"
 SDXL_NODE_TYPES = ("text_to_image", "image_to_image", "inpaint")
 
 
+def _inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON Schema with its `$defs` inlined: an OpenAPI requestBody cannot use them."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[1]])
+            return {key: resolve(value) for key, value in node.items()}
+        return [resolve(value) for value in node] if isinstance(node, list) else node
+
+    return resolve(schema)
+
+
+def _json_request_body(schema: dict[str, Any]) -> dict[str, Any]:
+    """`openapi_extra` documenting a JSON body that the route parses itself (so that it can list
+    every problem at once), for clients and for the schemathesis fuzz."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
 class WorkflowRunRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
@@ -288,14 +309,22 @@ async def get_schema() -> dict:
     return workflow_schema()
 
 
-@router.post("/v1/workflows/validate", response_model=ValidationReport)
+def _with_workflow(model: type[BaseModel]) -> dict[str, Any]:
+    schema = _inlined_schema(model)
+    schema["properties"]["workflow"] = {**schema["properties"]["workflow"], **_inlined_schema(Workflow)}
+    schema["properties"]["workflow"].pop("anyOf", None)
+    return schema
+
+
+@router.post("/v1/workflows/validate", response_model=ValidationReport,
+             openapi_extra=_json_request_body(_inlined_schema(Workflow)))
 async def validate(request: Request, ingress=Depends(current_ingress)) -> ValidationReport:
     """200 with `valid`, every problem (node id, field, message) and the execution order."""
     report, _ = await check_workflow(ingress, await _json_body(request))
     return report
 
 
-@router.post("/v1/workflows/runs", status_code=202)
+@router.post("/v1/workflows/runs", status_code=202, openapi_extra=_json_request_body(_with_workflow(WorkflowRunRequest)))
 async def run(request: Request, ingress=Depends(current_ingress)):
     body = _parse(WorkflowRunRequest, await _json_body(request))
     if (body.workflow is None) == (body.workflow_id is None):
@@ -351,7 +380,8 @@ async def _save(ingress, workflow_id: str, version: int, body: SavedWorkflowBody
     return saved
 
 
-@router.post("/v1/workflows", status_code=201, response_model=SavedWorkflow)
+@router.post("/v1/workflows", status_code=201, response_model=SavedWorkflow,
+             openapi_extra=_json_request_body(_with_workflow(SavedWorkflowBody)))
 async def create_workflow(request: Request, ingress=Depends(current_ingress)):
     return await _save(ingress, new_id("wf"), 1, _parse(SavedWorkflowBody, await _json_body(request)))
 
@@ -378,7 +408,8 @@ async def get_workflow(workflow_id: str, version: int | None = Query(None, ge=1)
     return await asyncio.to_thread(_load_saved, ingress, workflow_id, version)
 
 
-@router.put("/v1/workflows/{workflow_id}", response_model=SavedWorkflow)
+@router.put("/v1/workflows/{workflow_id}", response_model=SavedWorkflow,
+            openapi_extra=_json_request_body(_with_workflow(SavedWorkflowBody)))
 async def update_workflow(workflow_id: str, request: Request, ingress=Depends(current_ingress)):
     current = await asyncio.to_thread(_load_saved, ingress, workflow_id)
     return await _save(ingress, workflow_id, current.version + 1,
