@@ -695,7 +695,10 @@ def run_workflow(
             for future in done:
                 node_id = running.pop(future)
                 exc = future.exception()
-                if isinstance(exc, WorkflowCancelled):
+                # A deployment that saw the cancel marker first stops with its own error (the replica
+                # checks it between steps too): once the run is cancelled, that is a cancel, not a failure.
+                if isinstance(exc, WorkflowCancelled) or (exc is not None and (cancel_event.is_set() or is_cancelled())):
+                    cancel_event.set()
                     update(node_id, status="cancelled", error=str(exc), finished_at=time.time())
                     settle_downstream(node_id, "cancelled", None)
                 elif exc is not None:

@@ -350,6 +350,19 @@ def test_cancel_stops_pending_nodes() -> None:
     assert result.outputs == {}
 
 
+def test_a_node_stopped_by_its_deployment_after_a_cancel_is_cancelled_not_failed() -> None:
+    cancelled = threading.Event()
+
+    def gen(ctx: NodeContext) -> dict[str, Any]:
+        cancelled.set()  # the replica sees the cancel marker before the workflow's own check does
+        raise RuntimeError("interrupted: job cancelled")
+
+    result = run_workflow(Workflow.model_validate(txt2img_doc()), {"text_to_image": gen, "upscale": gen},
+                          is_cancelled=cancelled.is_set)
+    assert result.status == "cancelled"
+    assert {result.nodes[v].status for v in ("gen", "pick", "up", "out")} == {"cancelled"}
+
+
 def test_cancel_before_start_runs_nothing() -> None:
     fakes = FakeRunners()
     result = run_workflow(Workflow.model_validate(txt2img_doc()), fakes.as_dict(), is_cancelled=lambda: True)
