@@ -20,10 +20,9 @@ its manifest only if no object is there yet:
 * S3: one ``PutObject`` with ``If-None-Match: *`` (S3 conditional writes; s3fs
   ``pipe_file(mode="create")``), which S3 answers 412 if the key exists.
 
-:class:`storage.fs.Storage` offers only last-writer-wins writes, so the claim is done here, on
-its filesystem. A writer that loses the claim re-reads the newest version, re-checks
-duplicates against it and claims the next number, so two concurrent adds never lose rows.
-Image files written by an add that is then abandoned (a cancelled import) stay as unreferenced
+:meth:`storage.fs.Storage.put_if_absent` is that claim. A writer that loses it re-reads the
+newest version, re-checks duplicates against it and claims the next number, so two concurrent
+adds never lose rows. Image files written by an add that is then abandoned (a cancelled import) stay as unreferenced
 files under ``images/``; a later add of the same image reuses them.
 
 Names and ids are validated with :func:`storage.keys.validate_id` (no ``/``, no ``..``), and
@@ -37,7 +36,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import zipfile
@@ -50,7 +48,7 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from storage.fs import TEMP_PREFIX, InvalidKeyError, ObjectNotFoundError, Storage, validate_key, validate_prefix
+from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage, validate_key, validate_prefix
 from storage.keys import DATASETS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, validate_id
 
 __all__ = [
@@ -465,39 +463,6 @@ def _empty_manifest() -> pa.Table:
     return MANIFEST_SCHEMA.empty_table()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _put_if_absent(storage: Storage, key: str, data: bytes, content_type: str | None = None) -> bool:
-    """Create ``key`` only if nothing is there; True if this call created it (see module doc)."""
-    path = storage.full_path(key)
-    if storage.protocol == "file":
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.link(tmp, path)  # atomic, and fails if the name exists
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-    kwargs = {"ContentType": content_type} if content_type else {}
-    try:
-        storage.fs.pipe_file(path, data, mode="create", **kwargs)  # If-None-Match: *
-    except FileExistsError:  # s3fs maps 412 Precondition Failed to this
-        return False
-    return True
-
-
 class DatasetStore:
     """Create, fill, read and delete datasets in a :class:`Storage`. Methods block."""
 
@@ -541,7 +506,7 @@ class DatasetStore:
         info = DatasetInfo(id=new_id("ds"), name=name, description=description, trigger_word=trigger_word,
                            license=license, created_at=time.time())
         name_key = f"{NAMES_PREFIX}{name}.json"
-        if not _put_if_absent(self.storage, name_key, json.dumps({"id": info.id}).encode(), "application/json"):
+        if not self.storage.put_if_absent(name_key, json.dumps({"id": info.id}).encode(), "application/json"):
             raise DatasetExistsError(f"a dataset named {name!r} exists", "name")
         try:
             self.storage.put_json(self._info_key(info.id), info.model_dump(
@@ -895,7 +860,7 @@ class DatasetWriter:
             table = table.replace_schema_metadata({_META_KEY: json.dumps(summary).encode()})
             buffer = io.BytesIO()
             pq.write_table(table, buffer, compression="zstd")
-            if _put_if_absent(self.store.storage, DatasetStore.manifest_key(self.info.id, version),
+            if self.store.storage.put_if_absent(DatasetStore.manifest_key(self.info.id, version),
                               buffer.getvalue(), "application/vnd.apache.parquet"):
                 return self._result(version, len(new_rows), table.num_rows, duplicates)
             # another add claimed this version: rebase on the newest and try the next number

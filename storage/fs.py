@@ -287,6 +287,41 @@ class Storage:
             self.fs.pipe_file(self._path(key), bytes(data), **kwargs)
         return key
 
+    def put_if_absent(self, key: str, data: bytes, content_type: str | None = None) -> bool:
+        """Create ``key`` only if nothing is there; True if this call created it.
+
+        The one compare-and-set the stores build claims on (dataset versions and names, LoRA
+        versions, run names, saved workflows). Local: a temp file hard-linked to its name, since
+        ``link(2)`` fails if the name exists and a reader never sees a partial file. S3: one
+        PutObject with ``If-None-Match: *`` (s3fs ``mode="create"``), which S3 answers 412 if the
+        key exists.
+        """
+        validate_key(key)
+        if self.protocol != "file":
+            ct = self._content_type(key, content_type)
+            try:
+                self.fs.pipe_file(self._path(key), bytes(data), mode="create", **({"ContentType": ct} if ct else {}))
+            except FileExistsError:  # s3fs maps 412 Precondition Failed to this
+                return False
+            return True
+        path = self._path(key)
+        directory = os.path.dirname(path)
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, _FILE_MODE)
+            os.link(tmp, path)  # atomic, and fails if the name exists
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(directory)
+        return True
+
     def put_file(
         self, key: str, local_path: str | os.PathLike, content_type: str | None = None
     ) -> str:

@@ -33,7 +33,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from storage.datasets import _put_if_absent
 from storage.fs import ObjectNotFoundError, Storage
 from storage.keys import LORAS_PREFIX, lora_prefix, validate_id
 
@@ -361,7 +360,7 @@ class LoraRegistry:
         version = (claimed[-1] if claimed else 0) + 1
         claim = json.dumps({"claimed_at": time.time(), "training_run": manifest.training_run}).encode()
         for _attempt in range(MAX_CLAIM_ATTEMPTS):
-            if _put_if_absent(self.storage, self._claim_key(name, version), claim, "application/json"):
+            if self.storage.put_if_absent(self._claim_key(name, version), claim, "application/json"):
                 break
             version += 1
         else:

@@ -36,7 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from deployments.api import current_ingress
 from deployments.errors import ConflictError, InvalidRequestError, NotFoundError, OverloadedError
-from storage.datasets import _put_if_absent
 from storage.fs import ObjectNotFoundError
 from storage.keys import new_id
 
@@ -424,7 +423,7 @@ def claim_run(ingress, config, plan, job_id: str):
                 holders.append(holder)
                 break
             # create-if-absent: of two submissions that both saw the name free, one gets it
-            if _put_if_absent(ingress.storage, _claim_key(run_name, generation + 1), claim, "application/json"):
+            if ingress.storage.put_if_absent(_claim_key(run_name, generation + 1), claim, "application/json"):
                 return plan.model_copy(update={"run_name": run_name})
     holder = f" (job {holders[0]})" if holders else ""
     hint = "" if config.new_version else ", or set new_version to train another version alongside it"

@@ -36,7 +36,6 @@ from deployments.runtime import MAX_SEED, random_seed
 from deployments.sdxl import check_denoising_steps
 from graphs.workflows import (NODE_TYPES, Node, ValidationReport, Workflow, WorkflowIssue, validate_workflow,
                               workflow_schema)
-from storage.datasets import _put_if_absent
 from storage.fs import InvalidKeyError, ObjectNotFoundError
 from storage.jobs import JobRecord
 from storage.keys import new_id
@@ -375,7 +374,7 @@ async def _save(ingress, workflow_id: str, version: int, body: SavedWorkflowBody
                           created_at=int(time.time()), workflow=workflow.model_dump())
     data = saved.model_dump_json().encode()
     key = f"{SAVED_PREFIX}{workflow_id}/v{version}.json"
-    if not await asyncio.to_thread(_put_if_absent, ingress.storage, key, data, "application/json"):
+    if not await asyncio.to_thread(ingress.storage.put_if_absent, key, data, "application/json"):
         raise ConflictError(f"workflow {workflow_id} version {version} was saved meanwhile; retry", "workflow_id")
     return saved
 

@@ -94,6 +94,22 @@ def test_content_type_on_s3(s3_server, tmp_path):
     assert storage.fs.info(storage._path("img/meta.json"))["ContentType"] == "application/json"
 
 
+def test_put_if_absent_creates_once_and_never_overwrites(storage):
+    assert storage.put_if_absent("claims/a.json", b'{"by": 1}', "application/json") is True
+    assert storage.put_if_absent("claims/a.json", b'{"by": 2}', "application/json") is False
+    assert storage.get_bytes("claims/a.json") == b'{"by": 1}'
+    assert storage.list("claims/") == ["claims/a.json"]  # no temp file left behind
+
+
+def test_put_if_absent_has_exactly_one_winner_among_racing_writers(storage):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.put_if_absent("claims/race", str(i).encode()), range(8)))
+    assert won.count(True) == 1
+    assert storage.get_bytes("claims/race") == str(won.index(True)).encode()
+
+
 def test_missing_keys(storage):
     with pytest.raises(ObjectNotFoundError):
         storage.get_bytes("nope/missing.bin")
