@@ -251,7 +251,9 @@ class Storage:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _local_atomic_write(self, key: str, write) -> None:
+    def _local_atomic_write(self, key: str, write, exclusive: bool = False) -> None:
+        """Write through a temp file, then publish it under its name: `os.replace`, or with
+        `exclusive` a hard link, which fails with FileExistsError if the name exists."""
         path = self._path(key)
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
@@ -262,7 +264,11 @@ class Storage:
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, path)
+            if exclusive:
+                os.link(tmp, path)
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, path)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -304,22 +310,10 @@ class Storage:
             except FileExistsError:  # s3fs maps 412 Precondition Failed to this
                 return False
             return True
-        path = self._path(key)
-        directory = os.path.dirname(path)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, _FILE_MODE)
-            os.link(tmp, path)  # atomic, and fails if the name exists
+            self._local_atomic_write(key, lambda f: f.write(data), exclusive=True)
         except FileExistsError:
             return False
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(directory)
         return True
 
     def put_file(

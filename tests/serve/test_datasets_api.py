@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-import http.server
 import io
-import threading
 import uuid
 import zipfile
 
 import pytest
 from PIL import Image
 
+from tests.media import noise_image_server
 from tests.serve.helpers import noise_image, wait_for_job
 
 pytestmark = pytest.mark.serve
 
 
-class _Images(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        body = noise_image(24, 24, seed=int(self.path.strip("/").split(".")[0]))
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture(scope="module")
 def image_server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with noise_image_server(24) as url:
+        yield url
 
 
 @pytest.fixture()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import zipfile
 
 import pytest
@@ -14,7 +12,7 @@ from storage.datasets_cli import main
 from storage.fs import Storage
 from storage.jobs import JobOutput, JobStore
 from storage.keys import output_key
-from tests.media import noise_image
+from tests.media import noise_image, noise_image_server
 
 
 @pytest.fixture()
@@ -141,27 +139,10 @@ def test_malformed_job_id_is_a_usage_error(cli, root, capsys, bad_id):
     assert DatasetStore(Storage(root)).versions(DatasetStore(Storage(root)).resolve("made")) == []
 
 
-class _Images(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802
-        seed = int(self.path.strip("/").split(".")[0])
-        body = noise_image(12, 12, seed)
-        self.send_response(200)
-        self.send_header("Content-Type", "image/png")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
 def image_server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Images)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with noise_image_server(12) as url:
+        yield url
 
 
 def test_import_urls_from_args_and_a_file(cli, tmp_path, image_server):
