@@ -136,21 +136,20 @@ def model_ids(handles: dict[str, Any], workflow: Workflow, spec: dict) -> dict[s
     and lineage. Asked of the deployments when the job runs: the ingress caches what they said at
     its start, which a redeploy of one model leaves stale."""
     needed = sorted({NODE_TYPES[node.type].deployment for node in workflow.nodes} - {None})
+    # Ask every deployment at once; the answers are awaited together below.
+    pending = {name: handles[name].describe.remote() for name in needed if name != "llm" and name in handles}
     ids: dict[str, str] = {}
-    for name in needed:
-        if name == "llm":
-            # vLLM's server has no describe(); the ingress pins the LLM from its own config, which
-            # changes (and restarts the ingress) whenever the LLM is redeployed.
-            context = next(iter(spec.get("refine", {}).values()), {})
-            model = context.get("source") or context.get("model")
-        elif name in handles:
-            info = handles[name].describe.remote().result(timeout_s=DESCRIBE_TIMEOUT_S)
-            model = info.get("source") or info.get("model")
-        else:
-            continue
-        if model:
+    if "llm" in needed:
+        # vLLM's server has no describe(); the ingress pins the LLM from its own config, which
+        # changes (and restarts the ingress) whenever the LLM is redeployed.
+        context = next(iter(spec.get("refine", {}).values()), {})
+        if model := context.get("source") or context.get("model"):
+            ids["llm"] = str(model)
+    for name, response in pending.items():
+        info = response.result(timeout_s=DESCRIBE_TIMEOUT_S)
+        if model := info.get("source") or info.get("model"):
             ids[name] = str(model)
-    return ids
+    return dict(sorted(ids.items()))
 
 
 def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str, models: dict[str, str]) -> dict:
