@@ -188,8 +188,13 @@ def test_a_video_made_from_an_image_plays_and_shows_in_the_gallery(page, tmp_pat
     assert int(lineage["Frames"]) >= 1 and lineage["Size"] == "64 × 64", lineage
     assert page.locator(f"{card} .gallery-check").count() == 0  # datasets take images only
     # and its settings can be reused on the Video page
+    # The Video page's form survives the trip to the gallery with the seed typed above, so only a
+    # line that reuse() writes once it has fetched this job says the settings are in.
     page.click(f"{card} button.reuse")
-    page.wait_for_function("document.querySelector('#video-seed').value === '2'")
+    page.wait_for_function(
+        "id => document.querySelector('#video-info').textContent.startsWith(`Settings loaded from video ${id}.`)",
+        arg=video_id)
+    assert page.input_value("#video-seed") == "2"
     assert page.input_value("#video-frames") == lineage["Frames"]
 
 
