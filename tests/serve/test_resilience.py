@@ -117,10 +117,15 @@ def test_twenty_jobs_through_replica_kills_none_lost_or_stuck(client, ray_cluste
         if all(s["status"] in TERMINAL for s in states):
             break
         if any(s["status"] == "in_progress" and (s["step"] or 0) >= 1 for s in states):
+            killed = {replica._actor_id.hex() for replica in replica_actors(ray_cluster, "SDXLDeployment")}
             for replica in replica_actors(ray_cluster, "SDXLDeployment"):
                 ray_cluster.kill(replica, no_restart=True)
             kills += 1
-            time.sleep(8)
+            # the next kill waits for Serve's replacement (not a fixed pause), so each one hits live work
+            while not (ids := {r._actor_id.hex() for r in replica_actors(ray_cluster, "SDXLDeployment")}) \
+                    or ids & killed:
+                assert time.monotonic() < deadline + 120, f"no replacement SDXL replica: {ids}"
+                time.sleep(0.2)
         time.sleep(0.2)
     assert kills >= 2, "no job was ever seen running"
 

@@ -180,13 +180,13 @@ def test_a_job_whose_storage_dies_is_never_reported_completed(s3_behind_proxy, m
     # enqueue_job still persists the re-queued record before it sends the task.
     runner._adapter = SimpleNamespace(
         enqueue_task_sync=lambda name, kwargs=None, **options: requeued.append(kwargs["job_id"]))
-    reached_write = threading.Event()
+    reached_write, server_down = threading.Event(), threading.Event()
 
     def pipeline(ctx, handles):
         ctx.start_stage("generate")
         ctx.step(1, 2)
         reached_write.set()
-        time.sleep(0.5)  # the server dies here
+        assert server_down.wait(30)  # the server dies here, before the write below
         key = output_key(ctx.id, 0)
         runner.store.storage.put_bytes(key, content_for(7))
         ctx.add_output(JobOutput(key=key, content_type="application/octet-stream"))
@@ -198,6 +198,7 @@ def test_a_job_whose_storage_dies_is_never_reported_completed(s3_behind_proxy, m
     worker.start()
     assert reached_write.wait(30)
     proxy.cut()
+    server_down.set()
     worker.join(120)
     assert not worker.is_alive(), "run_job hung on the dead server"
     assert result["outcome"] != {"job_id": record.id, "status": "completed"}, result
