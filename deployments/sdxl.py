@@ -1,9 +1,15 @@
 """SDXL deployment: text-to-image, image-to-image and inpainting, batched across requests.
 
 One base pipeline is loaded; the img2img and inpaint pipelines share its components through
-`from_pipe`, so no second copy of the weights is held. Requests that agree on size, steps,
-guidance and LoRA are run as one pipeline call (`@serve.batch`, batch size counted in images),
-each with its own seeded generators, so an image does not depend on what it was batched with.
+`from_pipe`, so no second copy of the weights is held. Requests collect while the pipeline is busy
+and, when it frees, the oldest one and every compatible one behind it (same size, steps, guidance,
+LoRA) run as one pipeline call, up to `max_batch_images` (continuous batching,
+`deployments/batching.py`). Each image has its own seeded generator, so it does not depend on what
+it was batched with. PNG encoding and storage writes run in the request's own coroutine, off the
+pipeline's critical path, so the next batch starts as soon as the last one's denoising ends. A
+request whose caller goes away (a client hang-up, or a job cancel through its DeploymentHandle
+response) leaves the queue, or stops its pipeline call at the next step once no one in the call
+still wants it; the replica reads no storage for that.
 
 LoRA adapters from the registry (`storage/registry.py`) are loaded per request by name
 (`lora="corgi"` or `"corgi:2"`) through Ray Serve model multiplexing: `get_lora` is a
@@ -31,12 +37,12 @@ from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 
 from configs.styles import StylePreset, load_styles
+from deployments.batching import ContinuousBatcher
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import check_size, decode_image, encode_png
 from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
-    CancelCheck,
     StallWatch,
     configure_torch,
     drain_events,
@@ -44,7 +50,6 @@ from deployments.runtime import (
     random_seed,
 )
 from storage.fs import Storage
-from storage.jobs import JobStore
 from storage.keys import output_key
 from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError
 
@@ -96,7 +101,9 @@ class SDXLConfig(BaseModel):
     max_steps: int = 100
     default_guidance_scale: float = 5.0
     max_batch_images: int = Field(8, ge=8, description="Images per pipeline call; at least one n=8 request.")
-    batch_wait_timeout_s: float = 0.02
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1, description=(
+        "How long a request that finds the model idle waits for others to share its call. Under load, "
+        "requests collect while the model is busy, whatever this is."))
     torch_num_threads: int | None = None
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
@@ -179,9 +186,10 @@ class _Prepared:
     def batch_key(self) -> tuple | None:
         if self.request.mode != "text_to_image":
             return None  # each edit carries its own init image; run alone
-        # one pipeline call runs one adapter at one weight
+        # one pipeline call runs one adapter at one weight; and no negative prompt (zero embeddings)
+        # differs from an encoded one, so the two never share a call
         lora = (self.lora.adapter_name, self.request.lora_scale) if self.lora else None
-        return (self.width, self.height, self.steps, self.guidance_scale, lora)
+        return (self.width, self.height, self.steps, self.guidance_scale, lora, bool(self.negative_prompt))
 
 
 class LoadedLora:
@@ -258,18 +266,24 @@ def _in_serve_replica() -> bool:
     return True
 
 
-@dataclass
+@dataclass(eq=False)
 class _BatchItem:
     prepared: _Prepared
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)  # its caller went away
 
     def emit(self, event: SDXLProgress) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
-def _images_in(items: list[_BatchItem]) -> int:
-    return sum(item.prepared.request.n for item in items)
+@dataclass
+class _Generated:
+    """One request's share of a pipeline call, before encoding."""
+
+    images: list[Any]
+    elapsed_s: float
+    batch_images: int
 
 
 def load_sdxl_pipeline(config: SDXLConfig):
@@ -280,7 +294,7 @@ def load_sdxl_pipeline(config: SDXLConfig):
     )
 
 
-@serve.deployment(max_ongoing_requests=16)
+@serve.deployment(max_ongoing_requests=64)
 class SDXLDeployment:
     def __init__(self, config: SDXLConfig | dict, pipeline_factory: Callable[[SDXLConfig], Any] | None = None):
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
@@ -297,11 +311,11 @@ class SDXLDeployment:
             pipe.set_progress_bar_config(disable=True)
 
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
-        self.jobs = JobStore(self.storage)
         self.loras = LoraRegistry(self.storage)
         self.styles: dict[str, StylePreset] = load_styles(self.config.styles_file)
-        self._generate_batch.set_max_batch_size(self.config.max_batch_images)
-        self._generate_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        self.batcher: ContinuousBatcher[_BatchItem, _Generated] = ContinuousBatcher(
+            self._run_batch, max_size=self.config.max_batch_images, size_fn=lambda item: item.prepared.request.n,
+            key_fn=lambda item: item.prepared.batch_key(), idle_wait_s=self.config.batch_wait_timeout_s)
 
         # LoRA adapters. Lock order: _pipe_lock (held by every pipeline call and adapter
         # load/delete) before _lora_lock (the bookkeeping below; held briefly).
@@ -361,16 +375,24 @@ class SDXLDeployment:
         lora = await self._lora_for(request)
         if lora is not None:
             self._use_adapter(lora.adapter_name, +1)  # no await since the load: it cannot be evicted between
+        task = None
         try:
             if lora is not None:
                 prepared = self.with_lora(prepared, lora)
             item = _BatchItem(prepared, asyncio.get_running_loop())
-            task = asyncio.ensure_future(self._generate_batch(item))
+            task = asyncio.ensure_future(self.batcher.submit(item))
+            generated = None
             async for event in drain_events(item.events, task):
-                if isinstance(event, BaseException):  # serve.batch hands back per-item errors as values
-                    raise event
-                yield event
+                if isinstance(event, _Generated):
+                    generated = event
+                else:
+                    yield event
+            # encoding and storage writes run here, while the pipeline already runs the next batch
+            yield await asyncio.to_thread(self._respond, prepared, generated)
         finally:
+            if task is not None and not task.done():  # the caller went away (hang-up or cancel)
+                item.cancelled.set()  # a running call stops once none of its requests is wanted
+                task.cancel()  # a waiting request leaves the queue
             if lora is not None:
                 self._use_adapter(lora.adapter_name, -1)
 
@@ -552,22 +574,11 @@ class SDXLDeployment:
             raise InvalidRequestError(f"{param} is required for this mode", param)
         return decode_image(data, param, max_pixels=self.config.max_size**2, mode=mode)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=_images_in)
-    async def _generate_batch(self, items: list[_BatchItem]) -> list[SDXLResponse | Exception]:
-        groups: dict[Any, list[_BatchItem]] = {}
-        for index, item in enumerate(items):
-            groups.setdefault(item.prepared.batch_key() or ("alone", index), []).append(item)
-        results: dict[int, SDXLResponse | Exception] = {}
-        for group in groups.values():
-            try:
-                outputs = await asyncio.to_thread(self._run_group, group)
-            except Exception as exc:  # a failed call fails only its own group
-                outputs = [exc] * len(group)
-            for item, output in zip(group, outputs):
-                results[id(item)] = output
-        return [results[id(item)] for item in items]
+    async def _run_batch(self, items: list[_BatchItem]) -> list[_Generated | Exception]:
+        """The batcher's call: compatible requests, one pipeline call in a worker thread."""
+        return await asyncio.to_thread(self._run_group, items)
 
-    def _run_group(self, group: list[_BatchItem]) -> list[SDXLResponse | Exception]:
+    def _run_group(self, group: list[_BatchItem]) -> list[_Generated | Exception]:
         token = self.stall_watch.start()
         try:
             with self._pipe_lock:  # adapters change only between pipeline calls
@@ -578,7 +589,7 @@ class SDXLDeployment:
             self.stall_watch.finish(token)
 
     def _run_group_locked(self, group: list[_BatchItem], beat: Callable[[], None] = lambda: None
-                          ) -> list[SDXLResponse | Exception]:
+                          ) -> list[_Generated | Exception]:
         import torch
 
         started = time.perf_counter()
@@ -587,19 +598,20 @@ class SDXLDeployment:
         generators = [
             torch.Generator("cpu").manual_seed(item.prepared.seed + i) for item in group for i in range(item.prepared.request.n)
         ]
-        cancel_requested = CancelCheck(self.jobs, [item.prepared.request.job_id for item in group])
 
-        # 2. Per-step progress and cooperative cancel through the diffusers step callback.
+        # 2. Per-step progress, and a stop once every request in the call has been given up.
         def on_step_end(pipeline, step: int, timestep, callback_kwargs):
             beat()
             total = getattr(pipeline, "num_timesteps", None) or first.steps
             for item in group:
                 item.emit(SDXLProgress(step=step + 1, total_steps=total))
-            if cancel_requested():
+            if all(item.cancelled.is_set() for item in group):
                 pipeline._interrupt = True
             return callback_kwargs
 
-        # 3. Run the pipeline for the mode.
+        # 3. Run the pipeline for the mode. No negative prompt when none was given (the batch key
+        # keeps requests with and without one apart): SDXL then uses zero embeddings and skips
+        # two text-encoder passes.
         common = dict(
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
@@ -612,14 +624,14 @@ class SDXLDeployment:
         if mode == "text_to_image":
             prompts = [item.prepared.prompt for item in group for _ in range(item.prepared.request.n)]
             negatives = [item.prepared.negative_prompt for item in group for _ in range(item.prepared.request.n)]
-            output = self.pipe(prompt=prompts, negative_prompt=negatives, **common)
+            output = self.pipe(prompt=prompts, negative_prompt=negatives if first.negative_prompt else None, **common)
             pipe = self.pipe
         else:
             pipe = self.img2img if mode == "image_to_image" else self.inpaint
             extra = {"mask_image": first.mask} if mode == "inpaint" else {}
             output = pipe(
                 prompt=first.prompt,
-                negative_prompt=first.negative_prompt,
+                negative_prompt=first.negative_prompt or None,
                 image=first.image,
                 strength=first.request.strength,
                 num_images_per_prompt=first.request.n,
@@ -629,44 +641,42 @@ class SDXLDeployment:
         if pipe.interrupt:
             return [JobCancelledError("cancelled while generating", None)] * len(group)
 
-        # 4. Encode, store if asked, and split the images back per request.
+        # 4. Split the images back per request; each request encodes its own, outside this call.
         elapsed = time.perf_counter() - started
-        first = group[0].prepared
         metrics.generation(self.config.model_name, first.request.mode, elapsed, first.steps, len(generators))
         images = iter(output.images)
-        responses = []
-        for item in group:
-            p = item.prepared
-            results = []
-            for i in range(p.request.n):
-                seed = p.seed + i
-                # Lineage in PNG text chunks. Only what decides the pixels goes in: a job id would
-                # make a replay's bytes differ, so it stays in the job record's output metadata.
-                metadata = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": str(seed),
-                            "steps": str(p.steps), "guidance_scale": str(p.guidance_scale), "mode": p.request.mode,
-                            "model": self.config.model_name, "model_id": self.config.model}
-                if p.request.mode != "text_to_image":
-                    metadata["strength"] = str(p.request.strength)
-                if p.lora is not None:
-                    metadata.update(lora=p.lora.record.id, lora_scale=str(p.request.lora_scale))
-                    if p.lora.record.sha256:
-                        metadata["lora_sha256"] = p.lora.record.sha256
-                png = encode_png(next(images), metadata)
-                image = SDXLImage(seed=seed, width=p.width, height=p.height)
-                if p.request.store:
-                    image.key = self.storage.put_bytes(
-                        output_key(p.request.output_id or p.request.job_id or "sync", i), png, "image/png"
-                    )
-                else:
-                    image.png = png
-                results.append(image)
-            responses.append(
-                SDXLResponse(
-                    model=self.config.model_name, mode=p.request.mode, prompt=p.prompt,
-                    negative_prompt=p.negative_prompt, steps=p.steps, guidance_scale=p.guidance_scale,
-                    images=results, lora=p.lora.record.id if p.lora else None, source=self.config.model,
-                    lora_sha256=p.lora.record.sha256 if p.lora else None, batch_images=len(generators),
-                    elapsed_s=elapsed,
+        return [_Generated([next(images) for _ in range(item.prepared.request.n)], elapsed, len(generators))
+                for item in group]
+
+    def _respond(self, p: _Prepared, generated: _Generated) -> SDXLResponse:
+        """Encode (and store, if asked) one request's images. Runs in a worker thread."""
+        results = []
+        for i, pixels in enumerate(generated.images):
+            seed = p.seed + i
+            # Lineage in PNG text chunks. Only what decides the pixels goes in: a job id would
+            # make a replay's bytes differ, so it stays in the job record's output metadata.
+            metadata = {"prompt": p.prompt, "negative_prompt": p.negative_prompt, "seed": str(seed),
+                        "steps": str(p.steps), "guidance_scale": str(p.guidance_scale), "mode": p.request.mode,
+                        "model": self.config.model_name, "model_id": self.config.model}
+            if p.request.mode != "text_to_image":
+                metadata["strength"] = str(p.request.strength)
+            if p.lora is not None:
+                metadata.update(lora=p.lora.record.id, lora_scale=str(p.request.lora_scale))
+                if p.lora.record.sha256:
+                    metadata["lora_sha256"] = p.lora.record.sha256
+            png = encode_png(pixels, metadata)
+            image = SDXLImage(seed=seed, width=p.width, height=p.height)
+            if p.request.store:
+                image.key = self.storage.put_bytes(
+                    output_key(p.request.output_id or p.request.job_id or "sync", i), png, "image/png"
                 )
-            )
-        return responses
+            else:
+                image.png = png
+            results.append(image)
+        return SDXLResponse(
+            model=self.config.model_name, mode=p.request.mode, prompt=p.prompt,
+            negative_prompt=p.negative_prompt, steps=p.steps, guidance_scale=p.guidance_scale,
+            images=results, lora=p.lora.record.id if p.lora else None, source=self.config.model,
+            lora_sha256=p.lora.record.sha256 if p.lora else None, batch_images=generated.batch_images,
+            elapsed_s=generated.elapsed_s,
+        )

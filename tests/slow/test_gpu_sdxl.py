@@ -15,13 +15,10 @@ pytestmark = [pytest.mark.slow,
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_sdxl_fp16_on_cuda_with_memory_fraction(tmp_path, monkeypatch):
-    from ray.serve.batching import _BatchQueue
-
+def test_sdxl_fp16_on_cuda_with_memory_fraction(tmp_path):
     from configs.tiny_models import ensure_tiny_models
     from deployments.sdxl import SDXLDeployment, SDXLRequest
 
-    monkeypatch.setattr(_BatchQueue, "_warn_if_max_batch_size_exceeds_max_ongoing_requests", lambda self: None)
     model = ensure_tiny_models(REPO / "models" / "tiny")["sdxl"]
     sdxl = SDXLDeployment.func_or_class({"model": str(model), "storage_root": str(tmp_path), "default_size": 64,
                                          "min_size": 32, "gpu_memory_fraction": 0.25})

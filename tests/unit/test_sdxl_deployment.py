@@ -11,31 +11,26 @@ import pytest
 from PIL import Image
 
 from configs.tiny_models import ensure_tiny_models
-from deployments.errors import InvalidRequestError, JobCancelledError
+from deployments.errors import InvalidRequestError
 from deployments.sdxl import SDXLDeployment, SDXLProgress, SDXLRequest, SDXLResponse
-from storage.jobs import JobStore
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-pytestmark = pytest.mark.usefixtures("batching_outside_a_replica")
-
-
 @pytest.fixture(scope="module")
 def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
+    # One loop for the module, as in a replica; closing it cancels the batcher's worker task.
+    with asyncio.Runner() as runner:
+        yield runner
 
 
 @pytest.fixture(scope="module")
-def sdxl(tmp_path_factory, loop):
+def sdxl(tmp_path_factory):
     model = ensure_tiny_models(REPO / "models" / "tiny")["sdxl"]
     storage_root = tmp_path_factory.mktemp("storage")
     cls = SDXLDeployment.func_or_class
     return cls({"model": str(model), "storage_root": str(storage_root), "default_size": 64, "min_size": 32,
-                "max_size": 256, "default_steps": 2, "max_steps": 50, "torch_num_threads": 2,
-                "batch_wait_timeout_s": 0.2})
+                "max_size": 256, "default_steps": 2, "max_steps": 50, "torch_num_threads": 2})
 
 
 def png(image: Image.Image) -> bytes:
@@ -46,8 +41,7 @@ def png(image: Image.Image) -> bytes:
 
 @pytest.fixture()
 def run(loop):
-    # One loop for the module: the batch queue lives on the loop of its first call.
-    return loop.run_until_complete
+    return loop.run
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -89,6 +83,46 @@ def test_concurrent_compatible_requests_share_one_pipeline_call(sdxl, run):
     assert [len(r.images) for r in responses] == [1, 2, 4]
     assert {r.batch_images for r in responses} == {7}  # one call carried all seven images
     assert [image.seed for image in responses[2].images] == [20, 21, 22, 23]
+
+
+async def first_step(stream) -> None:
+    """Consume a stream until its pipeline call has run a step: the model is busy."""
+    async for event in stream:
+        if isinstance(event, SDXLProgress):
+            return
+
+
+def test_a_lone_request_runs_at_once_and_the_next_ones_collect_while_it_runs(sdxl, run):
+    async def go():
+        busy = sdxl.generate_stream(SDXLRequest(prompt="long", steps=12, seed=1, width=64, height=64))
+        await first_step(busy)
+        # Arrivals while the model is busy wait for it, then run as one call, oldest first; an
+        # incompatible one (another size) runs in the call after.
+        later = [asyncio.ensure_future(sdxl.generate(SDXLRequest(prompt=f"p{i}", n=n, seed=i, width=w, height=w)))
+                 for i, (n, w) in enumerate([(2, 64), (1, 32), (4, 64)])]
+        first = [event async for event in busy][-1]
+        return first, await asyncio.gather(*later)
+
+    first, (a, small, c) = run(go())
+    assert first.batch_images == 1  # it found the model idle and did not wait for company
+    assert (a.batch_images, c.batch_images, small.batch_images) == (6, 6, 1)
+    assert Image.open(io.BytesIO(small.images[0].png)).size == (32, 32)
+
+
+def test_no_negative_prompt_is_encoded_when_none_was_given(sdxl, run, monkeypatch):
+    seen = []
+    encode = sdxl.pipe.encode_prompt
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("negative_prompt"))
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(sdxl.pipe, "encode_prompt", spy)
+    plain = run(sdxl.generate(SDXLRequest(prompt="x", seed=3, width=64, height=64)))
+    with_negative = run(sdxl.generate(SDXLRequest(prompt="x", seed=3, width=64, height=64, negative_prompt="blur")))
+    assert seen == [None, ["blur"]]
+    assert plain.negative_prompt == "" and with_negative.negative_prompt == "blur"
+    assert plain.images[0].png != with_negative.images[0].png
 
 
 def test_images_do_not_depend_on_their_batch(sdxl, run):
@@ -133,10 +167,51 @@ def test_store_writes_pngs_to_storage(sdxl, run):
         assert sdxl.storage.get_bytes(image.key)[:4] == b"\x89PNG"
 
 
-def test_cancel_marker_interrupts_the_pipeline(sdxl, run):
-    jobs = JobStore(sdxl.storage)
-    record = jobs.create("images.generations", {})
-    jobs.update(record.id, status="in_progress")
-    jobs.request_cancel(record.id)
-    with pytest.raises(JobCancelledError):
-        run(sdxl.generate(SDXLRequest(prompt="x", steps=40, job_id=record.id)))
+def test_a_caller_that_goes_away_stops_the_pipeline_at_the_next_step(sdxl, run):
+    """A job cancel reaches the replica as the cancel of its handle call (graphs/pipelines.py
+    drain_stream), a hang-up as the cancel of the HTTP request's: no storage read per step."""
+    async def go():
+        stream = sdxl.generate_stream(SDXLRequest(prompt="x", steps=40, width=64, height=64))
+        await first_step(stream)
+        await stream.aclose()  # the caller is gone
+        # the call ends well before its 40 steps, interrupted by the step callback
+        await asyncio.to_thread(sdxl._pipe_lock.acquire)
+        sdxl._pipe_lock.release()
+        return sdxl.pipe.interrupt
+
+    assert run(go()) is True
+    # and the next request is unaffected
+    assert len(run(sdxl.generate(SDXLRequest(prompt="after", width=64, height=64))).images) == 1
+
+
+def test_a_waiting_request_whose_caller_goes_away_never_runs(sdxl, run):
+    async def go():
+        busy = sdxl.generate_stream(SDXLRequest(prompt="long", steps=12, width=64, height=64))
+        await first_step(busy)
+        gone = asyncio.ensure_future(sdxl.generate(SDXLRequest(prompt="gone", width=64, height=64)))
+        while sdxl.batcher.queued == 0:  # until it waits behind the busy call
+            await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.gather(gone, return_exceptions=True)
+        assert sdxl.batcher.queued == 0
+        sizes_before = len(sdxl.batcher.batch_sizes)
+        [event async for event in busy]
+        return len(sdxl.batcher.batch_sizes) - sizes_before
+
+    assert run(go()) == 0  # no call ran after the busy one
+
+
+def test_a_failed_call_does_not_poison_the_next(sdxl, run, monkeypatch):
+    calls = []
+    real = sdxl._run_group_locked
+
+    def flaky(group, beat=lambda: None):
+        calls.append(len(group))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory")
+        return real(group, beat)
+
+    monkeypatch.setattr(sdxl, "_run_group_locked", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run(sdxl.generate(SDXLRequest(prompt="x", width=64, height=64)))
+    assert len(run(sdxl.generate(SDXLRequest(prompt="y", width=64, height=64))).images) == 1

@@ -20,27 +20,11 @@ from storage.registry import LoraRegistry
 REPO = Path(__file__).resolve().parents[2]
 
 
-def reset_batch_queue(loop: asyncio.AbstractEventLoop | None = None) -> None:
-    """serve.batch keeps one queue per decorated method, bound to the event loop of its first call
-    (in a replica there is one loop). Between test modules with their own loops, start a new one."""
-    lazy = SDXLDeployment.func_or_class._generate_batch.set_max_batch_size.__self__
-    queue, lazy._queue = lazy._queue, None
-    task = getattr(queue, "_handle_batch_task", None)
-    if task is not None and loop is not None and not loop.is_closed():
-        task.cancel()
-        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
-
-
-pytestmark = pytest.mark.usefixtures("batching_outside_a_replica")
-
-
 @pytest.fixture(scope="module")
 def loop():
-    reset_batch_queue()  # another module may have left one on its (closed) loop
-    loop = asyncio.new_event_loop()
-    yield loop
-    reset_batch_queue(loop)
-    loop.close()
+    # One loop for the module, as in a replica; closing it cancels the batcher's worker task.
+    with asyncio.Runner() as runner:
+        yield runner
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +52,7 @@ def sdxl(storage_root, model):
 
 @pytest.fixture()
 def run(loop):
-    return loop.run_until_complete
+    return loop.run
 
 
 def pixels(response) -> np.ndarray:
