@@ -33,7 +33,7 @@ from deployments.api import videos as videos_api
 from deployments import metrics
 from deployments.auth import AuthConfig, AuthMiddleware
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
-from deployments.job_runner import JobQueueConfig, enqueue_job
+from deployments.job_runner import JobQueueConfig, new_task_id, send_job
 from deployments.media import check_size, decode_image, parse_size
 from deployments.protocol import (
     ErrorResponse,
@@ -519,9 +519,10 @@ class IngressDeployment:
             raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
         # The queue depth gauge is reported by the job runners (JobRunnerDeployment.report_queue_depth),
         # which also see jobs finish; a value set here would never be lowered.
-        record = self.jobs.create(kind, payload, stages=stages or [], max_attempts=self.config.queue.max_attempts)
+        record = self.jobs.create(kind, payload, stages=stages or [], max_attempts=self.config.queue.max_attempts,
+                                  task_id=new_task_id())
         try:
-            enqueue_job(self.queue, self.jobs, record)
+            send_job(self.queue, record)
         except Exception as exc:
             logger.exception("enqueue of job %s failed", record.id)
             self.jobs.update(record.id, status="failed", finished_at=time.time(),

@@ -48,6 +48,10 @@ class JobQueueConfig(BaseModel):
     max_queue_depth: int = Field(1000, ge=1, description="Unfinished jobs past which submission gets 503.")
     backpressure_wait_s: float = Field(
         600.0, ge=0, description="How long a job waits out full model queues (503s) before it fails.")
+    polling_interval_s: float | None = Field(
+        0.05, gt=0, le=10, description=(
+            "How often a polling broker (Kombu's virtual transports: the SQLite broker) looks for new "
+            "jobs; Kombu's default is 1 s. Redis pushes, so this does not apply there. None: Kombu's default."))
 
     def task_processor_config(self) -> TaskProcessorConfig:
         return TaskProcessorConfig(
@@ -58,17 +62,30 @@ class JobQueueConfig(BaseModel):
                 # One message reserved per running thread: a dead worker then strands only the
                 # jobs it was running, which the reaper recovers.
                 app_custom_config={"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True},
+                # The job record holds the outcome; nothing reads Celery's result, so none is stored.
+                task_custom_config={"ignore_result": True},
+                broker_transport_options=(None if self.polling_interval_s is None
+                                          else {"polling_interval": self.polling_interval_s}),
             ),
             # Failures are recorded on the job itself; the task never asks Celery to retry.
             max_retries=0,
         )
 
 
-def enqueue_job(adapter, store: JobStore, record: JobRecord) -> str:
-    """Persist the record with its task id, then enqueue; a task finding another id on the record is stale."""
-    record.task_id = str(uuid.uuid4())
-    store.save(record)
+def new_task_id() -> str:
+    return str(uuid.uuid4())
+
+
+def send_job(adapter, record: JobRecord) -> None:
+    """Enqueue a persisted record under its task id; a task finding another id on the record is stale."""
     adapter.enqueue_task_sync(RUN_JOB_TASK, kwargs={"job_id": record.id}, task_id=record.task_id)
+
+
+def enqueue_job(adapter, store: JobStore, record: JobRecord) -> str:
+    """Enqueue an existing record again: persist a new task id, then send it."""
+    record.task_id = new_task_id()
+    store.save(record)
+    send_job(adapter, record)
     return record.task_id
 
 

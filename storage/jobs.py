@@ -129,8 +129,10 @@ class JobStore:
         request: dict,
         stages: list[str] | None = None,
         max_attempts: int = 2,
+        task_id: str | None = None,
     ) -> JobRecord:
-        """A new ``queued`` record, persisted before it is returned."""
+        """A new ``queued`` record, persisted before it is returned (with the id of the queue task
+        that will run it, when known: one write at submit)."""
         if not isinstance(kind, str) or not kind:
             raise ValueError("job kind must be a non-empty string")
         if max_attempts < 1:
@@ -144,6 +146,7 @@ class JobStore:
             max_attempts=max_attempts,
             created_at=now,
             updated_at=now,
+            task_id=task_id,
         )
         self._write(record)
         self.storage.put_bytes(job_active_key(record.id), b"")

@@ -274,3 +274,25 @@ def test_a_finished_job_frees_its_place_in_a_full_queue(submit):
     with pytest.raises(OverloadedError):
         submit(4)
     assert jobs.count_active() == 3
+
+
+def test_a_submitted_job_is_written_once_with_the_task_id_it_is_sent_under(submit, monkeypatch):
+    from storage.keys import job_key
+
+    storage = submit.ingress.jobs.storage
+    writes, put_json = [], storage.put_json
+    monkeypatch.setattr(storage, "put_json", lambda key, value: (writes.append(key), put_json(key, value))[1])
+    job = submit(1)
+    ((_, kwargs, task_id),) = submit.ingress.queue.sent
+    assert kwargs == {"job_id": job.id} and task_id
+    assert writes == [job_key(job.id)]  # one record write at submit, not one more for the task id
+    assert submit.ingress.jobs.get(job.id).task_id == task_id
+
+
+def test_the_queue_config_reaches_celery():
+    config = JobQueueConfig(broker_url="sqla+sqlite:////tmp/b.db", backend_url="db+sqlite:////tmp/r.db")
+    adapter = config.task_processor_config().adapter_config
+    assert adapter.broker_transport_options == {"polling_interval": 0.05}  # Kombu's default: 1 s
+    assert adapter.task_custom_config == {"ignore_result": True}  # the job record holds the outcome
+    unset = JobQueueConfig(broker_url="redis://r:6379/0", backend_url="redis://r:6379/1", polling_interval_s=None)
+    assert unset.task_processor_config().adapter_config.broker_transport_options is None
