@@ -27,6 +27,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# The app's optional model sections and the deployments they bring (graphs/app.py).
+MODEL_DEPLOYMENTS = {"svd": "SVDDeployment", "upscaler": "UpscalerDeployment", "llm": "GemmaDeployment"}
+
+
 def isolated_local_config(scratch: Path, port: int, args_update: dict | None = None,
                           deployments_update: dict[str, dict] | None = None) -> Path:
     config = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
@@ -38,8 +42,14 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
     args["queue"]["backend_url"] = f"db+sqlite:///{scratch}/queue/results.db"
     for section, values in (args_update or {}).items():
         args[section] = {**args.get(section, {}), **values} if isinstance(values, dict) else values
-    for deployment in config["applications"][0]["deployments"]:
-        deployment.update((deployments_update or {}).get(deployment["name"], {}))
+    # A model section set to None deploys no such model, so its deployment's settings go too;
+    # so does a deployment whose update is None.
+    dropped = {name for section, name in MODEL_DEPLOYMENTS.items() if section in args and args[section] is None}
+    dropped |= {name for name, values in (deployments_update or {}).items() if values is None}
+    app = config["applications"][0]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] not in dropped]
+    for deployment in app["deployments"]:
+        deployment.update((deployments_update or {}).get(deployment["name"]) or {})
     path = scratch / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
