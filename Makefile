@@ -6,19 +6,31 @@ STAMP := $(VENV)/.atelier-installed
 TINY_MODELS := models/tiny
 TORCH_VERSION ?= 2.13.0
 PYTEST_ARGS ?=
-# llm-cpu is vLLM's CPU build; on a GPU host use EXTRAS=test,gpu.
-EXTRAS ?= test,llm-cpu
+# llm-cpu is vLLM's CPU build. On a GPU host: make EXTRAS=test,bench,gpu LOCK=constraints/lock-gpu.txt OVERRIDES=
+EXTRAS ?= test,bench,llm-cpu
+# Every version comes from the lock (`make lock` writes it from pyproject.toml), so every machine
+# gets the same ones.
+LOCK ?= constraints/lock-cpu.txt
+OVERRIDES ?= constraints/cpu-overrides.txt
 
-.PHONY: serve test venv models browser bench clean
+.PHONY: serve test venv models browser bench clean lock
 
 # The CPU torch wheel goes in first with pip (it honours pip's configured find-links and
 # PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, e.g. PyTorch's CPU index); uv then keeps it and installs
 # the rest fast, with CUDA-only torchvision/torchaudio/torchcodec overridden away.
-$(STAMP): pyproject.toml constraints/cpu-overrides.txt
+$(STAMP): pyproject.toml $(LOCK) $(OVERRIDES)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check uv "torch==$(TORCH_VERSION)"
-	$(VENV)/bin/uv pip install -q --python $(PY) --overrides constraints/cpu-overrides.txt -e '.[$(EXTRAS)]'
+	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(OVERRIDES),--overrides $(OVERRIDES)) -c $(LOCK) -e '.[$(EXTRAS)]'
 	@touch $(STAMP)
+
+# Re-resolve both locks from pyproject.toml (the CPU torch wheel through pip's find-links, if set).
+lock: $(STAMP)
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra test --extra bench --extra llm-cpu \
+		--overrides constraints/cpu-overrides.txt --python-version 3.11 --no-header \
+		$${PIP_FIND_LINKS:+--find-links "$$PIP_FIND_LINKS"} -o constraints/lock-cpu.txt
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra test --extra bench --extra gpu --python-version 3.11 \
+		--python-platform x86_64-manylinux_2_28 --no-header -o constraints/lock-gpu.txt
 
 venv: $(STAMP)
 

@@ -43,6 +43,11 @@ class GemmaConfig(BaseModel):
         None, description="Resource bundles for the engine; on CPU give one, e.g. {bundles: [{CPU: 0.5}]}.")
     accelerator_type: str | None = None
     runtime_env: dict[str, Any] | None = None
+    stream_batching_interval_ms: float | None = Field(
+        0, ge=0,
+        description="How long Ray LLM's LLMServer collects streamed chunks before sending them on. Ray's "
+                    "default is 50 ms, and its first chunk waits that long; 0 sends each chunk at once; "
+                    "None keeps Ray's default.")
     refine: RefineSettings = RefineSettings()
 
     def llm_config(self):
@@ -62,6 +67,9 @@ class GemmaConfig(BaseModel):
         for name in ("placement_group_config", "accelerator_type", "runtime_env"):
             if getattr(self, name) is not None:
                 options[name] = getattr(self, name)
+        if self.stream_batching_interval_ms is not None:
+            # Read by LLMServer._get_batch_interval_ms; its Batcher streams each chunk as it comes at 0.
+            options["experimental_configs"] = {"stream_batching_interval_ms": self.stream_batching_interval_ms}
         return LLMConfig(**options)
 
     def describe(self) -> dict:

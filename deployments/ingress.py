@@ -496,7 +496,7 @@ class IngressDeployment:
         first = result.images[0]
         return ImagesResponse(created=int(time.time()), data=data, model=result.model,
                               size=f"{first.width}x{first.height}", steps=result.steps,
-                              elapsed_s=round(result.elapsed_s, 4),
+                              elapsed_s=round(result.elapsed_s, 4), batch_images=result.batch_images,
                               refine=refined.model_dump() if refined else None)
 
     # --- jobs -----------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class ImagesResponse(BaseModel):
     size: str | None = None
     steps: int | None = None
     elapsed_s: float | None = None
+    batch_images: int | None = Field(None, description="Images in the pipeline call these ran in (batching).")
     refine: dict | None = Field(None, description="With refine: true, what Gemma wrote (and any warning).")
 
 

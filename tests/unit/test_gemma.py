@@ -31,6 +31,22 @@ def test_llm_config_carries_engine_and_structured_output_settings():
     assert llm.placement_group_config["bundles"] == [{"GPU": 0.2}]
 
 
+@pytest.mark.parametrize("interval_ms", [0, 50])
+def test_stream_batching_interval_reaches_experimental_configs(interval_ms):
+    llm = GemmaConfig(model_source="m", stream_batching_interval_ms=interval_ms).llm_config()
+    assert llm.experimental_configs["stream_batching_interval_ms"] == interval_ms
+
+
+def test_stream_batching_interval_none_keeps_rays_default():
+    llm = GemmaConfig(model_source="m", stream_batching_interval_ms=None).llm_config()
+    assert "stream_batching_interval_ms" not in llm.experimental_configs
+
+
+def test_stream_batching_interval_is_not_negative():
+    with pytest.raises(ValueError):
+        GemmaConfig(model_source="m", stream_batching_interval_ms=-1)
+
+
 def test_refine_chat_asks_for_the_schema_with_style_and_trigger_word():
     settings = RefineSettings(max_prompt_chars=100, max_negative_chars=50)
     request = RefineRequest(prompt="a fox", seed=4)
