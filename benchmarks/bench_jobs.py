@@ -51,7 +51,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def job_body(i: int, steps: int) -> dict:
-    return {"prompt": f"pickup benchmark {i}", "size": "64x64", "steps": steps, "seed": i}
+    return {"prompt": f"pickup benchmark {i}", "size": "64x64", "steps": steps, "seed": i + 1}
 
 
 def run_one_job(client: httpx.Client, i: int, steps: int, timeout_s: float = 120) -> tuple[dict, float]:
@@ -77,7 +77,7 @@ def measure_jobs(app: LocalServeApp, count: int, steps: int, max_gap_s: float, r
     """Sequential jobs: pickup (record timestamps) and end-to-end (client) times, in ms."""
     pickups, e2e = [], []
     with httpx.Client(base_url=app.base_url, timeout=60) as client:
-        run_one_job(client, -1, steps)  # warm-up: first broker connection, first SDXL call
+        run_one_job(client, count, steps)  # warm-up: first broker connection, first SDXL call
         for i in range(count):
             # A random gap before each submit: the runner polls on a fixed period that starts
             # at its last pickup, so submitting right after the previous job ended would land
@@ -145,9 +145,14 @@ def run_app(interval: float, args: argparse.Namespace, rng: random.Random) -> di
             args_update={"svd": None, "upscaler": None, "llm": None, "queue": {"polling_interval_s": interval}},
             deployments_update={"SDXLDeployment": {"autoscaling_config": None, "num_replicas": 1}})
         with app:
-            result = measure_jobs(app, args.jobs, args.steps, args.max_gap_s, rng)
-            pid = job_runner_pid(app)
-            result["idle_cpu_pct"] = idle_cpu_percent(pid, args.idle_s)
+            try:
+                result = measure_jobs(app, args.jobs, args.steps, args.max_gap_s, rng)
+                pid = job_runner_pid(app)
+                result["idle_cpu_pct"] = idle_cpu_percent(pid, args.idle_s)
+            except Exception:
+                # The scratch folder, and with it the app's log, goes away with the app.
+                print(f"--- serve log tail ---\n{app.log_tail()}", file=sys.stderr)
+                raise
     return result
 
 

@@ -1,7 +1,9 @@
-"""Torch setup, cancel checks and progress streaming shared by the diffusion deployments.
+"""Torch setup, progress streaming and cancel shared by the diffusion deployments.
 
-SDXL, SVD and the upscaler load a diffusers pipeline the same way, run it in a worker thread,
-report each denoising step back to an async generator, and poll the same job cancel marker.
+SDXL, SVD and the upscaler load a diffusers pipeline the same way, run it in a worker thread and
+report each denoising step back to an async generator. Cancel reaches them as their caller going
+away (a client hang-up, or a job cancel through its DeploymentHandle response): the worker thread
+sees a flag at its next step. No storage is read for it.
 Torch is imported inside the functions, like in the deployments, so importing this is cheap.
 """
 
@@ -9,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any, AsyncIterator, Callable
 
 from deployments.errors import InvalidRequestError
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
-from storage.jobs import JobStore
 
 MAX_SEED = 2**32 - 1
 
@@ -71,28 +73,6 @@ def get_input_bytes(storage: Storage, key: str, param: str) -> bytes:
         raise InvalidRequestError(f"no stored object at {param} {key!r}", param) from exc
 
 
-class CancelCheck:
-    """Whether every job in a run asked to be cancelled, reading the markers at most every `interval_s`.
-
-    A run with no job id (a synchronous call) is never cancelled this way.
-    """
-
-    def __init__(self, jobs: JobStore, job_ids: Iterable[str | None], interval_s: float = 0.25):
-        self.jobs = jobs
-        self.job_ids = list(job_ids)
-        self.interval_s = interval_s
-        self._last_check = 0.0
-
-    def __call__(self) -> bool:
-        if not self.job_ids or not all(self.job_ids):
-            return False
-        now = time.monotonic()
-        if now - self._last_check <= self.interval_s:
-            return False
-        self._last_check = now
-        return all(self.jobs.is_cancel_requested(job_id) for job_id in self.job_ids)
-
-
 async def drain_events(events: asyncio.Queue, task: asyncio.Future) -> AsyncIterator[Any]:
     """Yields events from `events` as they arrive while `task` runs, then the rest, then its result.
 
@@ -147,14 +127,18 @@ class StallWatch:
                                f"(limit {self.stall_after_s:.0f} s)")
 
 
-async def stream_from_thread(run: Callable[[Callable[[Any], None]], Any],
+async def stream_from_thread(run: Callable[[Callable[[Any], None], threading.Event], Any],
                              watch: StallWatch | None = None) -> AsyncIterator[Any]:
-    """Runs `run(emit)` in a worker thread; yields what it emits, as it does, then its return value.
+    """Runs `run(emit, cancelled)` in a worker thread; yields what it emits, as it does, then its
+    return value.
 
-    With a `watch`, every emitted event counts as progress."""
+    `cancelled` is set when the consumer goes away before the run ends, so the run can stop at its
+    next step. With a `watch`, every emitted event counts as progress."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
     token = watch.start() if watch else None
+    task = None
 
     def emit(event: Any) -> None:
         if watch:
@@ -162,9 +146,11 @@ async def stream_from_thread(run: Callable[[Callable[[Any], None]], Any],
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     try:
-        task = asyncio.ensure_future(asyncio.to_thread(run, emit))
+        task = asyncio.ensure_future(asyncio.to_thread(run, emit, cancelled))
         async for event in drain_events(events, task):
             yield event
     finally:
+        if task is not None and not task.done():
+            cancelled.set()
         if watch:
             watch.finish(token)

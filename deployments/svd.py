@@ -21,7 +21,6 @@ from deployments.media import check_size, decode_image, encode_mp4, encode_png
 from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
-    CancelCheck,
     configure_torch,
     get_input_bytes,
     load_diffusers_pipeline,
@@ -30,7 +29,6 @@ from deployments.runtime import (
     stream_from_thread,
 )
 from storage.fs import Storage
-from storage.jobs import JobStore
 from storage.keys import new_id, output_key
 
 
@@ -156,7 +154,6 @@ class SVDDeployment:
         self._lock = threading.Lock()
 
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
-        self.jobs = JobStore(self.storage)
 
     # --- public methods, called through DeploymentHandles -------------------------------------
 
@@ -192,7 +189,8 @@ class SVDDeployment:
         """Yields SVDProgress per denoising step, then the SVDResponse."""
         request = SVDRequest.model_validate(request)
         prepared = await asyncio.to_thread(self.check_inputs, request)  # may read storage
-        async for event in stream_from_thread(lambda emit: self._run(prepared, emit), self.stall_watch):
+        async for event in stream_from_thread(lambda emit, cancelled: self._run(prepared, emit, cancelled),
+                                              self.stall_watch):
             yield event
 
     def check_health(self) -> None:
@@ -242,22 +240,21 @@ class SVDDeployment:
         return _Prepared(request, image, width, height, num_frames, fps, steps, float(min_guidance),
                          float(max_guidance), decode_chunk_size, seed)
 
-    def _run(self, p: _Prepared, emit: Callable[[SVDProgress], None]) -> SVDResponse:
+    def _run(self, p: _Prepared, emit: Callable[[SVDProgress], None], cancelled: threading.Event) -> SVDResponse:
         import torch
 
         with self._lock:
             started = time.perf_counter()
             # 1. A seeded CPU generator: the same seed gives the same video on any device.
             generator = torch.Generator("cpu").manual_seed(p.seed)
-            cancel_requested = CancelCheck(self.jobs, [p.request.job_id])
-            if cancel_requested():
+            if cancelled.is_set():  # its caller went away while it waited for the pipeline
                 raise JobCancelledError("cancelled before it started", None)
 
             # 2. Per-step progress and cooperative cancel. SVD's loop has no interrupt flag, so a
             # cancel raises out of the callback, which also skips the VAE decode.
             def on_step_end(pipeline, step: int, timestep, callback_kwargs):
                 emit(SVDProgress(step=step + 1, total_steps=pipeline.num_timesteps))
-                if cancel_requested():
+                if cancelled.is_set():
                     raise JobCancelledError("cancelled while generating", None)
                 return callback_kwargs
 

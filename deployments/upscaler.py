@@ -25,7 +25,6 @@ from deployments.media import decode_image, decode_mp4, encode_mp4, encode_png
 from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
-    CancelCheck,
     configure_torch,
     get_input_bytes,
     load_diffusers_pipeline,
@@ -34,7 +33,6 @@ from deployments.runtime import (
     stream_from_thread,
 )
 from storage.fs import Storage
-from storage.jobs import JobStore
 from storage.keys import new_id, output_key
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (input pixels)
@@ -207,7 +205,6 @@ class UpscalerDeployment:
         self._lock = threading.Lock()
 
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
-        self.jobs = JobStore(self.storage)
 
     # --- public methods, called through DeploymentHandles -------------------------------------
 
@@ -238,7 +235,8 @@ class UpscalerDeployment:
         """Yields UpscaleProgress per denoising step of every pipeline call, then the UpscaleResponse."""
         request = UpscaleRequest.model_validate(request)
         prepared = await asyncio.to_thread(self.check_inputs, request)  # reads storage, decodes video
-        async for event in stream_from_thread(lambda emit: self._run(prepared, emit), self.stall_watch):
+        async for event in stream_from_thread(lambda emit, cancelled: self._run(prepared, emit, cancelled),
+                                              self.stall_watch):
             yield event
 
     def check_health(self) -> None:
@@ -291,7 +289,8 @@ class UpscalerDeployment:
             )
         return _Prepared(request, media, frames, fps, steps, noise_level, seed)
 
-    def _run(self, p: _Prepared, emit: Callable[[UpscaleProgress], None]) -> UpscaleResponse:
+    def _run(self, p: _Prepared, emit: Callable[[UpscaleProgress], None],
+             cancelled: threading.Event) -> UpscaleResponse:
         import torch
         from PIL import Image
 
@@ -300,8 +299,7 @@ class UpscalerDeployment:
         width, height = p.frames[0].size
         with self._lock:
             started = time.perf_counter()
-            cancel_requested = CancelCheck(self.jobs, [p.request.job_id])
-            if cancel_requested():
+            if cancelled.is_set():  # its caller went away while it waited for the pipeline
                 raise JobCancelledError("cancelled before it started", None)
 
             # 1. Pad to a multiple of the scale (edge pixels repeated), then cut into tiles.
@@ -318,7 +316,7 @@ class UpscalerDeployment:
             # nor an interrupt flag: its legacy per-step callback is the hook, and cancel raises.
             def on_step(step: int, timestep, latents) -> None:
                 emit(UpscaleProgress(step=done_calls * p.steps + step + 1, total_steps=total_steps))
-                if cancel_requested():
+                if cancelled.is_set():
                     raise JobCancelledError("cancelled while upscaling", None)
 
             # 3. Upscale the tiles of every frame, several per call, each with the same seed.

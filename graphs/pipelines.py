@@ -6,6 +6,7 @@ never through the ingress.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 from deployments.gemma import RefinedPrompt, RefineRequest, refined_from_response
@@ -17,10 +18,27 @@ from storage.jobs import JobOutput
 PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
 
 
-def drain_stream(stream, on_step: Callable[[int, int], None], check_cancelled: Callable[[], None]) -> Any:
+def drain_stream(stream, on_step: Callable[[int, int], None], check_cancelled: Callable[[], None],
+                 cancel_poll_s: float = 0.25) -> Any:
     """Drain one streamed deployment call: progress events go to `on_step`, the last other event
-    is the response. Cancel is checked between events; leaving early cancels the call, which
-    frees the replica."""
+    is the response. Leaving early cancels the call, which is how a cancel reaches the replica: a
+    request still waiting in its queue leaves it, a running one stops at its next step.
+
+    Cancel is checked between events, and by a watcher every `cancel_poll_s` while none comes (a
+    request queued behind a busy model sends none)."""
+    stop, raised = threading.Event(), []
+
+    def watch() -> None:
+        while not stop.wait(cancel_poll_s):
+            try:
+                check_cancelled()
+            except BaseException as exc:  # the job was cancelled: stop the call from here
+                raised.append(exc)
+                stream.cancel()
+                return
+
+    watcher = threading.Thread(target=watch, name="cancel-watch", daemon=True)
+    watcher.start()
     result = None
     try:
         for event in stream:
@@ -31,7 +49,13 @@ def drain_stream(stream, on_step: Callable[[int, int], None], check_cancelled: C
             check_cancelled()
     except BaseException:
         stream.cancel()
+        if raised:  # the call ended because the watcher cancelled it: report the cancel, not Serve's error
+            raise raised[0] from None
         raise
+    finally:
+        stop.set()
+    if raised:
+        raise raised[0]
     return result
 
 

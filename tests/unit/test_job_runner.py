@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -296,3 +297,34 @@ def test_the_queue_config_reaches_celery():
     assert adapter.task_custom_config == {"ignore_result": True}  # the job record holds the outcome
     unset = JobQueueConfig(broker_url="redis://r:6379/0", backend_url="redis://r:6379/1", polling_interval_s=None)
     assert unset.task_processor_config().adapter_config.broker_transport_options is None
+
+
+class BlockedStream:
+    """A streamed handle call that sends nothing (a request queued behind a busy model) until cancelled."""
+
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def __iter__(self):
+        if not self.cancelled.wait(30):
+            raise AssertionError("never cancelled")
+        raise RuntimeError("RequestCancelledError")  # what Serve raises in the iterating thread
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_a_cancel_reaches_a_call_that_sends_no_events():
+    from graphs.pipelines import drain_stream
+
+    requested = []
+
+    def check_cancelled():
+        if requested:
+            raise JobCancelledError("cancelled by request")
+
+    stream = BlockedStream()
+    threading.Timer(0.1, lambda: requested.append(True)).start()  # the client cancels while it waits
+    with pytest.raises(JobCancelledError):
+        drain_stream(stream, lambda step, total: None, check_cancelled, cancel_poll_s=0.02)
+    assert stream.cancelled.is_set()

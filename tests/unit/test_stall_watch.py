@@ -48,7 +48,7 @@ def test_a_worker_stuck_inside_stream_from_thread_fails_the_check():
     watch = StallWatch(60, clock)
     release = threading.Event()
 
-    def run(emit):
+    def run(emit, cancelled):
         emit("step 1")
         release.wait(10)  # the stuck kernel
         emit("step 2")

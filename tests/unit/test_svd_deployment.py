@@ -18,7 +18,7 @@ from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4
 from deployments.protocol import VideoCreateRequest
 from deployments.svd import SVDDeployment, SVDProgress, SVDRequest, SVDResponse
-from storage.jobs import JobStore
+from tests.streams import PipelineSpy, leave_after_first_step
 
 REPO = Path(__file__).resolve().parents[2]
 # Guidance 1 skips the unconditional pass, halving each step; 2 steps are enough to test the plumbing.
@@ -184,32 +184,34 @@ def test_stored_image_in_stored_video_out(svd, image):
     assert svd.storage.get_bytes(response.poster_key)[:4] == b"\x89PNG"
 
 
-def _running_job(svd) -> str:
-    jobs = JobStore(svd.storage)
-    record = jobs.create("videos", {})
-    jobs.update(record.id, status="in_progress")
-    return record.id
-
-
-def test_cancel_marker_before_the_run(svd, image):
-    job_id = _running_job(svd)
-    JobStore(svd.storage).request_cancel(job_id)
-    with pytest.raises(JobCancelledError):
-        run(svd.generate(SVDRequest(image=image, job_id=job_id, **FAST)))
-
-
-def test_cancel_marker_stops_a_running_video(svd, image):
-    job_id = _running_job(svd)
-    steps = 12
-    seen = []
+def test_a_caller_that_goes_away_stops_a_running_video(svd, image, monkeypatch):
+    """A hang-up or a job cancel (the DeploymentHandle call is cancelled) stops the pipeline at its
+    next step; the replica reads no cancel marker."""
+    spy = PipelineSpy(svd.pipe)
+    monkeypatch.setattr(svd, "pipe", spy)
 
     async def go():
-        async for event in svd.generate_stream(SVDRequest(image=image, job_id=job_id, num_frames=2,
-                                                          **{**FAST, "steps": steps})):
-            seen.append(event)
-            if len(seen) == 1:
-                await asyncio.to_thread(JobStore(svd.storage).request_cancel, job_id)
+        stream = svd.generate_stream(SVDRequest(image=image, num_frames=2, **{**FAST, "steps": 12}))
+        await leave_after_first_step(stream, SVDProgress)
+        assert await asyncio.to_thread(spy.finished.wait, 60)
 
-    with pytest.raises(JobCancelledError):
-        run(go())
-    assert 1 <= len(seen) < steps and all(isinstance(e, SVDProgress) for e in seen)
+    run(go())
+    assert isinstance(spy.raised, JobCancelledError) and 1 <= spy.steps < 12
+
+
+def test_a_caller_that_goes_away_while_waiting_never_runs(svd, image, monkeypatch):
+    spy = PipelineSpy(svd.pipe)
+    monkeypatch.setattr(svd, "pipe", spy)
+
+    async def go():
+        with svd._lock:  # another video holds the pipeline
+            task = asyncio.ensure_future(svd.generate(SVDRequest(image=image, **FAST)))
+            while not svd.stall_watch._last_progress:  # its worker thread has started, and waits
+                await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # the caller is gone before the lock frees
+        with svd._lock:  # the waiting thread has taken the lock and let it go
+            pass
+
+    run(go())
+    assert spy.calls == 0

@@ -28,7 +28,7 @@ from deployments.upscaler import (
     UpscalerDeployment,
     tile_boxes,
 )
-from storage.jobs import JobStore
+from tests.streams import PipelineSpy, leave_after_first_step
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"min_input_size": 16, "max_input_size": 256, "tile_size": 32, "tile_overlap": 8, "max_frames": 6,
@@ -169,13 +169,19 @@ def test_stored_video_in_stored_video_out(upscaler):
     assert len(frames) == 2 and frames[0].size == (64, 64) and fps == 12.0
 
 
-def test_cancel_marker_stops_the_run(upscaler):
-    jobs = JobStore(upscaler.storage)
-    record = jobs.create("images.upscale", {})
-    jobs.update(record.id, status="in_progress")
-    jobs.request_cancel(record.id)
-    with pytest.raises(JobCancelledError):
-        run(upscaler.upscale(UpscaleRequest(image=png(noise(32, 32)), job_id=record.id)))
+def test_a_caller_that_goes_away_stops_the_run(upscaler, monkeypatch):
+    """A hang-up or a job cancel (the DeploymentHandle call is cancelled) stops the pipeline at its
+    next step; the replica reads no cancel marker."""
+    spy = PipelineSpy(upscaler.pipe)
+    monkeypatch.setattr(upscaler, "pipe", spy)
+
+    async def go():
+        stream = upscaler.upscale_stream(UpscaleRequest(image=png(noise(32, 32)), steps=20))
+        await leave_after_first_step(stream, UpscaleProgress)
+        assert await asyncio.to_thread(spy.finished.wait, 60)
+
+    run(go())
+    assert isinstance(spy.raised, JobCancelledError) and 1 <= spy.steps < 20
 
 
 # --- tiling and blending, exactly, with a stand-in pipeline ---------------------------------------
