@@ -64,12 +64,26 @@ class JobQueueConfig(BaseModel):
                 app_custom_config={"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True},
                 # The job record holds the outcome; nothing reads Celery's result, so none is stored.
                 task_custom_config={"ignore_result": True},
-                broker_transport_options=(None if self.polling_interval_s is None
-                                          else {"polling_interval": self.polling_interval_s}),
             ),
             # Failures are recorded on the job itself; the task never asks Celery to retry.
             max_retries=0,
         )
+
+
+def apply_polling_interval(broker_url: str, seconds: float | None) -> None:
+    """How often this process's consumer polls a SQLite (SQLAlchemy) broker.
+
+    Kombu's virtual transports sleep `Transport.polling_interval` (1 s) between empty polls. The
+    usual knob, `broker_transport_options={"polling_interval": ...}`, breaks this transport: kombu
+    5.7's SQLAlchemy channel passes every option it does not know to `sqlalchemy.create_engine`,
+    which refuses it, so every enqueue fails. The class attribute is what that option would set.
+    Only the consumer polls; producers (the ingress) never read it.
+    """
+    if seconds is None or not broker_url.startswith("sqla+"):
+        return
+    from kombu.transport import sqlalchemy
+
+    sqlalchemy.Transport.polling_interval = seconds
 
 
 def new_task_id() -> str:
@@ -176,6 +190,8 @@ class JobRunnerDeployment:
         from graphs.registry import JOB_PIPELINES
 
         self.queue = JobQueueConfig.model_validate(queue)
+        # before task_consumer's initialize_callable starts the Celery worker, which connects then
+        apply_polling_interval(os.path.expandvars(self.queue.broker_url), self.queue.polling_interval_s)
         self.store = JobStore(Storage(storage_root, storage_options))
         self.handles = handles
         self.pipelines = JOB_PIPELINES

@@ -290,13 +290,27 @@ def test_a_submitted_job_is_written_once_with_the_task_id_it_is_sent_under(submi
     assert submit.ingress.jobs.get(job.id).task_id == task_id
 
 
-def test_the_queue_config_reaches_celery():
-    config = JobQueueConfig(broker_url="sqla+sqlite:////tmp/b.db", backend_url="db+sqlite:////tmp/r.db")
-    adapter = config.task_processor_config().adapter_config
-    assert adapter.broker_transport_options == {"polling_interval": 0.05}  # Kombu's default: 1 s
-    assert adapter.task_custom_config == {"ignore_result": True}  # the job record holds the outcome
-    unset = JobQueueConfig(broker_url="redis://r:6379/0", backend_url="redis://r:6379/1", polling_interval_s=None)
-    assert unset.task_processor_config().adapter_config.broker_transport_options is None
+def test_the_queue_config_reaches_celery_and_a_real_sqlite_broker_takes_jobs(tmp_path, monkeypatch):
+    from kombu import Connection
+    from kombu.transport import sqlalchemy
+    from ray.serve.task_consumer import instantiate_adapter_from_config
+
+    monkeypatch.setattr(sqlalchemy.Transport, "polling_interval", sqlalchemy.Transport.polling_interval)
+    broker = f"sqla+sqlite:///{tmp_path}/broker.db"
+    config = JobQueueConfig(broker_url=broker, backend_url=f"db+sqlite:///{tmp_path}/results.db")
+    assert config.task_processor_config().adapter_config.task_custom_config == {"ignore_result": True}
+    # A real enqueue through Ray's Celery adapter: a transport option this broker cannot take fails here.
+    adapter = instantiate_adapter_from_config(config.task_processor_config())
+    adapter.enqueue_task_sync(RUN_JOB_TASK, kwargs={"job_id": "job_x"}, task_id="t1")
+    # The consumer's process polls every 0.05 s (Kombu's default: 1 s).
+    runner = JobRunnerDeployment(config, storage_root=str(tmp_path / "storage"))
+    try:
+        with Connection(broker) as connection:
+            assert connection.transport.polling_interval == 0.05
+            message = connection.SimpleQueue(config.queue_name).get(timeout=5)
+            assert message.headers["id"] == "t1" and message.headers["task"] == RUN_JOB_TASK
+    finally:
+        runner._stop.set()
 
 
 class BlockedStream:
