@@ -10,7 +10,9 @@ import pytest
 from configs.local_runner import LocalServeApp
 
 
-@pytest.fixture(scope="session")
+# Package scope (tests/serve is a package): the app and its Ray instance stop once the serve tests
+# are done, so the unit tests after them do not share the two cores with an idle app.
+@pytest.fixture(scope="package")
 def atelier(tmp_path_factory) -> LocalServeApp:
     if os.environ.get("ATELIER_TEST_APP"):  # "BASE_URL[,RAY_ADDRESS]" of a running app, while developing
         yield LocalServeApp.attached(os.environ["ATELIER_TEST_APP"])
