@@ -10,9 +10,11 @@ Torch is imported inside the functions, like in the deployments, so importing th
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 import time
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, AsyncIterator, Callable
 
 from deployments.errors import InvalidRequestError
@@ -47,6 +49,40 @@ def configure_torch(num_threads: int | None = None, gpu_memory_fraction: float |
     if gpu_memory_fraction and torch.cuda.is_available():
         # Models sharing a GPU by fraction each cap their allocator, so one cannot starve another.
         torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
+
+
+class TorchThread:
+    """The one thread a replica runs its torch work on: loading, every pipeline call, adapter loads.
+
+    Measured on the 2-core CI machine (tiny SDXL, 64², 4 steps, one pipeline call at a time): a
+    call takes about 130 ms as long as one thread has run torch work in the process, and about
+    260 ms on every thread, the first one too, once a second thread has. `asyncio.to_thread` hands
+    each call to whichever pool thread is free, so a replica paid that on every request. Neither
+    OpenMP's thread count (OMP_NUM_THREADS=1 is as slow) nor glibc's malloc arenas
+    (MALLOC_ARENA_MAX=1) explain it; one long-lived thread avoids it.
+    """
+
+    def __init__(self, name: str):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}")
+
+    def call(self, fn: Callable, *args) -> Any:
+        """Run `fn` there and wait (start-up, sync callers)."""
+        return self.executor.submit(fn, *args).result()
+
+    async def run(self, fn: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, functools.partial(fn, *args))
+
+
+def start_torch(name: str, config: Any, load: Callable[[Any], Any]) -> tuple[TorchThread, Any]:
+    """A replica's torch thread, with torch configured and the pipeline loaded on it:
+    `config` has `torch_num_threads` and `gpu_memory_fraction`."""
+    thread = TorchThread(name)
+
+    def setup():
+        configure_torch(config.torch_num_threads, config.gpu_memory_fraction)
+        return load(config)
+
+    return thread, thread.call(setup)
 
 
 def load_diffusers_pipeline(pipeline_cls, model: str, *, device: str = "auto", dtype: str = "auto",
@@ -128,9 +164,9 @@ class StallWatch:
 
 
 async def stream_from_thread(run: Callable[[Callable[[Any], None], threading.Event], Any],
-                             watch: StallWatch | None = None) -> AsyncIterator[Any]:
-    """Runs `run(emit, cancelled)` in a worker thread; yields what it emits, as it does, then its
-    return value.
+                             watch: StallWatch | None = None, executor: Executor | None = None) -> AsyncIterator[Any]:
+    """Runs `run(emit, cancelled)` on `executor` (a replica's TorchThread's; default: asyncio's
+    pool); yields what it emits, as it does, then its return value.
 
     `cancelled` is set when the consumer goes away before the run ends, so the run can stop at its
     next step. With a `watch`, every emitted event counts as progress."""
@@ -146,7 +182,7 @@ async def stream_from_thread(run: Callable[[Callable[[Any], None], threading.Eve
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     try:
-        task = asyncio.ensure_future(asyncio.to_thread(run, emit, cancelled))
+        task = asyncio.ensure_future(loop.run_in_executor(executor, run, emit, cancelled))
         async for event in drain_events(events, task):
             yield event
     finally:

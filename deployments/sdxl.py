@@ -44,10 +44,10 @@ from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
     StallWatch,
-    configure_torch,
     drain_events,
     load_diffusers_pipeline,
     random_seed,
+    start_torch,
 )
 from storage.fs import Storage
 from storage.keys import output_key
@@ -300,10 +300,9 @@ class SDXLDeployment:
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 
         self.config = SDXLConfig.model_validate(config)
-        configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
         self.stall_watch = StallWatch(self.config.stall_timeout_s)
 
-        self.pipe = (pipeline_factory or load_sdxl_pipeline)(self.config)
+        self.torch_thread, self.pipe = start_torch("sdxl", self.config, pipeline_factory or load_sdxl_pipeline)
         self.pipe.set_progress_bar_config(disable=True)
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.pipe)
         self.inpaint = StableDiffusionXLInpaintPipeline.from_pipe(self.pipe)
@@ -484,7 +483,7 @@ class SDXLDeployment:
 
     async def _load_lora(self, lora_id: str) -> LoadedLora:
         self._lora_loads += 1
-        return await asyncio.to_thread(self._load_adapter, lora_id)
+        return await self.torch_thread.run(self._load_adapter, lora_id)
 
     def _load_adapter(self, lora_id: str) -> LoadedLora:
         """Runs in a worker thread. An adapter still in the pipeline (another model id for the same
@@ -576,7 +575,7 @@ class SDXLDeployment:
 
     async def _run_batch(self, items: list[_BatchItem]) -> list[_Generated | Exception]:
         """The batcher's call: compatible requests, one pipeline call in a worker thread."""
-        return await asyncio.to_thread(self._run_group, items)
+        return await self.torch_thread.run(self._run_group, items)
 
     def _run_group(self, group: list[_BatchItem]) -> list[_Generated | Exception]:
         token = self.stall_watch.start()

@@ -21,11 +21,11 @@ from deployments.media import check_size, decode_image, encode_mp4, encode_png
 from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
-    configure_torch,
     get_input_bytes,
     load_diffusers_pipeline,
     StallWatch,
     random_seed,
+    start_torch,
     stream_from_thread,
 )
 from storage.fs import Storage
@@ -144,10 +144,9 @@ def load_svd_pipeline(config: SVDConfig):
 class SVDDeployment:
     def __init__(self, config: SVDConfig | dict, pipeline_factory: Callable[[SVDConfig], Any] | None = None):
         self.config = SVDConfig.model_validate(config)
-        configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
         self.stall_watch = StallWatch(self.config.stall_timeout_s)
 
-        self.pipe = (pipeline_factory or load_svd_pipeline)(self.config)
+        self.torch_thread, self.pipe = start_torch("svd", self.config, pipeline_factory or load_svd_pipeline)
         self.pipe.set_progress_bar_config(disable=True)
         self.max_num_frames = self.config.max_num_frames or self.pipe.unet.config.num_frames
         self.default_num_frames = min(self.config.default_num_frames or self.max_num_frames, self.max_num_frames)
@@ -190,7 +189,7 @@ class SVDDeployment:
         request = SVDRequest.model_validate(request)
         prepared = await asyncio.to_thread(self.check_inputs, request)  # may read storage
         async for event in stream_from_thread(lambda emit, cancelled: self._run(prepared, emit, cancelled),
-                                              self.stall_watch):
+                                              self.stall_watch, self.torch_thread.executor):
             yield event
 
     def check_health(self) -> None:

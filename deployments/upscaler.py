@@ -25,11 +25,11 @@ from deployments.media import decode_image, decode_mp4, encode_mp4, encode_png
 from deployments import metrics
 from deployments.runtime import (
     MAX_SEED,
-    configure_torch,
     get_input_bytes,
     load_diffusers_pipeline,
     StallWatch,
     random_seed,
+    start_torch,
     stream_from_thread,
 )
 from storage.fs import Storage
@@ -190,10 +190,9 @@ def load_upscaler_pipeline(config: UpscalerConfig):
 class UpscalerDeployment:
     def __init__(self, config: UpscalerConfig | dict, pipeline_factory: Callable[[UpscalerConfig], Any] | None = None):
         self.config = UpscalerConfig.model_validate(config)
-        configure_torch(self.config.torch_num_threads, self.config.gpu_memory_fraction)
         self.stall_watch = StallWatch(self.config.stall_timeout_s)
 
-        self.pipe = (pipeline_factory or load_upscaler_pipeline)(self.config)
+        self.torch_thread, self.pipe = start_torch("upscaler", self.config, pipeline_factory or load_upscaler_pipeline)
         self.pipe.set_progress_bar_config(disable=True)
         if hasattr(self.pipe.vae, "enable_tiling"):
             self.pipe.vae.enable_tiling()  # the 4x decode is the memory peak
@@ -236,7 +235,7 @@ class UpscalerDeployment:
         request = UpscaleRequest.model_validate(request)
         prepared = await asyncio.to_thread(self.check_inputs, request)  # reads storage, decodes video
         async for event in stream_from_thread(lambda emit, cancelled: self._run(prepared, emit, cancelled),
-                                              self.stall_watch):
+                                              self.stall_watch, self.torch_thread.executor):
             yield event
 
     def check_health(self) -> None:
