@@ -2,8 +2,11 @@
 
 Scopes: `read` (GET anything), `generate` (images, videos, chat, workflows, jobs), `train`
 (datasets and fine-tuning) and `admin` (everything). `generate` and `train` include `read`.
-When keys are configured, every route but `/healthz` and the web UI's static files needs one; with none configured the app
-is open, which the ingress says at start-up.
+
+`auth.mode` is `keys` unless a config says `open`: every route but the probes (`/healthz`,
+`/readyz`) and the web UI's static files needs a key, and an ingress that finds no key refuses to start (fail closed), so a
+key variable that never reached the replicas cannot leave the API open. Only configs/local.yaml,
+for a trusted local machine, says `open`.
 
     python -m deployments.auth new-key --name ci --scopes generate,train   # prints the key and its entry
 """
@@ -24,7 +27,7 @@ from pydantic import BaseModel, Field, TypeAdapter
 Scope = Literal["read", "generate", "train", "admin"]
 IMPLIED: dict[str, set[str]] = {"read": {"read"}, "generate": {"read", "generate"}, "train": {"read", "train"},
                                 "admin": {"read", "generate", "train", "admin"}}
-OPEN_PATHS = ("/healthz", "/")
+OPEN_PATHS = ("/healthz", "/readyz", "/")  # probes and the UI shell carry no data
 # The web UI's static shell holds no data; it asks for a key and sends it on every API call.
 OPEN_PREFIXES = ("/ui/",)
 TRAIN_PREFIXES = ("/v1/datasets", "/v1/fine_tuning")
@@ -36,7 +39,14 @@ class ApiKey(BaseModel):
     scopes: list[Scope] = Field(min_length=1)
 
 
+class AuthConfigError(RuntimeError):
+    """The ingress cannot start safely with this auth config."""
+
+
 class AuthConfig(BaseModel):
+    mode: Literal["keys", "open"] = Field(
+        "keys", description="keys: every route but /healthz and the UI shell needs a key, and the ingress refuses "
+                            "to start without one. open: nothing is checked (a trusted local machine only).")
     keys: list[ApiKey] = Field(default_factory=list, description="Keys in the config (hashes only).")
     keys_env: str = Field("ATELIER_API_KEYS", description="Environment variable with more keys: a JSON list "
                                                           "of {name, sha256, scopes}.")
@@ -45,6 +55,19 @@ class AuthConfig(BaseModel):
         raw = os.environ.get(self.keys_env)
         extra = TypeAdapter(list[ApiKey]).validate_json(raw) if raw else []
         return [*self.keys, *extra]
+
+    def enforced_keys(self) -> list[ApiKey] | None:
+        """The keys the ingress checks; None in open mode. In keys mode, no key is an error."""
+        if self.mode == "open":
+            return None
+        keys = self.resolved_keys()
+        if not keys:
+            raise AuthConfigError(
+                f"auth.mode is 'keys' but no API key is configured: {self.keys_env} is unset or empty in the "
+                f"ingress replica's environment and ingress.auth.keys is empty. Set {self.keys_env} where the "
+                f"replicas run (the cluster's environment, or runtime_env.env_vars), or set ingress.auth.mode: "
+                f"open for a trusted local machine.")
+        return keys
 
 
 def hash_key(key: str) -> str:
@@ -83,12 +106,16 @@ class AuthMiddleware:
 
     def __init__(self, app, keys_of):
         self.app = app
-        self.keys_of = keys_of  # () -> list[ApiKey]: set once the replica has its config
+        # () -> list[ApiKey] | None: None only in open mode. An empty list refuses every key, so the
+        # app is closed until the replica has its config.
+        self.keys_of = keys_of
 
     async def __call__(self, scope, receive, send):
-        keys = self.keys_of() if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        keys = self.keys_of()
         path = scope.get("path", "")
-        if not keys or path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and scope["method"] in ("GET", "HEAD")):
+        if keys is None or path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and scope["method"] in ("GET", "HEAD")):
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         kind, _, presented = header.partition(" ")

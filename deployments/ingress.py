@@ -77,7 +77,7 @@ class IngressConfig(BaseModel):
     dataset_import: DatasetImportConfig = Field(
         DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
-    auth: AuthConfig = Field(AuthConfig(), description="API keys (SHA-256 hashes) and their scopes; none: open.")
+    auth: AuthConfig = Field(AuthConfig(), description="API keys (SHA-256 hashes), their scopes, and the mode.")
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
     fine_tuning: fine_tuning_api.FineTuningConfig = Field(
         fine_tuning_api.FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
@@ -270,6 +270,8 @@ class IngressDeployment:
         from ray.serve.task_consumer import instantiate_adapter_from_config
 
         self.config = IngressConfig.model_validate(config)
+        # Fail closed, first: a replica without keys in keys mode does not start (serve status says why).
+        api_keys = self.config.auth.enforced_keys()
         self.sdxl = sdxl
         self.job_runner = job_runner  # bound so the consumer is part of the app; talked to via the queue
         # Other model deployments by name (svd, upscaler, llm, ...); None where not deployed.
@@ -284,10 +286,10 @@ class IngressDeployment:
         self.llm_info: dict | None = self.config.llm.describe() if self.config.llm else None
         self.llm_settings: RefineSettings = self.config.llm.refine if self.config.llm else RefineSettings()
         app.state.max_body_bytes = self.config.max_upload_bytes
-        app.state.api_keys = self.config.auth.resolved_keys()
-        if not app.state.api_keys:
-            logger.warning("no API keys configured: every route is open. Fine for the local default; set "
-                           "ingress.auth.keys or %s anywhere else.", self.config.auth.keys_env)
+        app.state.api_keys = api_keys
+        if api_keys is None:
+            logger.warning("ingress.auth.mode is open: every route is open. Fine for the local default on a "
+                           "trusted machine; never on a shared network.")
 
     # --- health and models ----------------------------------------------------------------------
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import ApiKey, AuthConfig, find_key, hash_key, main, required_scope
+from deployments.auth import ApiKey, AuthConfig, AuthConfigError, find_key, hash_key, main, required_scope
 from deployments.ingress import app
 
 KEYS = {"reader": ("read-key", ["read"]), "maker": ("make-key", ["generate"]), "trainer": ("train-key", ["train"]),
@@ -41,7 +43,7 @@ def test_the_spec_has_the_routes_of_every_area():
 def test_every_route_but_healthz_refuses_a_missing_or_unknown_key(client):
     checked = 0
     for method, path in routes():
-        if path == "/healthz":
+        if path in ("/healthz", "/readyz"):  # probes: open, they carry no data
             continue
         for headers in ({}, {"Authorization": "Bearer not-a-key"}, {"Authorization": "Basic cmVhZC1rZXk="}):
             response = client.request(method, path, headers=headers)
@@ -89,3 +91,58 @@ def test_keys_from_the_environment_and_the_key_tool(monkeypatch, capsys):
     printed = capsys.readouterr().out
     key = printed.split("key (shown once): ", 1)[1].split()[0]
     assert hash_key(key) in printed and key.startswith("atl-")
+
+
+# --- fail closed ---------------------------------------------------------------------------------
+
+
+def test_keys_mode_is_the_default_and_refuses_to_start_without_a_key(monkeypatch):
+    monkeypatch.delenv("ATELIER_API_KEYS", raising=False)
+    assert AuthConfig().mode == "keys"
+    for unset in (None, "", "[]"):  # never set, set empty, or an empty list all leave the app without keys
+        if unset is not None:
+            monkeypatch.setenv("ATELIER_API_KEYS", unset)
+        with pytest.raises(AuthConfigError) as refused:
+            AuthConfig().enforced_keys()
+        assert "ATELIER_API_KEYS" in str(refused.value) and "mode: open" in str(refused.value)
+    monkeypatch.setenv("ATELIER_API_KEYS", f'[{{"name": "ops", "sha256": "{hash_key("k")}", "scopes": ["admin"]}}]')
+    assert [k.name for k in AuthConfig().enforced_keys()] == ["ops"]
+    assert AuthConfig(mode="open").enforced_keys() is None
+
+
+def test_an_ingress_without_keys_does_not_start(monkeypatch, tmp_path):
+    """Serve shows the constructor's error in `serve status`; nothing else runs before the check."""
+    from deployments.ingress import IngressDeployment
+
+    monkeypatch.delenv("ATELIER_API_KEYS", raising=False)
+    config = {"storage_root": str(tmp_path), "queue": {"broker_url": "memory://", "backend_url": "cache+memory://"}}
+    cls = IngressDeployment.func_or_class  # serve.ingress makes its __init__ a coroutine
+    with pytest.raises(AuthConfigError, match="no API key is configured"):
+        asyncio.run(cls.__init__(cls.__new__(cls), config, sdxl=None, job_runner=None))
+
+
+def test_with_no_keys_loaded_every_route_is_closed_and_only_open_mode_opens_them():
+    previous = app.state.api_keys
+    try:
+        app.state.api_keys = []  # keys mode before the replica has its keys: closed
+        client = TestClient(app, raise_server_exceptions=False)
+        assert client.get("/v1/jobs").status_code == 401
+        assert client.post("/v1/fine_tuning/jobs", json={}).status_code == 401
+        app.state.api_keys = None  # open mode
+        assert client.get("/v1/jobs").status_code != 401
+    finally:
+        app.state.api_keys = previous
+
+
+def test_the_configs_fail_closed_except_the_local_default():
+    import yaml
+
+    from deployments.ingress import IngressConfig
+
+    root = Path(__file__).resolve().parents[2]
+    production = yaml.safe_load((root / "serve_config.yaml").read_text())["applications"][0]
+    local = yaml.safe_load((root / "configs" / "local.yaml").read_text())["applications"][0]
+    assert IngressConfig.model_validate({"queue": production["args"]["queue"],
+                                         **production["args"]["ingress"]}).auth.mode == "keys"
+    assert production["runtime_env"]["env_vars"]["ATELIER_API_KEYS"] == "${ATELIER_API_KEYS}"
+    assert IngressConfig.model_validate({"queue": local["args"]["queue"], **local["args"]["ingress"]}).auth.mode == "open"

@@ -238,9 +238,9 @@ def api(dataset, model, monkeypatch):
         ingress.config.fine_tuning = fine_tuning.FineTuningConfig(**{"defaults": defaults, **settings})
 
     previous = {name: getattr(app.state, name, None) for name in ("ingress", "api_keys")}
-    app.state.ingress, app.state.api_keys = ingress, []  # no keys: every route is open
+    app.state.ingress, app.state.api_keys = ingress, None  # open mode: no key is checked
     yield TestClient(app, raise_server_exceptions=False), jobs, storage, dataset_id, configure
-    app.state.ingress, app.state.api_keys = previous["ingress"], previous["api_keys"] or []
+    app.state.ingress, app.state.api_keys = previous["ingress"], previous["api_keys"]
 
 
 def post_job(client, dataset_id: str, **fields):
