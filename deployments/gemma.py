@@ -44,10 +44,10 @@ class GemmaConfig(BaseModel):
     accelerator_type: str | None = None
     runtime_env: dict[str, Any] | None = None
     stream_batching_interval_ms: float | None = Field(
-        0, ge=0,
-        description="How long Ray LLM's LLMServer collects streamed chunks before sending them on. Ray's "
-                    "default is 50 ms, and its first chunk waits that long; 0 sends each chunk at once; "
-                    "None keeps Ray's default.")
+        10, ge=0,
+        description="A streamed answer sends its first chunk at once, then at most one message per this "
+                    "interval, holding what arrived meanwhile (deployments/gemma_server.py). 0 sends each "
+                    "chunk as its own message; None keeps Ray's Batcher, whose first chunk waits 50 ms.")
     refine: RefineSettings = RefineSettings()
 
     def llm_config(self):
@@ -80,11 +80,14 @@ def build_gemma_deployment(config: GemmaConfig | dict, engine_cls: type | None =
     """A bound `LLMServer` deployment named GemmaDeployment; `engine_cls` swaps the engine (tests)."""
     from ray.serve.llm import build_llm_deployment
 
+    from deployments.gemma_server import GemmaEngine, GemmaServer
+
     config = GemmaConfig.model_validate(config)
     return build_llm_deployment(
         config.llm_config(),
         override_serve_options={"name": DEPLOYMENT_NAME},
-        bind_kwargs={"engine_cls": engine_cls} if engine_cls else None,
+        bind_kwargs={"engine_cls": engine_cls or GemmaEngine},
+        deployment_cls=GemmaServer,
     )
 
 

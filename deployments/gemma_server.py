@@ -1,0 +1,90 @@
+"""The language model's Serve deployment: Ray LLM's `LLMServer`, with one change to how a
+streamed answer is sent on.
+
+`LLMServer` wraps every stream in Ray's `Batcher`, which waits a full `stream_batching_interval_ms`
+(50 ms by default) before it sends anything, the first token included, and then sends what came
+in each interval. At 0 it sends every token as its own Serve message: on a fast engine that flood
+of messages through two Serve hops (LLM replica → ingress → proxy) is what limits tokens/s
+(benchmarks/bench_llm.py). `FirstChunkBatcher` sends the first chunk at once and then at most
+one message per interval, holding whatever arrived meanwhile: time to first token as at 0, and
+at most 1000 / interval messages a second per stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncGenerator, TypeVar
+
+from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
+from ray.serve.llm.deployment import LLMServer
+
+T = TypeVar("T")
+
+
+class FirstChunkBatcher:
+    """Lists of a generator's items: the first at once, later ones at most every `interval_s`."""
+
+    def __init__(self, generator: AsyncGenerator[T, None], interval_s: float):
+        self.generator = generator
+        self.interval_s = interval_s
+
+    async def stream(self) -> AsyncGenerator[list[T], None]:
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        async def read() -> None:
+            try:
+                async for item in self.generator:
+                    queue.put_nowait(item)
+            finally:
+                queue.put_nowait(done)
+
+        reader = asyncio.ensure_future(read())
+        last_sent = float("-inf")
+        finished = False
+        try:
+            while not finished:
+                pending = [await queue.get()]  # wait for something to send
+                wait = self.interval_s - (time.monotonic() - last_sent)
+                if wait > 0 and pending[0] is not done:
+                    # the last message left less than an interval ago; the stream's end sends at once
+                    await asyncio.wait({reader}, timeout=wait)
+                while not queue.empty():
+                    pending.append(queue.get_nowait())
+                if pending and pending[-1] is done:
+                    pending.pop()
+                    finished = True
+                if pending:
+                    last_sent = time.monotonic()
+                    yield pending
+            reader.result()  # the engine's error, if it raised
+        finally:
+            reader.cancel()
+
+
+class GemmaEngine(VLLMEngine):
+    """Ray LLM's vLLM engine, with vLLM's own executor choice on CPU.
+
+    Ray LLM sets `distributed_executor_backend="mp"` on CPU for every model: one model worker
+    process beside the engine core, which polls its message queue between steps and so holds a
+    core. With one worker (tensor and pipeline parallel 1) vLLM's own default is the in-process
+    `uni` executor, which is what this keeps. On GPUs Ray's choice ("ray") stands.
+    """
+
+    def _prepare_engine_config(self, callback_ctx):
+        engine_args, frontend_args, engine_config = super()._prepare_engine_config(callback_ctx)
+        parallel = engine_config.parallel_config
+        if engine_config.device_config.device_type == "cpu" and parallel.world_size == 1:
+            parallel.distributed_executor_backend = "uni"
+        return engine_args, frontend_args, engine_config
+
+
+class GemmaServer(LLMServer):
+    """`LLMServer` whose streams send their first chunk at once (see the module's docstring)."""
+
+    def _batch_output_stream(self, generator):
+        interval_ms = self._get_batch_interval_ms()
+        if not interval_ms:
+            return super()._batch_output_stream(generator)  # 0: every chunk on its own, as Ray does
+        return FirstChunkBatcher(generator, interval_ms / 1000).stream()
