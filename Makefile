@@ -35,9 +35,9 @@ lock: $(STAMP)
 venv: $(STAMP)
 
 models: venv
-	$(PY) -m configs.tiny_models --out $(TINY_MODELS)
+	$(PY) -m local.tiny_models --out $(TINY_MODELS)
 
-# At least 4 logical CPUs (as configs/local_runner.py): the replicas mostly idle, and fine-tuning
+# At least 4 logical CPUs (as local/runner.py): the replicas mostly idle, and fine-tuning
 # needs room beside them.
 LOCAL_CPUS := $(shell $(PYTHON) -c "import os; print(max(4, os.cpu_count() or 1))")
 serve: models

@@ -42,8 +42,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.local_runner import LocalServeApp, free_port  # noqa: E402
-from configs.tiny_models import ensure_tiny_models  # noqa: E402
+from local.runner import LocalServeApp, free_port  # noqa: E402
+from local.tiny_models import ensure_tiny_models  # noqa: E402
 
 PLAIN_SERVER = textwrap.dedent("""
     import base64, io, sys, threading, torch

@@ -37,8 +37,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.local_runner import LocalServeApp  # noqa: E402
-from configs.tiny_models import ensure_tiny_models  # noqa: E402
+from local.runner import LocalServeApp  # noqa: E402
+from local.tiny_models import ensure_tiny_models  # noqa: E402
 
 GOAL_P50_MS = 50.0
 GOAL_P95_MS = 150.0

@@ -85,7 +85,7 @@ def interval_arg(text: str) -> float | None:
 def engine_config(llm_args: dict):
     """The GemmaConfig of `llm_args`, with a repo-relative model folder made absolute (local.yaml's
     paths are relative to the repo, and the non-Ray paths do not run from there)."""
-    from deployments.gemma import GemmaConfig
+    from deployments.llm.contract import GemmaConfig
 
     config = GemmaConfig.model_validate(llm_args)
     if not Path(config.model_source).is_absolute() and (REPO / config.model_source).exists():
@@ -180,7 +180,7 @@ async def direct(llm_args: dict, requests: int, max_tokens: int, concurrencies: 
 
 
 def measure_atelier(llm_args: dict, args, scratch: Path) -> dict[int, dict]:
-    from configs.local_runner import LocalServeApp
+    from local.runner import LocalServeApp
 
     # Only the model under test and the one SDXL replica the app needs: on 2 cores every idle
     # replica's loop and health checks are CPU the engine does not get.
@@ -235,7 +235,7 @@ def stop_process_group(process: subprocess.Popen, timeout_s: float = 60) -> None
 
 
 def measure_vllm_server(llm_args: dict, args, scratch: Path) -> dict[int, dict]:
-    from configs.local_runner import free_port
+    from local.runner import free_port
 
     config = engine_config(llm_args)
     port = free_port()
@@ -362,7 +362,7 @@ def main() -> None:
     args = parser.parse_args()
     llm_args = bench_llm_args(args)
     if not args.model:
-        from configs.tiny_models import build_model
+        from local.tiny_models import build_model
 
         # The vLLM server and direct paths may run before any `serve run` has built the tiny model.
         build_model("gemma", REPO / local_app_args()["tiny_models_dir"])

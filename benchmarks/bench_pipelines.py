@@ -37,8 +37,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.local_runner import LocalServeApp  # noqa: E402
-from configs.tiny_models import ensure_tiny_models  # noqa: E402
+from local.runner import LocalServeApp  # noqa: E402
+from local.tiny_models import ensure_tiny_models  # noqa: E402
 
 STAGES = ("generate", "upscale", "video")
 RAY_WORKER_NICE = 15  # Ray starts its worker processes at this niceness

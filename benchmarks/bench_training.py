@@ -32,8 +32,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.local_runner import init_local_ray  # noqa: E402
-from configs.tiny_models import build_random_lora, ensure_tiny_models  # noqa: E402
+from local.runner import init_local_ray  # noqa: E402
+from local.tiny_models import build_random_lora, ensure_tiny_models  # noqa: E402
 from storage import Storage  # noqa: E402
 from storage.registry import LoraRegistry  # noqa: E402
 
@@ -82,7 +82,7 @@ def bench_training(root: str, model: Path, steps: int, images: int) -> dict[int,
 def bench_switching(root: str, model: Path, repeats: int) -> dict[str, float]:
     from ray.serve.batching import _BatchQueue
 
-    from deployments.sdxl import SDXLDeployment, SDXLRequest, load_sdxl_pipeline
+    from deployments.sdxl.deployment import SDXLDeployment, SDXLRequest, load_sdxl_pipeline
 
     _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None  # no replica here
     registry = LoraRegistry(Storage(root))

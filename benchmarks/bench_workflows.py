@@ -32,7 +32,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.local_runner import LocalServeApp  # noqa: E402
+from local.runner import LocalServeApp  # noqa: E402
 
 PROMPT = "a red kite over the sea"
 MODEL_NODES = ("t2i_a", "up_a", "t2i_b", "up_b")

@@ -26,7 +26,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from configs.local_runner import LocalServeApp  # noqa: E402
+from local.runner import LocalServeApp  # noqa: E402
 
 WATCHED = ("IngressDeployment", "SDXLDeployment")
 

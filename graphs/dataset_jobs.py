@@ -18,7 +18,7 @@ REPORTED = 100  # names listed in the job result; the counts are always complete
 
 
 def dataset_import(ctx, handles: dict[str, Any]) -> None:
-    from deployments.api.datasets import api_error
+    from api.datasets.router import api_error
     from deployments.errors import InvalidRequestError
 
     request = ctx.request

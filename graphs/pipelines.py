@@ -9,10 +9,10 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable
 
-from deployments.gemma import RefinedPrompt, RefineRequest, refined_from_response
-from deployments.sdxl import SDXLProgress, SDXLRequest, SDXLResponse, routed
-from deployments.svd import SVDProgress
-from deployments.upscaler import UpscaleProgress
+from deployments.llm.contract import RefinedPrompt, RefineRequest, refined_from_response
+from deployments.sdxl.deployment import SDXLProgress, SDXLRequest, SDXLResponse, routed
+from deployments.svd.deployment import SVDProgress
+from deployments.upscaler.deployment import UpscaleProgress
 from storage.jobs import JobOutput
 
 PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)

@@ -20,10 +20,10 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
-from deployments.gemma import RefinedPrompt
-from deployments.sdxl import SDXLRequest
-from deployments.svd import SVDRequest, SVDResponse
-from deployments.upscaler import UpscaleRequest, UpscaleResponse
+from deployments.llm.contract import RefinedPrompt
+from deployments.sdxl.deployment import SDXLRequest
+from deployments.svd.deployment import SVDRequest, SVDResponse
+from deployments.upscaler.deployment import UpscaleRequest, UpscaleResponse
 from graphs.pipelines import apply_refined, drain_stream, refine_stage, stream_sdxl
 from storage.jobs import JobOutput
 

@@ -2,7 +2,7 @@
 
 The job request is `{"workflow": <Workflow>, "use_cache": bool, "refine": {node id: chat context},
 "loras": {"name:version": {name, version, sha256}}, "saved": {"id", "version"} | None}`, prepared
-by deployments/api/workflows.py. Seeds (refine's included) and LoRA versions are pinned there, so
+by api/workflows/router.py. Seeds (refine's included) and LoRA versions are pinned there, so
 a run (and its replay) is reproducible and its model nodes are cacheable. Cache keys also hold
 the model each deployment runs, asked of it when the job starts.
 
@@ -17,12 +17,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from deployments.errors import AtelierError, JobCancelledError
-from deployments.gemma import RefineRequest, RefineSettings, build_refine_chat, refined_from_response
+from deployments.llm.contract import RefineRequest, RefineSettings, build_refine_chat, refined_from_response
 from deployments.media import parse_size
-from deployments.sdxl import SDXLRequest, routed
-from deployments.svd import SVDRequest
-from deployments.upscaler import UpscaleRequest
-from configs.styles import StylePreset
+from deployments.sdxl.deployment import SDXLRequest, routed
+from deployments.svd.deployment import SVDRequest
+from deployments.upscaler.deployment import UpscaleRequest
+from deployments.styles import StylePreset
 from graphs.pipelines import drain_stream, lora_lineage
 from graphs.workflows import NODE_TYPES, NodeContext, Workflow, run_workflow
 from storage.fs import ObjectNotFoundError, Storage

@@ -24,7 +24,7 @@ from storage.keys import OUTPUTS_PREFIX
 
 log = logging.getLogger(__name__)
 
-# Kept local (same value as deployments.sdxl.MAX_SEED) so this module stays dependency-free.
+# Kept local (same value as deployments.sdxl.deployment.MAX_SEED) so this module stays dependency-free.
 MAX_SEED = 2**32 - 1
 MAX_NODES = 500  # the hard cap; apps configure a lower one (recursion in cycle search is bounded by it)
 
@@ -57,7 +57,7 @@ class KeyParams(NodeParams):
     @field_validator("key")
     @classmethod
     def _output_key(cls, key: str) -> str:
-        # The same rule as the HTTP `image_key` fields (deployments/api/videos._reference_key): a
+        # The same rule as the HTTP `image_key` fields (api/videos._reference_key): a
         # valid key under outputs/, so a workflow cannot read job records, uploads or LoRA weights.
         try:
             validate_key(key)

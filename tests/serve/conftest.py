@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from configs.local_runner import LocalServeApp
+from local.runner import LocalServeApp
 
 
 # Package scope (tests/serve is a package): the app and its Ray instance stop once the serve tests

@@ -49,7 +49,7 @@ def registered_lora(atelier, client, tmp_path) -> str:
         if not loras:
             pytest.skip("an attached app with no registered LoRA")
         return loras[0]
-    from configs.tiny_models import build_random_lora
+    from local.tiny_models import build_random_lora
     from storage import Storage
     from storage.registry import LoraRegistry
 

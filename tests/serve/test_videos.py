@@ -19,7 +19,7 @@ from tests.serve.helpers import assert_error, decode_b64_png, noise_image, read_
 
 pytestmark = pytest.mark.serve
 
-MAX_FRAMES = 4  # the tiny SVD's UNet num_frames (configs/tiny_models.py)
+MAX_FRAMES = 4  # the tiny SVD's UNet num_frames (local/tiny_models.py)
 FAST = {"steps": 2, "size": "64x64", "seed": 7}
 
 

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 CHILD = """
 import sys, torch
-from deployments.runtime import configure_torch
+from deployments.diffusion import configure_torch
 
 fraction = float(sys.argv[1])
 configure_torch(gpu_memory_fraction=fraction)
@@ -61,7 +61,7 @@ PAST_CAP = 0.03      # how far past its cap the refused allocation would take a 
 # cap's and not the GPU's. Prints one JSON line per phase.
 SHARED_CHILD = """
 import json, sys, torch
-from deployments.runtime import configure_torch
+from deployments.diffusion import configure_torch
 
 share, working_set, past_cap = (float(a) for a in sys.argv[1:4])
 configure_torch(gpu_memory_fraction=share)

@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sdxl_fp16_on_cuda_with_memory_fraction(tmp_path):
-    from configs.tiny_models import ensure_tiny_models
-    from deployments.sdxl import SDXLDeployment, SDXLRequest
+    from local.tiny_models import ensure_tiny_models
+    from deployments.sdxl.deployment import SDXLDeployment, SDXLRequest
 
     model = ensure_tiny_models(REPO / "models" / "tiny")["sdxl"]
     sdxl = SDXLDeployment.func_or_class({"model": str(model), "storage_root": str(tmp_path), "default_size": 64,

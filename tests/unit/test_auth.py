@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from deployments.auth import ApiKey, AuthConfig, AuthConfigError, find_key, hash_key, main, required_scope
-from deployments.ingress import app
+from api.auth import ApiKey, AuthConfig, AuthConfigError, find_key, hash_key, main, required_scope
+from api.ingress import app
 
 KEYS = {"reader": ("read-key", ["read"]), "maker": ("make-key", ["generate"]), "trainer": ("train-key", ["train"]),
         "root": ("root-key", ["admin"])}
@@ -112,7 +112,7 @@ def test_keys_mode_is_the_default_and_refuses_to_start_without_a_key(monkeypatch
 
 def test_an_ingress_without_keys_does_not_start(monkeypatch, tmp_path):
     """Serve shows the constructor's error in `serve status`; nothing else runs before the check."""
-    from deployments.ingress import IngressDeployment
+    from api.ingress import IngressDeployment
 
     monkeypatch.delenv("ATELIER_API_KEYS", raising=False)
     config = {"storage_root": str(tmp_path), "queue": {"broker_url": "memory://", "backend_url": "cache+memory://"}}
@@ -137,7 +137,7 @@ def test_with_no_keys_loaded_every_route_is_closed_and_only_open_mode_opens_them
 def test_the_configs_fail_closed_except_the_local_default():
     import yaml
 
-    from deployments.ingress import IngressConfig
+    from api.ingress import IngressConfig
 
     root = Path(__file__).resolve().parents[2]
     production = yaml.safe_load((root / "serve_config.yaml").read_text())["applications"][0]

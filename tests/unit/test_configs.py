@@ -8,7 +8,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from graphs.app import AtelierArgs
+from api.app import AtelierArgs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ def test_config_validates_against_ray_serve_schema(path):
     schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
         else ServeDeploySchema.parse_obj(config)
     app = schema.applications[0]
-    assert app.import_path == "graphs.app:build_app"
+    assert app.import_path == "api.app:build_app"
     names = {d.name for d in app.deployments}
     assert {"SDXLDeployment", "JobRunnerDeployment", "IngressDeployment"} <= names
     AtelierArgs.model_validate(app.args)
@@ -64,7 +64,7 @@ def test_hub_ids_and_urls_are_left_alone(tmp_path):
 
 
 def test_queue_urls_expand_environment_variables(monkeypatch):
-    from deployments.job_runner import JobQueueConfig
+    from graphs.job_runner import JobQueueConfig
 
     monkeypatch.setenv("ATELIER_REDIS_HOST", "redis.internal")
     config = JobQueueConfig(broker_url="redis://${ATELIER_REDIS_HOST}:6379/0", backend_url="redis://x/1")
@@ -73,10 +73,10 @@ def test_queue_urls_expand_environment_variables(monkeypatch):
 
 @pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
 def test_every_model_section_validates_and_fits_its_resources(path):
-    from deployments.gemma import GemmaConfig
-    from deployments.sdxl import SDXLConfig
-    from deployments.svd import SVDConfig
-    from deployments.upscaler import UpscalerConfig
+    from deployments.llm.contract import GemmaConfig
+    from deployments.sdxl.deployment import SDXLConfig
+    from deployments.svd.deployment import SVDConfig
+    from deployments.upscaler.deployment import UpscalerConfig
 
     app = yaml.safe_load((REPO / path).read_text())["applications"][0]
     args = AtelierArgs.model_validate(app["args"])
@@ -130,7 +130,7 @@ def test_every_deployment_bounds_its_ongoing_and_queued_requests(path):
 @pytest.mark.parametrize("path", ["serve_config.yaml", "configs/local.yaml"])
 def test_job_runner_serve_concurrency_is_the_queue_concurrency(path):
     # Serve sizes the task consumer's thread pool with max_ongoing_requests; the config's value wins
-    # over graphs.app's, so the two must agree.
+    # over api.app's, so the two must agree.
     args = AtelierArgs.model_validate(yaml.safe_load((REPO / path).read_text())["applications"][0]["args"])
     assert serve_options(path)["JobRunnerDeployment"]["max_ongoing_requests"] == args.queue.concurrency
 

@@ -9,7 +9,7 @@ import pytest
 import ray
 from PIL import Image
 
-from configs.local_runner import init_local_ray
+from local.runner import init_local_ray
 
 from storage.datasets import DatasetStore, ImageItem
 from training.data import bucket_sizes, instance_caption, prepare_for_training, read_dataset

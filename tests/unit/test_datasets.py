@@ -409,7 +409,7 @@ def api(storage):
     from fastapi.responses import JSONResponse
     from fastapi.testclient import TestClient
 
-    from deployments.api.datasets import router
+    from api.datasets.router import router
     from deployments.errors import AtelierError
 
     app = FastAPI()
@@ -532,7 +532,7 @@ def test_api_imports_validate_then_record_a_job(api):
 
 def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id):
     from deployments.errors import JobCancelledError
-    from deployments.job_runner import JobContext
+    from graphs.job_runner import JobContext
     from graphs.dataset_jobs import dataset_import
     from storage.jobs import JobStore
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from configs.styles import load_styles
-from deployments.gemma import (
+from deployments.styles import load_styles
+from deployments.llm.contract import (
     GemmaConfig,
     RefineRequest,
     RefineSettings,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deployments.gemma_server import FirstChunkBatcher
+from deployments.llm.server import FirstChunkBatcher
 
 
 class Source:

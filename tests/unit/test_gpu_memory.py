@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from deployments import runtime
-from graphs.app import AtelierArgs
+from deployments import diffusion as runtime
+from api.app import AtelierArgs
 
 REPO = Path(__file__).resolve().parents[2]
 EPSILON = 1e-9
@@ -77,9 +77,9 @@ def _production_section(name: str) -> dict:
 
 
 @pytest.mark.parametrize("module, cls, section", [
-    ("deployments.sdxl", "SDXLDeployment", "sdxl"),
-    ("deployments.svd", "SVDDeployment", "svd"),
-    ("deployments.upscaler", "UpscalerDeployment", "upscaler"),
+    ("deployments.sdxl.deployment", "SDXLDeployment", "sdxl"),
+    ("deployments.svd.deployment", "SVDDeployment", "svd"),
+    ("deployments.upscaler.deployment", "UpscalerDeployment", "upscaler"),
 ])
 @pytest.mark.parametrize("available", [True, False])
 def test_each_model_deployment_caps_memory_to_its_config(monkeypatch, tmp_path, module, cls, section, available):
@@ -96,8 +96,8 @@ def test_each_model_deployment_caps_memory_to_its_config(monkeypatch, tmp_path, 
     assert cuda.fractions == ([(fraction, None)] if available else [])
 
 
-@pytest.mark.parametrize("module, cls", [("deployments.sdxl", "SDXLDeployment"), ("deployments.svd", "SVDDeployment"),
-                                         ("deployments.upscaler", "UpscalerDeployment")])
+@pytest.mark.parametrize("module, cls", [("deployments.sdxl.deployment", "SDXLDeployment"), ("deployments.svd.deployment", "SVDDeployment"),
+                                         ("deployments.upscaler.deployment", "UpscalerDeployment")])
 def test_a_deployment_without_a_fraction_sets_no_cap(monkeypatch, tmp_path, module, cls):
     import importlib
 
@@ -115,7 +115,7 @@ def _gpu_tenants(path: str) -> dict[str, dict]:
     """Each model that takes a GPU share: its share (num_gpus or GPU bundle), its memory cap
     (gpu_memory_fraction, or vLLM's gpu_memory_utilization; without one, what it may take then),
     and how many replicas it may run."""
-    from deployments.gemma import GemmaConfig
+    from deployments.llm.contract import GemmaConfig
 
     app = yaml.safe_load((REPO / path).read_text())["applications"][0]
     args = AtelierArgs.model_validate(app["args"])

@@ -10,7 +10,7 @@ import pytest
 from ray.exceptions import ActorDiedError
 
 from deployments.errors import InvalidRequestError, JobCancelledError, OverloadedError
-from deployments.job_runner import RUN_JOB_TASK, JobContext, JobQueueConfig, JobRunnerDeployment
+from graphs.job_runner import RUN_JOB_TASK, JobContext, JobQueueConfig, JobRunnerDeployment
 from storage.fs import Storage
 from storage.jobs import JobStore
 
@@ -238,7 +238,7 @@ def wait_for(condition, timeout_s: float = 10) -> None:
 @pytest.fixture()
 def submit(tmp_path):
     """The ingress's create_and_enqueue on a queue of max_queue_depth 3, without Ray."""
-    from deployments.ingress import IngressDeployment
+    from api.ingress import IngressDeployment
 
     ingress = SimpleNamespace(
         config=SimpleNamespace(queue=JobQueueConfig(broker_url="memory://", backend_url="cache+memory://",

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.tiny_models import ensure_tiny_models
+from local.tiny_models import ensure_tiny_models
 from deployments.errors import InvalidRequestError
-from deployments.sdxl import SDXLDeployment, SDXLProgress, SDXLRequest, SDXLResponse
+from deployments.sdxl.deployment import SDXLDeployment, SDXLProgress, SDXLRequest, SDXLResponse
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.tiny_models import build_random_lora, ensure_tiny_models
+from local.tiny_models import build_random_lora, ensure_tiny_models
 from deployments.errors import InvalidRequestError
-from deployments.sdxl import SDXLDeployment, SDXLRequest
+from deployments.sdxl.deployment import SDXLDeployment, SDXLRequest
 from storage import Storage
 from storage.registry import LoraRegistry
 
@@ -128,7 +128,7 @@ def test_requests_with_different_loras_never_share_a_pipeline_call(sdxl, run):
 
 
 def test_multiplexed_model_id_selects_the_adapter(sdxl, run, monkeypatch):
-    import deployments.sdxl as module
+    import deployments.sdxl.deployment as module
 
     base = pixels(generate(sdxl, run))
     monkeypatch.setattr(module.serve, "get_multiplexed_model_id", lambda: "corgi")

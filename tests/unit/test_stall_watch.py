@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from deployments.runtime import StallWatch, stream_from_thread
+from deployments.diffusion import StallWatch, stream_from_thread
 
 
 class FakeClock:

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from deployments.job_runner import JobRunnerDeployment
+from graphs.job_runner import JobRunnerDeployment
 from storage.fs import Storage
 from storage.jobs import JobOutput
 from storage.keys import output_key

@@ -11,13 +11,13 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from configs.tiny_models import ensure_tiny_models
+from local.tiny_models import ensure_tiny_models
 from deployments import metrics
-from deployments.api.videos import frames_and_rate
+from api.videos.router import frames_and_rate
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4
-from deployments.protocol import VideoCreateRequest
-from deployments.svd import SVDDeployment, SVDProgress, SVDRequest, SVDResponse
+from api.protocol import VideoCreateRequest
+from deployments.svd.deployment import SVDDeployment, SVDProgress, SVDRequest, SVDResponse
 from tests.streams import PipelineSpy, leave_after_first_step
 
 REPO = Path(__file__).resolve().parents[2]

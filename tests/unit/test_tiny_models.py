@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from configs.tiny_models import (
+from local.tiny_models import (
     COMPLETE_MARKER,
     MODEL_NAMES,
     build_all,

@@ -19,8 +19,8 @@ import pytest
 import ray
 from PIL import Image
 
-from configs.local_runner import init_local_ray
-from configs.tiny_models import ensure_tiny_models
+from local.runner import init_local_ray
+from local.tiny_models import ensure_tiny_models
 from storage import Storage
 from storage.datasets import DatasetStore, ImageItem
 from storage.registry import LoraRegistry
@@ -214,8 +214,8 @@ def api(dataset, model, monkeypatch):
     replica is a stand-in holding storage and the fine-tuning config (``configure(**FineTuningConfig)``)."""
     from fastapi.testclient import TestClient
 
-    from deployments.api import fine_tuning
-    from deployments.ingress import app
+    from api.fine_tuning import router as fine_tuning
+    from api.ingress import app
 
     storage, dataset_id = dataset
     jobs = FakeJobClient()
@@ -283,9 +283,9 @@ def test_a_suffix_in_flight_is_refused_and_new_version_trains_alongside(api):
 
 
 def test_concurrent_claims_of_one_run_name_give_it_to_one_job(api, model):
-    from deployments.api.fine_tuning import claim_run
+    from api.fine_tuning.router import claim_run
     from deployments.errors import ConflictError
-    from deployments.ingress import app
+    from api.ingress import app
 
     client, jobs, storage, dataset_id, _ = api
     config = tiny_config(storage, dataset_id, model)
@@ -328,7 +328,7 @@ def test_a_failed_submission_fails_the_job_and_answers_503(api):
 
 
 def test_a_job_ray_does_not_know_is_not_running_forever(api):
-    from deployments.api.fine_tuning import RECORDS_PREFIX
+    from api.fine_tuning.router import RECORDS_PREFIX
     from training.lora import RunStatus, status_key
 
     client, jobs, storage, dataset_id, _ = api
@@ -355,7 +355,7 @@ def test_a_job_ray_does_not_know_is_not_running_forever(api):
 
 
 def test_min_images_is_a_floor_and_hyperparameters_are_bounded(api, monkeypatch):
-    from deployments.api import fine_tuning
+    from api.fine_tuning import router as fine_tuning
 
     client, jobs, storage, dataset_id, configure = api
     configure(defaults={"resolution": 64, "max_steps": 8, "num_workers": 1, "cpus_per_worker": 0.5,

@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from configs.tiny_models import ensure_tiny_models
+from local.tiny_models import ensure_tiny_models
 from deployments import metrics
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4, encode_mp4
-from deployments.protocol import ImageUpscaleRequest
-from deployments.upscaler import (
+from api.protocol import ImageUpscaleRequest
+from deployments.upscaler.deployment import (
     UpscaleProgress,
     UpscaleRequest,
     UpscaleResponse,

@@ -194,7 +194,7 @@ def test_url_import_into_dataset(server, storage):
 
 
 def test_import_job_fetches_urls_with_the_recorded_allow_list(server, storage):
-    from deployments.job_runner import JobContext
+    from graphs.job_runner import JobContext
     from graphs.dataset_jobs import dataset_import
     from storage.jobs import JobStore
 

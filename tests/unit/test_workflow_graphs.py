@@ -475,7 +475,7 @@ class FakeIngress:
     """What check_workflow and _run_payload use of the ingress: model limits, storage, the LoRA registry."""
 
     def __init__(self, storage) -> None:
-        from deployments.gemma import RefineSettings
+        from deployments.llm.contract import RefineSettings
 
         self.storage = storage
         self.handles = {"sdxl": None, "upscaler": None, "svd": None, "llm": None}
@@ -519,7 +519,7 @@ def ingress(tmp_path) -> FakeIngress:
 
 
 def check(ingress: FakeIngress, doc: dict[str, Any]):
-    from deployments.api.workflows import check_workflow
+    from api.workflows.router import check_workflow
 
     return asyncio.run(check_workflow(ingress, doc))
 
@@ -583,7 +583,7 @@ def test_stored_images_and_masks_must_exist_and_match(ingress) -> None:
 
 
 def test_run_payload_pins_every_seed_refine_included_and_the_lora_hash(ingress) -> None:
-    from deployments.api.workflows import _run_payload
+    from api.workflows.router import _run_payload
 
     doc = {"nodes": [node("p", "prompt", text="a corgi"), node("r", "refine", lora="corgi"),
                      node("t", "text_to_image", lora="corgi", n=8), node("o", "output")],
@@ -667,7 +667,7 @@ class FakeSDXLHandle:
 
     @property
     def generate_stream(self) -> SimpleNamespace:
-        from deployments.sdxl import SDXLImage, SDXLProgress, SDXLResponse
+        from deployments.sdxl.deployment import SDXLImage, SDXLProgress, SDXLResponse
 
         def remote(request):
             self.requests.append(request)

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.sdxl import MAX_SEED, ImageCount, Prompt
+from deployments.sdxl.deployment import MAX_SEED, ImageCount, Prompt
 
 
 class ErrorDetail(BaseModel):

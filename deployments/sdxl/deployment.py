@@ -36,12 +36,12 @@ from typing import Annotated, Any, AsyncIterator, Callable, Literal
 from pydantic import AfterValidator, BaseModel, Field
 from ray import serve
 
-from configs.styles import StylePreset, load_styles
+from deployments.styles import StylePreset, load_styles
 from deployments.batching import ContinuousBatcher
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import check_size, decode_image, encode_png
 from deployments import metrics
-from deployments.runtime import (
+from deployments.diffusion import (
     MAX_SEED,
     StallWatch,
     drain_events,

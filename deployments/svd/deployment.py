@@ -19,7 +19,7 @@ from ray import serve
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import check_size, decode_image, encode_mp4, encode_png
 from deployments import metrics
-from deployments.runtime import (
+from deployments.diffusion import (
     MAX_SEED,
     get_input_bytes,
     load_diffusers_pipeline,

@@ -1,4 +1,4 @@
-"""HTTP routers by area (videos, text, datasets, ...), included by `deployments/ingress.py`.
+"""HTTP routers by area (videos, text, datasets, ...), included by `api/ingress.py`.
 
 Each area module holds an `APIRouter` whose handlers take the ingress replica through
 `Depends(current_ingress)`, and use its services: `storage`, `jobs`, `handles`,
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastapi import Request
 
 if TYPE_CHECKING:
-    from deployments.ingress import IngressDeployment
+    from api.ingress import IngressDeployment
 
 
 def current_ingress(request: Request) -> "IngressDeployment":

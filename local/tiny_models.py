@@ -6,7 +6,7 @@ on a CPU machine with no hub access. Weights are random (images are noise, text 
 gibberish) but deterministic: the same seed gives byte-identical safetensors files.
 
 Usage:
-    python -m configs.tiny_models [--out models/tiny] [--seed 0] [--force]
+    python -m local.tiny_models [--out models/tiny] [--seed 0] [--force]
 """
 
 from __future__ import annotations

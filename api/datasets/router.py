@@ -20,7 +20,7 @@ from typing import Any, Callable, Literal
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.api import current_ingress
+from api import current_ingress
 from deployments.errors import (
     AtelierError,
     ConflictError,
@@ -30,7 +30,7 @@ from deployments.errors import (
     PayloadTooLargeError,
     parse_json,
 )
-from deployments.protocol import ErrorResponse, JobView
+from api.protocol import ErrorResponse, JobView
 from storage.datasets import (
     DEFAULT_LICENSE,
     AddResult,

@@ -34,7 +34,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from deployments.api import current_ingress
+from api import current_ingress
 from deployments.errors import ConflictError, InvalidRequestError, NotFoundError, OverloadedError
 from storage.fs import ObjectNotFoundError
 from storage.keys import new_id

@@ -18,9 +18,9 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest as EngineChatR
 from ray.serve.llm.openai_api_models import CompletionRequest
 from vllm.exceptions import VLLMClientError, VLLMValidationError
 
-from deployments.api import current_ingress
+from api import current_ingress
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
-from deployments.gemma import RefinedPrompt, RefineRequest, build_refine_chat, engine_error, refined_from_response
+from deployments.llm.contract import RefinedPrompt, RefineRequest, build_refine_chat, engine_error, refined_from_response
 
 logger = logging.getLogger("ray.serve")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, field_validator
 
-DEFAULT_STYLES_FILE = Path(__file__).with_name("styles.yaml")
+DEFAULT_STYLES_FILE = Path(__file__).resolve().parents[1] / "configs" / "styles.yaml"
 
 
 class StylePreset(BaseModel):

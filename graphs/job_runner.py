@@ -183,7 +183,7 @@ class JobContext:
 
 
 class JobRunnerDeployment:
-    """Wrapped with `task_consumer` and `serve.deployment` in graphs.app, where its queue config is known."""
+    """Wrapped with `task_consumer` and `serve.deployment` in api.app, where its queue config is known."""
 
     def __init__(self, queue: JobQueueConfig | dict, storage_root: str, storage_options: dict | None = None,
                  **handles: Any):

@@ -8,7 +8,7 @@ Scopes: `read` (GET anything), `generate` (images, videos, chat, workflows, jobs
 key variable that never reached the replicas cannot leave the API open. Only configs/local.yaml,
 for a trusted local machine, says `open`.
 
-    python -m deployments.auth new-key --name ci --scopes generate,train   # prints the key and its entry
+    python -m api.auth new-key --name ci --scopes generate,train   # prints the key and its entry
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ class AuthMiddleware:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.auth")
+    parser = argparse.ArgumentParser(prog="python -m api.auth")
     sub = parser.add_subparsers(dest="command", required=True)
     new = sub.add_parser("new-key", help="make a key; prints it once, and the entry for the config")
     new.add_argument("--name", required=True)

@@ -32,12 +32,12 @@ from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.datastructures import UploadFile
 
-from deployments.api import current_ingress
-from deployments.api import text as text_api
+from api import current_ingress
+from api.text import router as text_api
 from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError, parse_json
-from deployments.gemma import RefineRequest
+from deployments.llm.contract import RefineRequest
 from deployments.media import check_size, decode_image, parse_size
-from deployments.protocol import (
+from api.protocol import (
     ErrorResponse,
     ImageData,
     ImageGenerationRequest,
@@ -51,9 +51,9 @@ from deployments.protocol import (
     VideoList,
     VideoObject,
 )
-from deployments.runtime import random_seed
-from deployments.sdxl import SDXLRequest, routed
-from deployments.upscaler import UpscaleRequest, UpscaleResponse
+from deployments.diffusion import random_seed
+from deployments.sdxl.deployment import SDXLRequest, routed
+from deployments.upscaler.deployment import UpscaleRequest, UpscaleResponse
 from graphs.pipelines import apply_refined
 from storage.fs import InvalidKeyError, ObjectNotFoundError, validate_key
 from storage.jobs import JobNotFoundError, JobRecord

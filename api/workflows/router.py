@@ -28,12 +28,12 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.api import current_ingress
+from api import current_ingress
 from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError, parse_json
-from deployments.api.videos import check_upscalable
+from api.videos.router import check_upscalable
 from deployments.media import check_size, parse_size
-from deployments.runtime import MAX_SEED, random_seed
-from deployments.sdxl import check_denoising_steps
+from deployments.diffusion import MAX_SEED, random_seed
+from deployments.sdxl.deployment import check_denoising_steps
 from graphs.workflows import (NODE_TYPES, Node, ValidationReport, Workflow, WorkflowIssue, validate_workflow,
                               workflow_schema)
 from storage.fs import InvalidKeyError, ObjectNotFoundError

@@ -17,9 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from configs.styles import StylePreset
+from deployments.styles import StylePreset
 from deployments.errors import AtelierError
-from deployments.sdxl import Prompt
+from deployments.sdxl.deployment import Prompt
 
 DEPLOYMENT_NAME = "GemmaDeployment"
 
@@ -46,7 +46,7 @@ class GemmaConfig(BaseModel):
     stream_batching_interval_ms: float | None = Field(
         10, ge=0,
         description="A streamed answer sends its first chunk at once, then at most one message per this "
-                    "interval, holding what arrived meanwhile (deployments/gemma_server.py). 0 sends each "
+                    "interval, holding what arrived meanwhile (deployments/llm/server.py). 0 sends each "
                     "chunk as its own message; None keeps Ray's Batcher, whose first chunk waits 50 ms.")
     refine: RefineSettings = RefineSettings()
 
@@ -80,7 +80,7 @@ def build_gemma_deployment(config: GemmaConfig | dict, engine_cls: type | None =
     """A bound `LLMServer` deployment named GemmaDeployment; `engine_cls` swaps the engine (tests)."""
     from ray.serve.llm import build_llm_deployment
 
-    from deployments.gemma_server import GemmaEngine, GemmaServer
+    from deployments.llm.server import GemmaEngine, GemmaServer
 
     config = GemmaConfig.model_validate(config)
     return build_llm_deployment(

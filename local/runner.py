@@ -27,7 +27,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# The app's optional model sections and the deployments they bring (graphs/app.py).
+# The app's optional model sections and the deployments they bring (api/app.py).
 MODEL_DEPLOYMENTS = {"svd": "SVDDeployment", "upscaler": "UpscalerDeployment", "llm": "GemmaDeployment"}
 
 

@@ -25,17 +25,17 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments.api import datasets as datasets_api
-from deployments.api import fine_tuning as fine_tuning_api
-from deployments.api import text as text_api
-from deployments.api import workflows as workflows_api
-from deployments.api import videos as videos_api
+from api.datasets import router as datasets_api
+from api.fine_tuning import router as fine_tuning_api
+from api.text import router as text_api
+from api.workflows import router as workflows_api
+from api.videos import router as videos_api
 from deployments import metrics
-from deployments.auth import AuthConfig, AuthMiddleware
+from api.auth import AuthConfig, AuthMiddleware
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError, PayloadTooLargeError
-from deployments.job_runner import JobQueueConfig, new_task_id, send_job
+from graphs.job_runner import JobQueueConfig, new_task_id, send_job
 from deployments.media import check_size, decode_image, parse_size
-from deployments.protocol import (
+from api.protocol import (
     ErrorResponse,
     ImageData,
     ImageGenerationRequest,
@@ -46,9 +46,9 @@ from deployments.protocol import (
     ModelCard,
     ModelList,
 )
-from configs.styles import StylePreset
-from deployments.gemma import GemmaConfig, RefinedPrompt, RefineRequest, RefineSettings, build_refine_chat
-from deployments.sdxl import SDXLRequest, SDXLResponse, check_denoising_steps, routed
+from deployments.styles import StylePreset
+from deployments.llm.contract import GemmaConfig, RefinedPrompt, RefineRequest, RefineSettings, build_refine_chat
+from deployments.sdxl.deployment import SDXLRequest, SDXLResponse, check_denoising_steps, routed
 from graphs.pipelines import apply_refined
 from storage.fs import Storage
 from storage.jobs import JobStore
@@ -276,7 +276,7 @@ class IngressDeployment:
         self.job_runner = job_runner  # bound so the consumer is part of the app; talked to via the queue
         # Other model deployments by name (svd, upscaler, llm, ...); None where not deployed.
         self.handles: dict[str, DeploymentHandle] = {"sdxl": sdxl, **{k: v for k, v in handles.items() if v}}
-        app.state.ingress = self  # area routers (deployments/api/) reach the replica through this
+        app.state.ingress = self  # area routers (api/) reach the replica through this
         self.storage = Storage(self.config.storage_root, self.config.storage_options)
         self.jobs = JobStore(self.storage)
         self.loras = LoraRegistry(self.storage)

@@ -1,7 +1,7 @@
 """The Atelier application: typed args in, wired deployments out.
 
 `serve run configs/local.yaml` and `serve deploy serve_config.yaml` both name
-`graphs.app:build_app` with these args; per-deployment resources (replicas, autoscaling,
+`api.app:build_app` with these args; per-deployment resources (replicas, autoscaling,
 CPUs, fractional GPUs) live in the config's `deployments:` section, as Ray Serve intends.
 """
 
@@ -16,12 +16,12 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.task_consumer import task_consumer
 
-from deployments.gemma import GemmaConfig, build_gemma_deployment
-from deployments.ingress import IngressConfig, IngressDeployment
-from deployments.job_runner import JobQueueConfig, JobRunnerDeployment
-from deployments.sdxl import SDXLConfig, SDXLDeployment
-from deployments.svd import SVDConfig, SVDDeployment
-from deployments.upscaler import UpscalerConfig, UpscalerDeployment
+from deployments.llm.contract import GemmaConfig, build_gemma_deployment
+from api.ingress import IngressConfig, IngressDeployment
+from graphs.job_runner import JobQueueConfig, JobRunnerDeployment
+from deployments.sdxl.deployment import SDXLConfig, SDXLDeployment
+from deployments.svd.deployment import SVDConfig, SVDDeployment
+from deployments.upscaler.deployment import UpscalerConfig, UpscalerDeployment
 
 _SQLITE_PREFIXES = ("sqla+sqlite:///", "db+sqlite:///", "sqlite:///")
 
@@ -48,7 +48,7 @@ class AtelierArgs(BaseModel):
             args.storage_root = str((base / args.storage_root).resolve())
         if args.tiny_models_dir:
             args.tiny_models_dir = str((base / args.tiny_models_dir).resolve())
-            from configs.tiny_models import ensure_tiny_models
+            from local.tiny_models import ensure_tiny_models
 
             ensure_tiny_models(args.tiny_models_dir)
         sections = ((args.sdxl, "model"), (args.svd or {}, "model"), (args.upscaler or {}, "model"),
