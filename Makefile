@@ -13,7 +13,7 @@ EXTRAS ?= test,bench,llm-cpu
 LOCK ?= constraints/lock-cpu.txt
 OVERRIDES ?= constraints/cpu-overrides.txt
 
-.PHONY: serve test venv models browser bench clean lock
+.PHONY: serve test lint venv models browser bench clean lock
 
 # The CPU torch wheel goes in first with pip (it honours pip's configured find-links and
 # PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, e.g. PyTorch's CPU index); uv then keeps it and installs
@@ -51,7 +51,12 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; } || \
 		echo "could not install chromium: the web UI tests will skip (and fail under CI=true)"
 
-test: models browser
+# The import-linter contracts in pyproject.toml (layers point one way; the model packages are
+# independent); first, so a broken layer fails before the models are built.
+lint: venv
+	$(VENV)/bin/lint-imports
+
+test: lint models browser
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: models

@@ -1,19 +1,5 @@
-"""HTTP routers by area (videos, text, datasets, ...), included by `api/ingress.py`.
+"""The HTTP layer: the app builder (app.py), the ingress deployment (ingress.py: wiring), auth,
+errors, and one folder per API area (protocol.py: types, service.py: the work, router.py: routes).
 
-Each area module holds an `APIRouter` whose handlers take the ingress replica through
-`Depends(current_ingress)`, and use its services: `storage`, `jobs`, `handles`,
-`submit_job`, `job_view`, `url_for`, `read_upload`, `get_job_record`.
+Nothing below imports this package (import-linter checks it: pyproject.toml).
 """
-
-from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-from fastapi import Request
-
-if TYPE_CHECKING:
-    from api.ingress import IngressDeployment
-
-
-def current_ingress(request: Request) -> "IngressDeployment":
-    return request.app.state.ingress

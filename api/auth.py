@@ -22,7 +22,10 @@ import secrets
 import sys
 from typing import Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter
+
+from deployments import metrics
 
 Scope = Literal["read", "generate", "train", "admin"]
 IMPLIED: dict[str, set[str]] = {"read": {"read"}, "generate": {"read", "generate"}, "train": {"read", "train"},
@@ -91,10 +94,6 @@ def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
 
 
 def _error(status: int, type_: str, message: str, headers: dict | None = None):
-    from fastapi.responses import JSONResponse
-
-    from deployments import metrics
-
     metrics.rejected(type_)
 
     return JSONResponse({"error": {"type": type_, "message": message, "param": None}}, status_code=status,

@@ -54,7 +54,7 @@ def start_ray() -> None:
 
 def bench_training(root: str, model: Path, steps: int, images: int) -> dict[int, float]:
     from storage.datasets import DatasetStore, ImageItem
-    from training.lora import train
+    from training.loop import train
 
     storage = Storage(root)
     store = DatasetStore(storage)
@@ -82,7 +82,8 @@ def bench_training(root: str, model: Path, steps: int, images: int) -> dict[int,
 def bench_switching(root: str, model: Path, repeats: int) -> dict[str, float]:
     from ray.serve.batching import _BatchQueue
 
-    from deployments.sdxl.deployment import SDXLDeployment, SDXLRequest, load_sdxl_pipeline
+    from deployments.sdxl.contract import SDXLRequest
+    from deployments.sdxl.deployment import SDXLDeployment, load_sdxl_pipeline
 
     _BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None  # no replica here
     registry = LoraRegistry(Storage(root))

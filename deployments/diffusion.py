@@ -1,10 +1,15 @@
-"""Torch setup, progress streaming and cancel shared by the diffusion deployments.
+"""The diffusion base: what SDXL, SVD and the upscaler deployments have in common.
 
-SDXL, SVD and the upscaler load a diffusers pipeline the same way, run it in a worker thread and
-report each denoising step back to an async generator. Cancel reaches them as their caller going
-away (a client hang-up, or a job cancel through its DeploymentHandle response): the worker thread
-sees a flag at its next step. No storage is read for it.
-Torch is imported inside the functions, like in the deployments, so importing this is cheap.
+They load a diffusers pipeline the same way (`load_diffusers_pipeline`, on the replica's one
+`TorchThread`), run it there and report each denoising step back to an async generator
+(`stream_from_thread`), fail their health check when a running request stops making progress
+(`StallWatch`), and stop when their caller goes away (a client hang-up, or a job cancel through
+its DeploymentHandle response): the worker thread sees a flag at its next step. No storage is
+read for that. `DiffusionDeployment` holds these for a model's deployment class.
+
+Torch and diffusers are imported inside the functions, so importing this is cheap; still, the
+models' contracts never import it (pyproject.toml's import-linter contract): what they share is
+in deployments/limits.py.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import os
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, ClassVar
 
-from deployments.errors import InvalidRequestError
+from pydantic import BaseModel
+
+from deployments.errors import InvalidRequestError, JobCancelledError
+from deployments.limits import MAX_SEED  # noqa: F401  (where the deployments have always found it)
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
-
-MAX_SEED = 2**32 - 1
 
 
 def resolve_device(device: str) -> str:
@@ -190,3 +196,81 @@ async def stream_from_thread(run: Callable[[Callable[[Any], None], threading.Eve
             cancelled.set()
         if watch:
             watch.finish(token)
+
+
+def check_cancelled(cancelled: threading.Event, when: str) -> None:
+    """Stop a run whose caller went away: `when` says where ("before it started", ...)."""
+    if cancelled.is_set():
+        raise JobCancelledError(f"cancelled {when}", None)
+
+
+class DiffusionDeployment:
+    """Base of a diffusion model's Serve deployment class (apply `@serve.deployment` to the subclass).
+
+    `__init__` validates the config (`config_cls`: it has `model`, `device`, `dtype`, `variant`,
+    `storage_root`, `storage_options`, `torch_num_threads`, `gpu_memory_fraction` and
+    `stall_timeout_s`), starts the replica's torch thread, loads the pipeline there
+    (`pipeline_factory`, default `load_pipeline`: the diffusers class named `pipeline_class`), and
+    opens storage. The subclass then sets `self.limits`, its contract's Limits (which may need the
+    loaded pipeline, e.g. the UNet's frame count), which `describe()` returns.
+
+    A request runs as `_stream(check_inputs, run, request)`: `check_inputs` (the contract's
+    `check()` first, then reading and decoding inputs) in a worker thread, then `run(prepared,
+    emit, cancelled)` on the torch thread, one at a time under `_pipe_lock`; what `run` emits is
+    yielded as it comes, then its response. `run` calls `check_cancelled` where it can stop.
+    """
+
+    thread_name: ClassVar[str] = "diffusion"  # the torch thread's name
+    config_cls: ClassVar[type[BaseModel]]
+    pipeline_class: ClassVar[str]  # the diffusers pipeline class `load_pipeline` loads
+
+    limits: Any  # the contract's Limits; set by the subclass once the pipeline is loaded
+
+    def __init__(self, config: BaseModel | dict, pipeline_factory: Callable[[Any], Any] | None = None):
+        self.config = self.config_cls.model_validate(config)
+        self.stall_watch = StallWatch(self.config.stall_timeout_s)
+        self.torch_thread, self.pipe = start_torch(self.thread_name, self.config,
+                                                   pipeline_factory or self.load_pipeline)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._pipe_lock = threading.Lock()  # one pipeline call at a time: the scheduler keeps per-call state
+        self.storage = Storage(self.config.storage_root, self.config.storage_options)
+
+    @classmethod
+    def load_pipeline(cls, config: Any):
+        import diffusers  # heavy: only where a pipeline is loaded
+
+        return load_diffusers_pipeline(getattr(diffusers, cls.pipeline_class), config.model, device=config.device,
+                                       dtype=config.dtype, variant=config.variant)
+
+    # --- public methods, called through DeploymentHandles -------------------------------------
+
+    def describe(self) -> dict:
+        """The model's limits and defaults, as the ingress reads them."""
+        return self.limits.describe()
+
+    def check_health(self) -> None:
+        if self.pipe is None:
+            raise RuntimeError("pipeline not loaded")
+        self.stall_watch.check()
+
+    # --- for the subclass ------------------------------------------------------------------------
+
+    async def _stream(self, check_inputs: Callable[[Any], Any], run: Callable[[Any, Callable, threading.Event], Any],
+                     request: Any) -> AsyncIterator[Any]:
+        """Yields what `run` emits, then its response (see the class docstring)."""
+        prepared = await asyncio.to_thread(check_inputs, request)  # may read storage and decode media
+        async for event in stream_from_thread(functools.partial(run, prepared), self.stall_watch,
+                                              self.torch_thread.executor):
+            yield event
+
+    @staticmethod
+    async def _last(stream: AsyncIterator[Any]) -> Any:
+        """A stream's final event: the response, for the non-streaming entry points."""
+        result = None
+        async for event in stream:
+            result = event
+        return result
+
+    def _input_bytes(self, key: str, param: str) -> bytes:
+        """A stored input (e.g. an earlier output); a bad or missing key is the request's error."""
+        return get_input_bytes(self.storage, key, param)

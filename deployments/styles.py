@@ -1,13 +1,28 @@
-"""Style presets (prompt template, negative prompt, defaults) loaded from YAML."""
+"""Prompts and style presets (prompt template, negative prompt, defaults) loaded from YAML.
+
+Shared by the image model (SDXL) and the language model's prompt refinement, which write for the
+same prompts and styles.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 DEFAULT_STYLES_FILE = Path(__file__).resolve().parents[1] / "configs" / "styles.yaml"
+
+
+def _check_prompt(prompt: str) -> str:
+    if not prompt.strip():
+        raise ValueError("prompt must not be empty")
+    return prompt
+
+
+# An image prompt, as every request that carries one takes it.
+Prompt = Annotated[str, Field(min_length=1, max_length=4000), AfterValidator(_check_prompt)]
 
 
 class StylePreset(BaseModel):

@@ -27,6 +27,8 @@ from ray.serve.task_consumer import task_handler
 
 from deployments.errors import AtelierError, JobCancelledError
 from deployments import metrics
+from graphs.payloads import JobPayload, parse_payload
+from graphs.registry import JOB_PIPELINES
 from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.jobs import TERMINAL_STATUSES, JobError, JobOutput, JobRecord
@@ -131,14 +133,19 @@ class JobContext:
         self._last_write = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self._payload: JobPayload | None = None
 
     @property
     def id(self) -> str:
         return self.record.id
 
     @property
-    def request(self) -> dict:
-        return self.record.request
+    def payload(self) -> JobPayload:
+        """The record's request as its kind's typed payload (graphs.payloads), parsed on first use,
+        inside the pipeline: a request that does not fit its kind fails the job with the reason."""
+        if self._payload is None:
+            self._payload = parse_payload(self.record.kind, self.record.request)
+        return self._payload
 
     def save(self, force: bool = True, **fields: Any) -> None:
         with self._lock:
@@ -187,8 +194,6 @@ class JobRunnerDeployment:
 
     def __init__(self, queue: JobQueueConfig | dict, storage_root: str, storage_options: dict | None = None,
                  **handles: Any):
-        from graphs.registry import JOB_PIPELINES
-
         self.queue = JobQueueConfig.model_validate(queue)
         # before task_consumer's initialize_callable starts the Celery worker, which connects then
         apply_polling_interval(os.path.expandvars(self.queue.broker_url), self.queue.polling_interval_s)

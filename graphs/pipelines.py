@@ -7,13 +7,18 @@ never through the ingress.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from deployments.llm.contract import RefinedPrompt, RefineRequest, refined_from_response
-from deployments.sdxl.deployment import SDXLProgress, SDXLRequest, SDXLResponse, routed
-from deployments.svd.deployment import SVDProgress
-from deployments.upscaler.deployment import UpscaleProgress
+from pydantic import BaseModel
+
+from deployments.llm.contract import RefinedPrompt, refined_from_response
+from deployments.sdxl.contract import SDXLProgress, SDXLRequest, SDXLResponse, routed
+from deployments.svd.contract import SVDProgress
+from deployments.upscaler.contract import UpscaleProgress
+from graphs.payloads import ImageEditPayload, ImageGenerationPayload, RefineSpec
 from storage.jobs import JobOutput
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 PROGRESS_EVENTS = (SDXLProgress, SVDProgress, UpscaleProgress)
 
@@ -65,19 +70,19 @@ def stream_sdxl(ctx, sdxl_handle, request: SDXLRequest) -> SDXLResponse:
     return drain_stream(stream, ctx.step, ctx.check_cancelled)
 
 
-def refine_stage(ctx, handles: dict[str, Any], spec: dict) -> RefinedPrompt:
+def refine_stage(ctx, handles: dict[str, Any], spec: RefineSpec) -> RefinedPrompt:
     """Gemma rewrites the prompt; `spec` is what the ingress prepared (request, chat body, trigger word)."""
     from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
     ctx.start_stage("refine")
-    chat = ChatCompletionRequest.model_validate(spec["chat"])
+    chat = ChatCompletionRequest.model_validate(spec.chat)
     stream = handles["llm"].options(stream=True).chat.remote(chat, None)
     try:
         first = next(iter(stream))
     finally:
         stream.cancel()
     first = first[0] if isinstance(first, list) else first
-    refined = refined_from_response(first, RefineRequest.model_validate(spec["request"]), spec.get("trigger_word"))
+    refined = refined_from_response(first, spec.request, spec.trigger_word)
     ctx.step(1, 1)
     ctx.check_cancelled()
     return refined
@@ -88,13 +93,26 @@ def apply_refined(sdxl: dict, refined: RefinedPrompt) -> dict:
     return {**sdxl, "prompt": refined.prompt, "negative_prompt": negative}
 
 
+def with_fields(request: ModelT, **fields: Any) -> ModelT:
+    """`request` (a payload section) with `fields` set, validated again as a new request of its type;
+    the fields it was stored without stay unset."""
+    return type(request).model_validate({**request.model_dump(exclude_unset=True), **fields})
+
+
+def refined_request(sdxl: SDXLRequest, refined: RefinedPrompt) -> SDXLRequest:
+    """The SDXL request with the refined prompt, and the refined negative prompt before its own."""
+    return type(sdxl).model_validate(apply_refined(sdxl.model_dump(exclude_unset=True), refined))
+
+
 def image_generation(ctx, handles: dict[str, Any]) -> None:
-    sdxl = ctx.request["sdxl"]
+    """Job kinds `images.generations` and `images.edits`: [refine] → generate."""
+    payload: ImageGenerationPayload | ImageEditPayload = ctx.payload
+    sdxl = payload.sdxl
     refined = None
-    if ctx.request.get("refine"):
-        refined = refine_stage(ctx, handles, ctx.request["refine"])
-        sdxl = apply_refined(sdxl, refined)
-    request = SDXLRequest.model_validate({**sdxl, "job_id": ctx.id, "store": True, "output_id": ctx.id})
+    if payload.refine:
+        refined = refine_stage(ctx, handles, payload.refine)
+        sdxl = refined_request(sdxl, refined)
+    request = with_fields(sdxl, job_id=ctx.id, store=True, output_id=ctx.id)
     ctx.start_stage("generate")
     response = stream_sdxl(ctx, handles["sdxl"], request)
     for image in response.images:
@@ -118,11 +136,12 @@ def lora_lineage(ref: str | None, sha256: str | None) -> dict | None:
     return {"name": name, "version": int(version) if version.isdigit() else None, "sha256": sha256}
 
 
-def image_lineage(job_id: str, kind: str, sdxl: dict, response: SDXLResponse, seed: int) -> dict:
-    """What made one image: the request as run (the prompt after refinement; uploads by key), its
-    seed, the model and adapter, and the job. The job id lives here, not in the PNG, so a replay
-    (another job) writes the same bytes."""
-    request = {k: v for k, v in sdxl.items() if k not in ("image", "mask", "store", "output_id", "job_id")}
+def image_lineage(job_id: str, kind: str, sdxl: SDXLRequest, response: SDXLResponse, seed: int) -> dict:
+    """What made one image: the request as run (the prompt after refinement; uploads by key; the
+    fields the job recorded), its seed, the model and adapter, and the job. The job id lives here,
+    not in the PNG, so a replay (another job) writes the same bytes."""
+    request = sdxl.model_dump(mode="json", exclude_unset=True,
+                              exclude={"image", "mask", "store", "output_id", "job_id"})
     return {"job_id": job_id, "kind": kind, "request": request, "seed": seed,
             "model": response.model, "model_id": response.source,
             "lora": lora_lineage(response.lora, response.lora_sha256)}

@@ -21,10 +21,17 @@ import time
 from typing import Any, Callable
 
 from deployments.llm.contract import RefinedPrompt
-from deployments.sdxl.deployment import SDXLRequest
-from deployments.svd.deployment import SVDRequest, SVDResponse
-from deployments.upscaler.deployment import UpscaleRequest, UpscaleResponse
-from graphs.pipelines import apply_refined, drain_stream, refine_stage, stream_sdxl
+from deployments.sdxl.contract import SDXLRequest
+from deployments.svd.contract import SVDRequest, SVDResponse
+from deployments.upscaler.contract import UpscaleRequest, UpscaleResponse
+from graphs.payloads import (
+    ImageToVideoPayload,
+    ImageUpscalePayload,
+    RefineSpec,
+    TextToImageHDPayload,
+    TextToVideoPayload,
+)
+from graphs.pipelines import drain_stream, refine_stage, refined_request, stream_sdxl, with_fields
 from storage.jobs import JobOutput
 
 def stream_call(ctx, stream, call: int = 0, calls: int = 1) -> Any:
@@ -69,13 +76,13 @@ def _begin(ctx, **summary: Any) -> dict:
 # --- stages -------------------------------------------------------------------------------------
 
 
-def _refine(ctx, handles, spec: dict) -> dict:
+def _refine(ctx, handles, spec: RefineSpec) -> dict:
     refined = refine_stage(ctx, handles, spec)  # starts the "refine" stage itself
     return {"refined": refined.model_dump(mode="json")}
 
 
-def _generate(ctx, handles, sdxl: dict) -> dict:
-    request = SDXLRequest.model_validate({**sdxl, "job_id": ctx.id, "store": True, "output_id": ctx.id})
+def _generate(ctx, handles, sdxl: SDXLRequest) -> dict:
+    request = with_fields(sdxl, job_id=ctx.id, store=True, output_id=ctx.id)
     response = stream_sdxl(ctx, _handle(handles, "sdxl"), request)
     return {
         "keys": [image.key for image in response.images], "seeds": [image.seed for image in response.images],
@@ -84,15 +91,14 @@ def _generate(ctx, handles, sdxl: dict) -> dict:
     }
 
 
-def _upscale(ctx, handles, spec: dict, sources: list[dict], stage: str) -> dict:
-    """x4 each source (`{"image_key": …}` or `{"video_key": …}`), one call after another."""
+def _upscale(ctx, handles, spec: UpscaleRequest, sources: list[dict], stage: str) -> dict:
+    """x4 each source (`{"image_key": …}` or `{"video_key": …}`, maybe with its own seed) with the
+    job's upscale settings `spec`, one call after another."""
     handle = _handle(handles, "upscaler").options(stream=True)
     responses: list[UpscaleResponse] = []
     for i, source in enumerate(sources):
-        request = UpscaleRequest.model_validate({
-            **spec, **source, "job_id": ctx.id, "store": True,
-            "output_id": f"{ctx.id}.{stage}" + (f"-{i}" if len(sources) > 1 else ""),
-        })
+        request = with_fields(spec, **source, job_id=ctx.id, store=True,
+                              output_id=f"{ctx.id}.{stage}" + (f"-{i}" if len(sources) > 1 else ""))
         responses.append(stream_call(ctx, handle.upscale_stream.remote(request), i, len(sources)))
     first = responses[0]
     return {
@@ -103,11 +109,9 @@ def _upscale(ctx, handles, spec: dict, sources: list[dict], stage: str) -> dict:
     }
 
 
-def _animate(ctx, handles, svd: dict, image_key: str) -> dict:
-    request = SVDRequest.model_validate({
-        **svd, "image_key": image_key, "image": None, "job_id": ctx.id, "store": True,
-        "output_id": f"{ctx.id}.video",
-    })
+def _animate(ctx, handles, svd: SVDRequest, image_key: str) -> dict:
+    request = with_fields(svd, image_key=image_key, image=None, job_id=ctx.id, store=True,
+                          output_id=f"{ctx.id}.video")
     response: SVDResponse = stream_call(ctx, _handle(handles, "svd").options(stream=True).generate_stream.remote(request))
     return {
         "key": response.video_key, "poster_key": response.poster_key, "num_frames": response.num_frames,
@@ -130,25 +134,26 @@ def _add_video_outputs(ctx, video: dict, final: dict) -> None:
 
 
 def image_upscale(ctx, handles: dict[str, Any]) -> None:
-    """images.upscale: request {"upscale": UpscaleRequest fields with image_key}."""
-    spec = dict(ctx.request["upscale"])
-    source = {"image_key": spec.pop("image_key")}
-    _begin(ctx, prompt=spec.get("prompt"), seed=spec.get("seed"))
+    """images.upscale: the payload's `upscale` request names its input by image_key."""
+    payload: ImageUpscalePayload = ctx.payload
+    spec = payload.upscale
+    source = {"image_key": spec.image_key}
+    _begin(ctx, prompt=spec.prompt if "prompt" in spec.model_fields_set else None, seed=spec.seed)
     up = run_stage(ctx, "upscale", lambda: _upscale(ctx, handles, spec, [source], "upscale"))
     ctx.add_output(JobOutput(key=up["key"], content_type="image/png", width=up["width"], height=up["height"],
                              seed=up["seed"]))
 
 
 def text_to_image_hd(ctx, handles: dict[str, Any]) -> None:
-    """images.text_to_image_hd: request {"sdxl", "refine"?, "upscale"}: every image of the batch x4."""
-    request = ctx.request
-    _begin(ctx, prompt=request["sdxl"]["prompt"], seed=request["sdxl"].get("seed"))
-    sdxl = request["sdxl"]
-    if request.get("refine"):
-        refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, request["refine"]))
+    """images.text_to_image_hd: [refine] → generate → upscale: every image of the batch x4."""
+    payload: TextToImageHDPayload = ctx.payload
+    sdxl = payload.sdxl
+    _begin(ctx, prompt=sdxl.prompt, seed=sdxl.seed)
+    if payload.refine:
+        refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, payload.refine))
         sdxl = _apply(sdxl, refined)
     generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl))
-    spec = {**request["upscale"], "prompt": generated["prompt"]}
+    spec = with_fields(payload.upscale, prompt=generated["prompt"])
     # Each image is upscaled with its own seed, so image i of the batch is reproducible alone.
     sources = [{"image_key": key, "seed": seed} for key, seed in zip(generated["keys"], generated["seeds"])]
     up = run_stage(ctx, "upscale", lambda: _upscale(ctx, handles, spec, sources, "upscale"))
@@ -159,47 +164,51 @@ def text_to_image_hd(ctx, handles: dict[str, Any]) -> None:
 
 
 def image_to_video(ctx, handles: dict[str, Any]) -> None:
-    """videos.image_to_video: request {"svd" (with image_key), "upscale_video"?}."""
-    request = ctx.request
-    svd = request["svd"]
-    _begin(ctx, prompt=request.get("prompt"), seed=svd.get("seed"), num_frames=svd.get("num_frames"),
-           fps=svd.get("fps"), input_key=svd["image_key"])
-    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, svd["image_key"]))
-    final = _upscale_video(ctx, handles, request, video)
+    """videos.image_to_video: video (SVD, from `svd.image_key`) → [upscale_video]."""
+    payload: ImageToVideoPayload = ctx.payload
+    svd = payload.svd
+    _begin(ctx, prompt=payload.prompt, seed=svd.seed, num_frames=svd.num_frames, fps=svd.fps,
+           input_key=svd.image_key)
+    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, svd.image_key))
+    final = _upscale_video(ctx, handles, payload.upscale_video, payload.prompt, video)
     _add_video_outputs(ctx, video, final)
 
 
 def text_to_video(ctx, handles: dict[str, Any]) -> None:
-    """videos.text_to_video: request {"sdxl", "refine"?, "upscale"?, "svd", "upscale_video"?}."""
-    request = ctx.request
-    sdxl = request["sdxl"]
-    _begin(ctx, prompt=sdxl["prompt"], seed=request["svd"].get("seed"), num_frames=request["svd"].get("num_frames"),
-           fps=request["svd"].get("fps"))
-    if request.get("refine"):
-        refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, request["refine"]))
+    """videos.text_to_video: [refine] → generate (SDXL) → [upscale] → video (SVD) → [upscale_video]."""
+    payload: TextToVideoPayload = ctx.payload
+    sdxl, svd = payload.sdxl, payload.svd
+    _begin(ctx, prompt=sdxl.prompt, seed=svd.seed, num_frames=svd.num_frames, fps=svd.fps)
+    if payload.refine:
+        refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, payload.refine))
         sdxl = _apply(sdxl, refined)
     generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl))
     still = generated["keys"][0]
-    if request.get("upscale"):
-        spec = {**request["upscale"], "prompt": generated["prompt"]}
+    if _given(payload.upscale):
+        spec = with_fields(payload.upscale, prompt=generated["prompt"])
         still = run_stage(ctx, "upscale", lambda: _upscale(
             ctx, handles, spec, [{"image_key": generated["keys"][0]}], "upscale"))["key"]
-    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, request["svd"], still))
-    final = _upscale_video(ctx, handles, {**request, "prompt": generated["prompt"]}, video)
+    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, still))
+    final = _upscale_video(ctx, handles, payload.upscale_video, generated["prompt"], video)
     _add_video_outputs(ctx, video, final)
     ctx.record.result["prompt"] = generated["prompt"]
 
 
-def _upscale_video(ctx, handles, request: dict, video: dict) -> dict:
-    if not request.get("upscale_video"):
+def _upscale_video(ctx, handles, spec: UpscaleRequest | None, prompt: str | None, video: dict) -> dict:
+    if not _given(spec):
         return video
-    spec = {**request["upscale_video"], "prompt": request.get("prompt") or ""}
+    spec = with_fields(spec, prompt=prompt or "")
     return run_stage(ctx, "upscale_video", lambda: _upscale(
         ctx, handles, spec, [{"video_key": video["key"]}], "upscale_video"))
 
 
-def _apply(sdxl: dict, refined_stage: dict) -> dict:
-    return apply_refined(sdxl, RefinedPrompt.model_validate(refined_stage["refined"]))
+def _given(spec: UpscaleRequest | None) -> bool:
+    """An optional upscale stage is asked for: its settings are recorded, and not empty."""
+    return spec is not None and bool(spec.model_fields_set)
+
+
+def _apply(sdxl: SDXLRequest, refined_stage: dict) -> SDXLRequest:
+    return refined_request(sdxl, RefinedPrompt.model_validate(refined_stage["refined"]))
 
 
 VIDEO_PIPELINES: dict[str, Callable[..., None]] = {

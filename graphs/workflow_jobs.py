@@ -1,10 +1,11 @@
 """Run a user workflow (graphs/workflows.py) as one job: each node on the deployment that owns it.
 
-The job request is `{"workflow": <Workflow>, "use_cache": bool, "refine": {node id: chat context},
-"loras": {"name:version": {name, version, sha256}}, "saved": {"id", "version"} | None}`, prepared
-by api/workflows/router.py. Seeds (refine's included) and LoRA versions are pinned there, so
-a run (and its replay) is reproducible and its model nodes are cacheable. Cache keys also hold
-the model each deployment runs, asked of it when the job starts.
+The job's payload is a `WorkflowRunPayload` (graphs/payloads.py): the workflow, `use_cache`,
+`refine` (node id → chat context), `loras` ("name:version" → name, version, sha256) and `saved`
+(the saved workflow and version it ran from, if any), prepared by api/workflows/service.py.
+Seeds (refine's included) and LoRA versions are pinned there, so a run (and its replay) is
+reproducible and its model nodes are cacheable. Cache keys also hold the model each deployment
+runs, asked of it when the job starts.
 
 Node runners block in the executor's threads, calling DeploymentHandles; images, masks and
 videos pass between nodes as storage keys, so no pixels cross the runner. Node states (status,
@@ -17,12 +18,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from deployments.errors import AtelierError, JobCancelledError
-from deployments.llm.contract import RefineRequest, RefineSettings, build_refine_chat, refined_from_response
+from deployments.llm.contract import RefineRequest, build_refine_chat, refined_from_response
 from deployments.media import parse_size
-from deployments.sdxl.deployment import SDXLRequest, routed
-from deployments.svd.deployment import SVDRequest
-from deployments.upscaler.deployment import UpscaleRequest
-from deployments.styles import StylePreset
+from deployments.sdxl.contract import SDXLRequest, routed
+from deployments.svd.contract import SVDRequest
+from deployments.upscaler.contract import UpscaleRequest
+from graphs.payloads import WorkflowRunPayload, section
 from graphs.pipelines import drain_stream, lora_lineage
 from graphs.workflows import NODE_TYPES, NodeContext, Workflow, run_workflow
 from storage.fs import ObjectNotFoundError, Storage
@@ -70,7 +71,8 @@ def _size(value: str | None) -> dict:
     return {"width": width, "height": height}
 
 
-def node_runners(handles: dict[str, Any], job_id: str, spec: dict) -> dict[str, Callable[[NodeContext], dict]]:
+def node_runners(handles: dict[str, Any], job_id: str,
+                 spec: WorkflowRunPayload) -> dict[str, Callable[[NodeContext], dict]]:
     """The runners of the model node types, bound to this job's handles."""
 
     def output_id(node: NodeContext) -> str:
@@ -112,26 +114,24 @@ def node_runners(handles: dict[str, Any], job_id: str, spec: dict) -> dict[str, 
     def refine(node: NodeContext) -> dict:
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-        context = spec["refine"][node.node_id]
+        context = spec.refine[node.node_id]
         request = RefineRequest(prompt=node.inputs["prompt"], style=node.params.style, lora=node.params.lora,
                                 seed=node.params.seed)  # pinned by the ingress: a replay samples the same text
-        style = StylePreset.model_validate(context["style"]) if context.get("style") else None
-        chat = build_refine_chat(request, context["model"], RefineSettings.model_validate(context["settings"]),
-                                 style, context.get("trigger_word"))
+        chat = build_refine_chat(request, context.model, context.settings, context.style, context.trigger_word)
         stream = handles["llm"].options(stream=True).chat.remote(ChatCompletionRequest.model_validate(chat), None)
         try:
             first = next(iter(stream))
         finally:
             stream.cancel()
         first = first[0] if isinstance(first, list) else first
-        refined = refined_from_response(first, request, context.get("trigger_word"))
+        refined = refined_from_response(first, request, context.trigger_word)
         return {"prompt": refined.prompt, "negative_prompt": refined.negative_prompt}
 
     return {"text_to_image": diffusion("text_to_image"), "image_to_image": diffusion("image_to_image"),
             "inpaint": diffusion("inpaint"), "upscale": upscale, "image_to_video": image_to_video, "refine": refine}
 
 
-def model_ids(handles: dict[str, Any], workflow: Workflow, spec: dict) -> dict[str, str]:
+def model_ids(handles: dict[str, Any], workflow: Workflow, spec: WorkflowRunPayload) -> dict[str, str]:
     """The model behind each deployment this workflow uses (its folder or hub id), for cache keys
     and lineage. Asked of the deployments when the job runs: the ingress caches what they said at
     its start, which a redeploy of one model leaves stale."""
@@ -142,8 +142,8 @@ def model_ids(handles: dict[str, Any], workflow: Workflow, spec: dict) -> dict[s
     if "llm" in needed:
         # vLLM's server has no describe(); the ingress pins the LLM from its own config, which
         # changes (and restarts the ingress) whenever the LLM is redeployed.
-        context = next(iter(spec.get("refine", {}).values()), {})
-        if model := context.get("source") or context.get("model"):
+        context = next(iter(spec.refine.values()), None)
+        if context is not None and (model := context.source or context.model):
             ids["llm"] = str(model)
     for name, response in pending.items():
         info = response.result(timeout_s=DESCRIBE_TIMEOUT_S)
@@ -152,7 +152,8 @@ def model_ids(handles: dict[str, Any], workflow: Workflow, spec: dict) -> dict[s
     return dict(sorted(ids.items()))
 
 
-def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str, models: dict[str, str]) -> dict:
+def _lineage(workflow: Workflow, node_id: str, spec: WorkflowRunPayload, job_id: str,
+             models: dict[str, str]) -> dict:
     """What produced an output: the nodes upstream of it (type and params, seeds included; the
     model each ran on; the LoRA with its weights' sha256), the saved workflow and version it ran
     from, and the job. Kept in the job record's output metadata; the job id is never written
@@ -167,7 +168,7 @@ def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str, models: 
         if current not in seen:
             seen.append(current)
             stack.extend(sources.get(current, []))
-    loras = spec.get("loras") or {}
+    loras = {ref: section(pin) for ref, pin in spec.loras.items()}
     nodes = []
     for n in reversed(seen):
         node = by_id[n]
@@ -178,15 +179,15 @@ def _lineage(workflow: Workflow, node_id: str, spec: dict, job_id: str, models: 
         if node.params.get("lora"):
             entry["lora"] = loras.get(node.params["lora"]) or lora_lineage(node.params["lora"], None)
         nodes.append(entry)
-    return {"job_id": job_id, "workflow": spec.get("saved"), "replay_of": spec.get("replay_of"),
+    return {"job_id": job_id, "workflow": section(spec.saved), "replay_of": spec.replay_of,
             "seeds": {n["id"]: n["params"]["seed"] for n in nodes if n["params"].get("seed") is not None},
             "nodes": nodes}
 
 
 def workflow_run(ctx, handles: dict[str, Any]) -> None:
     """Job kind `workflows.run`."""
-    spec = ctx.request
-    workflow = Workflow.model_validate(spec["workflow"])
+    spec: WorkflowRunPayload = ctx.payload
+    workflow = spec.workflow
     ctx.start_stage("workflow")
 
     def on_update(states: dict) -> None:
@@ -206,9 +207,9 @@ def workflow_run(ctx, handles: dict[str, Any]) -> None:
     models = model_ids(handles, workflow, spec)
     result = run_workflow(workflow, {**node_runners(handles, ctx.id, spec)}, on_update=on_update,
                           is_cancelled=is_cancelled, cache=StorageWorkflowCache(ctx.store.storage),
-                          use_cache=spec.get("use_cache", True), model_ids=models)
+                          use_cache=spec.use_cache, model_ids=models)
     nodes = {node_id: state.model_dump(mode="json") for node_id, state in result.nodes.items()}
-    ctx.record.result = {"nodes": nodes, "outputs": result.outputs, "workflow": spec.get("saved"), "models": models,
+    ctx.record.result = {"nodes": nodes, "outputs": result.outputs, "workflow": section(spec.saved), "models": models,
                          "cached": sorted(n for n, s in nodes.items() if s["status"] == "cached")}
     ctx.record.outputs = []
     port_types = _output_port_types(workflow)

@@ -24,7 +24,7 @@ from storage.keys import OUTPUTS_PREFIX
 
 log = logging.getLogger(__name__)
 
-# Kept local (same value as deployments.sdxl.deployment.MAX_SEED) so this module stays dependency-free.
+# Kept local (same value as deployments.sdxl.contract.MAX_SEED) so this module stays dependency-free.
 MAX_SEED = 2**32 - 1
 MAX_NODES = 500  # the hard cap; apps configure a lower one (recursion in cycle search is bounded by it)
 
@@ -36,7 +36,7 @@ ANY: Literal["any"] = "any"  # an input port that accepts every port type (the `
 # ---------------------------------------------------------------------------------------------
 
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)] | None
-Steps = Annotated[int, Field(ge=1, le=200)] | None
+Steps = Annotated[int, Field(ge=1)] | None  # the most a model takes is its contract's check()
 Guidance = Annotated[float, Field(ge=0, le=30)] | None
 Size = Annotated[str, Field(pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$", description="WIDTHxHEIGHT")] | None
 ImageCount = Literal[1, 2, 4, 8]
@@ -57,7 +57,7 @@ class KeyParams(NodeParams):
     @field_validator("key")
     @classmethod
     def _output_key(cls, key: str) -> str:
-        # The same rule as the HTTP `image_key` fields (api/videos._reference_key): a
+        # The same rule as the HTTP `image_key` fields (api/uploads.reference_key): a
         # valid key under outputs/, so a workflow cannot read job records, uploads or LoRA weights.
         try:
             validate_key(key)
@@ -95,13 +95,13 @@ class ImageToImageParams(_DiffusionParams):
 
 class UpscaleParams(NodeParams):
     steps: Steps = None
-    noise_level: Annotated[int, Field(ge=0, le=350)] | None = None
+    noise_level: Annotated[int, Field(ge=0)] | None = None
     seed: Seed = None
 
 
 class ImageToVideoParams(NodeParams):
-    num_frames: Annotated[int, Field(ge=1, le=64)] | None = None
-    fps: Annotated[int, Field(ge=1, le=60)] | None = None
+    num_frames: int | None = None  # 1 to the model's limit: its contract's check()
+    fps: int | None = None
     motion_bucket_id: int = Field(127, ge=0, le=255)
     noise_aug_strength: float = Field(0.02, ge=0, le=1)
     size: Size = None
@@ -340,13 +340,11 @@ def _topological_order(ids: list[str], succ: dict[str, list[str]]) -> list[str]:
 def validate_workflow(
     doc: dict[str, Any] | Workflow,
     available_deployments: set[str] | None = None,
-    limits: dict[str, dict[str, int]] | None = None,
     max_nodes: int = MAX_NODES,
 ) -> ValidationReport:
-    """Every problem in a user's workflow, each with the node and field it is about. Never raises.
-
-    `limits` tightens params per node type: {"text_to_image": {"max_steps": 50, "max_n": 4}}.
-    """
+    """Every structural problem in a user's workflow, each with the node and field it is about.
+    Never raises. The models' limits are their contracts' `check()`s, which the workflows service
+    (api/workflows/service.py) runs on each node once the structure is sound."""
     max_nodes = min(max_nodes, MAX_NODES)
     if isinstance(doc, dict) and isinstance(doc.get("nodes"), list) and len(doc["nodes"]) > max_nodes:
         return _too_many_nodes(len(doc["nodes"]), max_nodes)
@@ -385,8 +383,6 @@ def validate_workflow(
             for err in exc.errors():
                 error(node.id, _loc(("params", *err["loc"])), err["msg"])
             continue
-        for name, value in _limit_violations(params, (limits or {}).get(node.type, {})):
-            error(node.id, f"params.{name}", value)
         if node.type == "output":
             name = params.name or node.id  # type: ignore[attr-defined]
             if name in output_names:
@@ -464,15 +460,6 @@ def validate_workflow(
 def _too_many_nodes(count: int, limit: int) -> ValidationReport:
     issue = WorkflowIssue(node=None, field="nodes", message=f"{count} nodes; a workflow has at most {limit}")
     return ValidationReport(valid=False, errors=[issue])
-
-
-def _limit_violations(params: BaseModel, limits: dict[str, int]) -> list[tuple[str, str]]:
-    found = []
-    for key, field in (("max_steps", "steps"), ("max_n", "n")):
-        cap, value = limits.get(key), getattr(params, field, None)
-        if cap is not None and value is not None and value > cap:
-            found.append((field, f"{field} must be at most {cap} on this application"))
-    return found
 
 
 # ---------------------------------------------------------------------------------------------

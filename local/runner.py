@@ -27,7 +27,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# The app's optional model sections and the deployments they bring (api/app.py).
+# The app's optional model sections and the deployments they bring (each model's SPEC in
+# deployments/<name>/__init__.py; api/app.py types and binds them).
 MODEL_DEPLOYMENTS = {"svd": "SVDDeployment", "upscaler": "UpscalerDeployment", "llm": "GemmaDeployment"}
 
 

@@ -43,13 +43,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage, validate_key, validate_prefix
+from storage.jobs import JobNotFoundError, JobStore
 from storage.keys import DATASETS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, validate_id
+from storage.url_import import DEFAULT_MAX_PIXELS, DatasetImportConfig, fetch_urls
 
 __all__ = [
     "MANIFEST_SCHEMA",
@@ -82,7 +85,6 @@ MAX_TAGS = 100
 MAX_TAG_LENGTH = 200
 MAX_FILENAME_LENGTH = 4096  # URLs are names too
 DEFAULT_MAX_IMAGE_BYTES = 50 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 8192 * 8192
 # What the zips of one upload may expand to. The API sets it from its upload limit instead
 # (DatasetImportConfig.max_zip_expanded_bytes); this default is for the CLI and Python callers.
 DEFAULT_MAX_EXPANDED_BYTES = 1024**3
@@ -703,8 +705,6 @@ class DatasetStore:
                       progress: Callable[[int, int], None] | None = None) -> AddResult:
         """Fetch ``urls`` (see :mod:`storage.url_import`) and add the images as one version.
         Refused and failed URLs are reported in ``rejected`` with the reason."""
-        from storage.url_import import DatasetImportConfig, fetch_urls
-
         config = DatasetImportConfig.model_validate(config or {})
         writer = self.writer(dataset_id)
         captions = dict(captions or {})
@@ -750,8 +750,6 @@ class DatasetStore:
     def add_job_outputs(self, dataset_id: str, job_ids: Iterable[str], *, tags: list[str] | None = None,
                         license: str | None = None, progress: Callable[[int, int], None] | None = None) -> AddResult:
         """Add the image outputs of finished jobs, captioned with the job's prompt."""
-        from storage.jobs import JobNotFoundError, JobStore
-
         jobs = JobStore(self.storage)
         keys, captions, missing = [], {}, []
         for job_id in job_ids:
@@ -889,8 +887,6 @@ class _PrefixSource:
             except InvalidKeyError as exc:
                 raise InvalidDatasetInputError(str(exc), "prefix") from None
             return
-        import fsspec
-
         if any(seg == ".." for seg in prefix.split("://", 1)[-1].split("/")):
             raise InvalidDatasetInputError(f"prefix {prefix!r} has '..' segments", "prefix")
         self.fs, self.root = fsspec.core.url_to_fs(prefix, **(storage_options or {}))

@@ -23,10 +23,10 @@ import sys
 
 from pydantic import ValidationError
 
-from storage.datasets import DEFAULT_MAX_PIXELS, DatasetError, DatasetStore
+from storage.datasets import DatasetError, DatasetStore
 from storage.fs import Storage
 from storage.keys import validate_id
-from storage.url_import import DatasetImportConfig, UrlRefusedError
+from storage.url_import import DEFAULT_MAX_PIXELS, DatasetImportConfig, UrlRefusedError
 
 
 # DatasetImportConfig field -> the import-urls flag that sets it (for error messages)

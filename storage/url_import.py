@@ -35,9 +35,8 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, Field
 
-from storage.datasets import DEFAULT_MAX_PIXELS
-
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "DatasetImportConfig",
     "UrlFetchResult",
     "UrlRefusedError",
@@ -51,6 +50,8 @@ _REDIRECTS = {301, 302, 303, 307, 308}
 # Declared types that may still hold an image; anything else declared is refused unread.
 _GENERIC_TYPES = {"application/octet-stream", "binary/octet-stream", "application/binary"}
 _CHUNK = 64 * 1024
+# Width x height an image added to a dataset may have by default (storage.datasets uses it too).
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 class DatasetImportConfig(BaseModel):

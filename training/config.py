@@ -1,4 +1,4 @@
-"""The configuration of a LoRA / DreamBooth fine-tuning run (:mod:`training.lora`).
+"""The configuration of a LoRA / DreamBooth fine-tuning run (:mod:`training.loop`).
 
     config = load_config("cfg.yaml")            # or TrainConfig(name=..., base_model=..., ...)
     config = load_config({"name": "corgi", ...})
@@ -7,7 +7,7 @@ Field checks that need nothing but the values happen here; a failed check raises
 :class:`TrainConfigError` whose ``param`` is the field's name (what an HTTP API reports), and a
 plain ``TrainConfig(...)`` raises a pydantic ValidationError located at that field. Checks
 against storage (unknown dataset or base model, too few images, a taken name) are in
-:func:`training.lora.check_inputs`.
+:func:`training.plan.check_inputs`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from storage.keys import validate_id
 
-__all__ = ["TrainConfig", "TrainConfigError", "load_config", "config_error", "LR_SCHEDULERS", "RESUME_FIELDS",
-           "DEFAULT_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES"]
+__all__ = ["TrainConfig", "TrainConfigError", "load_config", "config_error", "instance_caption", "LR_SCHEDULERS",
+           "RESUME_FIELDS", "DEFAULT_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES"]
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # The attention projections, as diffusers' train_dreambooth_lora_sdxl.py targets them.
@@ -260,3 +260,14 @@ def config_error(exc: ValidationError) -> TrainConfigError:
     message = first["msg"].removeprefix("Value error, ")
     return TrainConfigError(f"{field}: {message}" if field else message,
                             str(first["loc"][0]) if first["loc"] else None)
+
+
+def instance_caption(instance_prompt: str | None, trigger_word: str | None) -> str | None:
+    """The caption for images that have none: ``instance_prompt`` (``{trigger_word}`` is
+    substituted), made to contain the trigger word; ``"a photo of <trigger>"`` by default."""
+    if instance_prompt is None:
+        return f"a photo of {trigger_word}" if trigger_word else None
+    prompt = instance_prompt.replace("{trigger_word}", trigger_word or "").strip()
+    if trigger_word and trigger_word not in prompt:
+        prompt = f"{trigger_word}, {prompt}" if prompt else trigger_word
+    return prompt

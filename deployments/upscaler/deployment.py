@@ -10,102 +10,24 @@ same noise, which keeps video frames consistent with each other.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
 from ray import serve
 
-from deployments.errors import InvalidRequestError, JobCancelledError
-from deployments.media import decode_image, decode_mp4, encode_mp4, encode_png
 from deployments import metrics
-from deployments.diffusion import (
-    MAX_SEED,
-    get_input_bytes,
-    load_diffusers_pipeline,
-    StallWatch,
-    random_seed,
-    start_torch,
-    stream_from_thread,
-)
-from storage.fs import Storage
+from deployments.diffusion import DiffusionDeployment, check_cancelled, random_seed
+from deployments.errors import InvalidRequestError
+from deployments.media import decode_image, decode_mp4, encode_mp4, encode_png
+from deployments.upscaler import contract
+from deployments.upscaler.contract import (UpscaleMedia, UpscaleProgress, UpscaleRequest, UpscalerConfig,
+                                           UpscaleResponse, UpscalerLimits)
 from storage.keys import new_id, output_key
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (input pixels)
-
-
-class UpscalerConfig(BaseModel):
-    model: str = Field(description="Folder or hub id of a StableDiffusionUpscalePipeline (diffusers layout).")
-    model_name: str = "upscaler"
-    storage_root: str = "var/storage"
-    storage_options: dict[str, Any] = {}
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    variant: str | None = None
-    min_input_size: int = Field(16, ge=1, description="Smallest side accepted.")
-    max_input_size: int = Field(1024, description="Largest side accepted.")
-    tile_size: int = Field(256, ge=8, description="Inputs with a longer side are upscaled as overlapping tiles.")
-    tile_overlap: int = Field(32, ge=0, description="Input pixels shared by neighbouring tiles.")
-    max_batch_images: int = Field(4, ge=1, description="Tiles or frames per pipeline call.")
-    default_steps: int = 20
-    max_steps: int = 100
-    default_noise_level: int = 20
-    guidance_scale: float = 9.0
-    max_frames: int = Field(128, ge=1, description="Longest video accepted, in frames.")
-    torch_num_threads: int | None = None
-    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
-    stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
-                                                                 "makes no progress for this long.")
-
-    @model_validator(mode="after")
-    def _check_tiles(self) -> "UpscalerConfig":
-        if self.tile_overlap * 2 >= self.tile_size:
-            raise ValueError("tile_overlap must be less than half of tile_size")
-        if self.min_input_size > self.max_input_size:
-            raise ValueError("min_input_size must not exceed max_input_size")
-        return self
-
-
-class UpscaleRequest(BaseModel):
-    """Exactly one of `image`, `image_key`, `video` and `video_key`."""
-
-    image: bytes | None = None
-    image_key: str | None = None
-    video: bytes | None = None
-    video_key: str | None = None
-    prompt: str = Field("", max_length=4000)
-    steps: int | None = Field(None, ge=1)
-    noise_level: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    job_id: str | None = None
-    output_id: str | None = None
-    store: bool = False
-
-
-class UpscaleProgress(BaseModel):
-    step: int
-    total_steps: int
-
-
-class UpscaleResponse(BaseModel):
-    model: str
-    media: Literal["image", "video"]
-    key: str | None = None
-    png: bytes | None = None
-    mp4: bytes | None = None
-    width: int
-    height: int
-    num_frames: int | None = None
-    fps: float | None = None
-    tiles: int = Field(description="Tiles per image or frame; 1 when it was upscaled whole.")
-    seed: int
-    steps: int
-    noise_level: int
-    elapsed_s: float
 
 
 @dataclass
@@ -178,87 +100,40 @@ class TiledCanvas:
         return np.clip(np.round(self.sum / self.weight), 0, 255).astype(np.uint8)
 
 
-def load_upscaler_pipeline(config: UpscalerConfig):
-    from diffusers import StableDiffusionUpscalePipeline
-
-    return load_diffusers_pipeline(
-        StableDiffusionUpscalePipeline, config.model, device=config.device, dtype=config.dtype, variant=config.variant
-    )
-
-
 @serve.deployment(max_ongoing_requests=8)
-class UpscalerDeployment:
-    def __init__(self, config: UpscalerConfig | dict, pipeline_factory: Callable[[UpscalerConfig], Any] | None = None):
-        self.config = UpscalerConfig.model_validate(config)
-        self.stall_watch = StallWatch(self.config.stall_timeout_s)
+class UpscalerDeployment(DiffusionDeployment):
+    thread_name = "upscaler"
+    config_cls = UpscalerConfig
+    pipeline_class = "StableDiffusionUpscalePipeline"
 
-        self.torch_thread, self.pipe = start_torch("upscaler", self.config, pipeline_factory or load_upscaler_pipeline)
-        self.pipe.set_progress_bar_config(disable=True)
+    def __init__(self, config: UpscalerConfig | dict, pipeline_factory: Callable[[UpscalerConfig], Any] | None = None):
+        super().__init__(config, pipeline_factory)
         if hasattr(self.pipe.vae, "enable_tiling"):
             self.pipe.vae.enable_tiling()  # the 4x decode is the memory peak
         # The VAE's factor is the upscale factor; the pipeline also rounds inputs down to a
         # multiple of it, so inputs and tiles are padded to one to keep the output exactly 4x.
-        self.scale = self.pipe.vae_scale_factor
-        self.tile_size = max(self.scale, self.config.tile_size // self.scale * self.scale)
-        self.max_noise_level = int(self.pipe.config.max_noise_level)
-        self._lock = threading.Lock()
-
-        self.storage = Storage(self.config.storage_root, self.config.storage_options)
+        self.limits = UpscalerLimits.from_config(self.config, scale=self.pipe.vae_scale_factor,
+                                                 max_noise_level=int(self.pipe.config.max_noise_level))
 
     # --- public methods, called through DeploymentHandles -------------------------------------
 
-    def describe(self) -> dict:
-        c = self.config
-        return {
-            "model": c.model_name,
-            "source": c.model,
-            "scale": self.scale,
-            "min_input_size": c.min_input_size,
-            "max_input_size": c.max_input_size,
-            "tile_size": self.tile_size,
-            "tile_overlap": c.tile_overlap,
-            "default_steps": c.default_steps,
-            "max_steps": c.max_steps,
-            "default_noise_level": c.default_noise_level,
-            "max_noise_level": self.max_noise_level,
-            "max_frames": c.max_frames,
-        }
-
     async def upscale(self, request: UpscaleRequest | dict) -> UpscaleResponse:
-        result = None
-        async for event in self.upscale_stream(request):
-            result = event
-        return result
+        return await self._last(self.upscale_stream(request))
 
     async def upscale_stream(self, request: UpscaleRequest | dict) -> AsyncIterator[UpscaleProgress | UpscaleResponse]:
         """Yields UpscaleProgress per denoising step of every pipeline call, then the UpscaleResponse."""
-        request = UpscaleRequest.model_validate(request)
-        prepared = await asyncio.to_thread(self.check_inputs, request)  # reads storage, decodes video
-        async for event in stream_from_thread(lambda emit, cancelled: self._run(prepared, emit, cancelled),
-                                              self.stall_watch, self.torch_thread.executor):
+        async for event in self._stream(self.check_inputs, self._run, UpscaleRequest.model_validate(request)):
             yield event
-
-    def check_health(self) -> None:
-        if self.pipe is None:
-            raise RuntimeError("pipeline not loaded")
-        self.stall_watch.check()
 
     # --- steps ----------------------------------------------------------------------------------
 
     def check_inputs(self, request: UpscaleRequest) -> _Prepared:
-        c = self.config
-        # 1. Numbers against the model's limits.
-        steps = request.steps or c.default_steps
-        if steps > c.max_steps:
-            raise InvalidRequestError(f"steps must be at most {c.max_steps}; got {steps}", "steps")
-        noise_level = c.default_noise_level if request.noise_level is None else request.noise_level
-        if noise_level > self.max_noise_level:
-            raise InvalidRequestError(
-                f"noise_level must be at most {self.max_noise_level}; got {noise_level}", "noise_level"
-            )
+        # 1. The numbers against the model's limits (the contract's one check).
+        limits = self.limits
+        contract.check(request, limits)
         seed = request.seed if request.seed is not None else random_seed()
 
-        # 2. Exactly one source, decoded with its limits checked on the way.
+        # 2. Exactly one source, decoded with its pixel and frame limits checked on the way.
         sources = {name: getattr(request, name) for name in ("image", "image_key", "video", "video_key")}
         given = [name for name, value in sources.items() if value is not None]
         if len(given) != 1:
@@ -269,24 +144,20 @@ class UpscalerDeployment:
         source = given[0]
         data = sources[source]
         if source.endswith("_key"):
-            data = get_input_bytes(self.storage, data, source)
+            data = self._input_bytes(data, source)
         media: Literal["image", "video"] = "video" if source.startswith("video") else "image"
-        max_pixels = c.max_input_size**2
         fps = None
         if media == "image":
-            frames = [decode_image(data, "image", max_pixels=max_pixels)]
+            frames = [decode_image(data, "image", max_pixels=limits.max_input_pixels)]
         else:
-            frames, fps = decode_mp4(data, "video", max_frames=c.max_frames, max_pixels=max_pixels)
+            frames, fps = decode_mp4(data, "video", max_frames=limits.max_frames, max_pixels=limits.max_input_pixels)
 
         # 3. Size: too small to be worth it, or too large for the memory budget.
         width, height = frames[0].size
-        if min(width, height) < c.min_input_size or max(width, height) > c.max_input_size:
-            raise InvalidRequestError(
-                f"{media} is {width}x{height}; each side must be between {c.min_input_size} and "
-                f"{c.max_input_size} pixels to upscale",
-                media,
-            )
-        return _Prepared(request, media, frames, fps, steps, noise_level, seed)
+        contract.check(request, limits, UpscaleMedia(width=width, height=height, param=media, what=media,
+                                                     num_frames=len(frames) if media == "video" else None))
+        return _Prepared(request, media, frames, fps, contract.steps_of(request, limits),
+                         contract.noise_level_of(request, limits), seed)
 
     def _run(self, p: _Prepared, emit: Callable[[UpscaleProgress], None],
              cancelled: threading.Event) -> UpscaleResponse:
@@ -294,17 +165,16 @@ class UpscalerDeployment:
         from PIL import Image
 
         c = self.config
-        scale = self.scale
+        scale = self.limits.scale
         width, height = p.frames[0].size
-        with self._lock:
+        with self._pipe_lock:
             started = time.perf_counter()
-            if cancelled.is_set():  # its caller went away while it waited for the pipeline
-                raise JobCancelledError("cancelled before it started", None)
+            check_cancelled(cancelled, "before it started")  # its caller went away while it waited
 
             # 1. Pad to a multiple of the scale (edge pixels repeated), then cut into tiles.
             padded_w, padded_h = -(-width // scale) * scale, -(-height // scale) * scale
             overlap = c.tile_overlap
-            boxes = tile_boxes(padded_w, padded_h, self.tile_size, overlap)
+            boxes = tile_boxes(padded_w, padded_h, self.limits.tile_size, overlap)
             weights = [feather_weights(box, padded_w, padded_h, overlap, scale) for box in boxes]
             units = [(frame, tile) for frame in range(len(p.frames)) for tile in range(len(boxes))]
             calls = [units[i:i + c.max_batch_images] for i in range(0, len(units), c.max_batch_images)]
@@ -315,8 +185,7 @@ class UpscalerDeployment:
             # nor an interrupt flag: its legacy per-step callback is the hook, and cancel raises.
             def on_step(step: int, timestep, latents) -> None:
                 emit(UpscaleProgress(step=done_calls * p.steps + step + 1, total_steps=total_steps))
-                if cancelled.is_set():
-                    raise JobCancelledError("cancelled while upscaling", None)
+                check_cancelled(cancelled, "while upscaling")
 
             # 3. Upscale the tiles of every frame, several per call, each with the same seed.
             # Guidance only matters with a prompt: an empty one is also the negative prompt.

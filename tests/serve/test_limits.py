@@ -24,7 +24,7 @@ import httpx
 import pytest
 import yaml
 
-from api.ingress import IngressConfig
+from api.config import IngressConfig
 from deployments.media import decode_mp4
 from storage.url_import import DatasetImportConfig
 from tests.serve.helpers import assert_error, decode_b64_png, noise_image, wait_for_job

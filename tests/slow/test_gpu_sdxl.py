@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_sdxl_fp16_on_cuda_with_memory_fraction(tmp_path):
     from local.tiny_models import ensure_tiny_models
-    from deployments.sdxl.deployment import SDXLDeployment, SDXLRequest
+    from deployments.sdxl.contract import SDXLRequest
+    from deployments.sdxl.deployment import SDXLDeployment
 
     model = ensure_tiny_models(REPO / "models" / "tiny")["sdxl"]
     sdxl = SDXLDeployment.func_or_class({"model": str(model), "storage_root": str(tmp_path), "default_size": 64,

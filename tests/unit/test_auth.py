@@ -11,7 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.auth import ApiKey, AuthConfig, AuthConfigError, find_key, hash_key, main, required_scope
-from api.ingress import app
+from api.ingress import create_app
+
+app = create_app()  # the routes, middlewares and error handlers of the real app, without services
 
 KEYS = {"reader": ("read-key", ["read"]), "maker": ("make-key", ["generate"]), "trainer": ("train-key", ["train"]),
         "root": ("root-key", ["admin"])}
@@ -19,10 +21,8 @@ KEYS = {"reader": ("read-key", ["read"]), "maker": ("make-key", ["generate"]), "
 
 @pytest.fixture()
 def client():
-    previous = app.state.api_keys
-    app.state.api_keys = [ApiKey(name=n, sha256=hash_key(k), scopes=s) for n, (k, s) in KEYS.items()]
-    yield TestClient(app, raise_server_exceptions=False)
-    app.state.api_keys = previous
+    keys = [ApiKey(name=n, sha256=hash_key(k), scopes=s) for n, (k, s) in KEYS.items()]
+    return TestClient(create_app(api_keys=keys), raise_server_exceptions=False)
 
 
 def routes() -> list[tuple[str, str]]:
@@ -122,22 +122,17 @@ def test_an_ingress_without_keys_does_not_start(monkeypatch, tmp_path):
 
 
 def test_with_no_keys_loaded_every_route_is_closed_and_only_open_mode_opens_them():
-    previous = app.state.api_keys
-    try:
-        app.state.api_keys = []  # keys mode before the replica has its keys: closed
-        client = TestClient(app, raise_server_exceptions=False)
-        assert client.get("/v1/jobs").status_code == 401
-        assert client.post("/v1/fine_tuning/jobs", json={}).status_code == 401
-        app.state.api_keys = None  # open mode
-        assert client.get("/v1/jobs").status_code != 401
-    finally:
-        app.state.api_keys = previous
+    closed = TestClient(create_app(api_keys=[]), raise_server_exceptions=False)  # keys mode, no keys: closed
+    assert closed.get("/v1/jobs").status_code == 401
+    assert closed.post("/v1/fine_tuning/jobs", json={}).status_code == 401
+    opened = TestClient(create_app(api_keys=None), raise_server_exceptions=False)  # open mode
+    assert opened.get("/v1/jobs").status_code != 401
 
 
 def test_the_configs_fail_closed_except_the_local_default():
     import yaml
 
-    from api.ingress import IngressConfig
+    from api.config import IngressConfig
 
     root = Path(__file__).resolve().parents[2]
     production = yaml.safe_load((root / "serve_config.yaml").read_text())["applications"][0]

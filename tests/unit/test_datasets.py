@@ -377,51 +377,56 @@ def test_delete_needs_confirmation(store, dataset_id):
 # --- the HTTP router and the import job, without Ray ------------------------------------------
 
 
-class FakeIngress:
-    """What the router uses of IngressDeployment: storage, config, url_for, read_upload, submit_job."""
+UPLOAD_LIMIT = 256 * 1024  # max_upload_bytes of the app under test
 
-    def __init__(self, storage, **import_config):
-        from storage.jobs import JobStore
-        from storage.url_import import DatasetImportConfig
 
-        self.storage = storage
-        self.jobs = JobStore(storage)
-        self.config = SimpleNamespace(max_upload_bytes=256 * 1024,
-                                      dataset_import=DatasetImportConfig(**import_config))
+class FakeQueue:
+    """The task queue, as JobsService.submit uses it."""
 
-    def url_for(self, key, request):
-        return f"{str(request.base_url).rstrip('/')}/v1/files/{key}"
+    def __init__(self):
+        self.sent = []
 
-    async def read_upload(self, upload, param):
-        return await upload.read()
-
-    async def submit_job(self, kind, payload, request):
-        from fastapi.responses import JSONResponse
-
-        record = self.jobs.create(kind, payload)
-        return JSONResponse({"id": record.id, "object": "job", "kind": kind, "status": record.status},
-                            status_code=202)
+    def enqueue_task_sync(self, name, kwargs, task_id):
+        self.sent.append((name, kwargs, task_id))
 
 
 @pytest.fixture()
 def api(storage):
+    """``(TestClient, ctx)`` over the datasets router and the real DatasetsService; ``ctx.configure(
+    **DatasetImportConfig)`` rebuilds the service with another ``dataset_import`` config."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
     from fastapi.testclient import TestClient
 
     from api.datasets.router import router
+    from api.datasets.service import build_datasets_service
+    from api.files.service import FilesService
+    from api.jobs.service import JobsService
+    from api.uploads import Uploads
     from deployments.errors import AtelierError
+    from graphs.job_runner import JobQueueConfig
+    from storage.jobs import JobStore
+    from storage.url_import import DatasetImportConfig
 
+    files = FilesService(storage, presign_urls=False)
+    jobs = JobsService(JobStore(storage), FakeQueue(), JobQueueConfig(broker_url="x", backend_url="y"), files)
     app = FastAPI()
     app.include_router(router)
-    app.state.ingress = FakeIngress(storage, allowed_prefixes=[])
+    app.state.jobs = jobs
+    app.state.uploads = Uploads(storage, UPLOAD_LIMIT, 4096 * 4096)
+
+    def configure(**import_config):
+        app.state.datasets = build_datasets_service(storage, jobs, files, DatasetImportConfig(**import_config),
+                                                    UPLOAD_LIMIT)
+
+    configure(allowed_prefixes=[])
 
     @app.exception_handler(AtelierError)
     async def _error(request, exc):
         return JSONResponse(exc.to_body(), status_code=exc.status_code)
 
     with TestClient(app) as client:
-        yield client, app.state.ingress
+        yield client, SimpleNamespace(storage=storage, jobs=jobs.jobs, configure=configure)
 
 
 def test_api_create_list_get_delete(api):
@@ -478,9 +483,9 @@ def test_api_zip_upload_and_bad_inputs(api):
 
 
 def test_api_zip_limits_come_from_the_upload_limit_and_config(api, zip_bomb):
-    client, ingress = api
+    client, ctx = api
     dataset_id = client.post("/v1/datasets", json={"name": "bombs"}).json()["id"]
-    upload_limit = ingress.config.max_upload_bytes  # 256 KiB here; zips may expand to 4x that
+    upload_limit = UPLOAD_LIMIT  # 256 KiB here; zips may expand to 4x that
     assert len(zip_bomb) < upload_limit
     bomb = client.post(f"/v1/datasets/{dataset_id}/images", files=[("files", ("bomb.zip", zip_bomb))])
     assert bomb.status_code == 413, bomb.text
@@ -491,16 +496,15 @@ def test_api_zip_limits_come_from_the_upload_limit_and_config(api, zip_bomb):
     assert landed.status_code == 200, landed.text
     assert landed.json()["added"] == 1 and [r["filename"] for r in landed.json()["rejected"]] == ["huge.png"]
     # an explicit dataset_import.max_zip_expanded_bytes wins over 4 x max_upload_bytes
-    ingress.config.dataset_import = ingress.config.dataset_import.model_copy(
-        update={"max_zip_expanded_bytes": 1024})
+    ctx.configure(allowed_prefixes=[], max_zip_expanded_bytes=1024)
     refused = client.post(f"/v1/datasets/{dataset_id}/images",
                           files=[("files", ("small.zip", _zip({"b.png": noise_image(32, 32, 5)})))])
     assert refused.status_code == 413 and "1024" in refused.json()["error"]["message"]
 
 
 def test_api_max_pixels_comes_from_config(api):
-    client, ingress = api
-    ingress.config.dataset_import = ingress.config.dataset_import.model_copy(update={"max_pixels": 16 * 16})
+    client, ctx = api
+    ctx.configure(allowed_prefixes=[], max_pixels=16 * 16)
     dataset_id = client.post("/v1/datasets", json={"name": "small"}).json()["id"]
     files = [("files", ("at.png", noise_image(16, 16, 1))), ("files", ("past.png", noise_image(17, 16, 2)))]
     body = client.post(f"/v1/datasets/{dataset_id}/images", files=files).json()
@@ -509,7 +513,7 @@ def test_api_max_pixels_comes_from_config(api):
 
 
 def test_api_imports_validate_then_record_a_job(api):
-    client, ingress = api
+    client, ctx = api
     dataset_id = client.post("/v1/datasets", json={"name": "web"}).json()["id"]
     url = f"/v1/datasets/{dataset_id}/imports"
     cases = [({"urls": ["https://example.com/a.png", "ftp://example.com/b.png"]}, "urls.1"),
@@ -524,7 +528,7 @@ def test_api_imports_validate_then_record_a_job(api):
     assert client.post("/v1/datasets/missing/imports", json={"prefix": "x/"}).status_code == 404
     accepted = client.post(url, json={"urls": ["https://example.com/a.png"], "tags": ["web"]})
     assert accepted.status_code == 202
-    record = ingress.jobs.get(accepted.json()["id"])
+    record = ctx.jobs.get(accepted.json()["id"])
     assert record.kind == "datasets.import"
     assert record.request["urls"] == ["https://example.com/a.png"] and record.request["dataset_id"] == dataset_id
     assert record.request["config"]["allow_private_hosts"] == []

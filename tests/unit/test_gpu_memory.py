@@ -126,7 +126,7 @@ def _gpu_tenants(path: str) -> dict[str, dict]:
         spec = deployments.get(name, {})
         share = spec.get("ray_actor_options", {}).get("num_gpus", 0)
         replicas = spec.get("autoscaling_config", {}).get("max_replicas", spec.get("num_replicas", 1))
-        cap = (section or {}).get("gpu_memory_fraction")
+        cap = getattr(section, "gpu_memory_fraction", None)
         tenants[name] = {"share": share, "explicit": cap is not None, "cap": UNCAPPED if cap is None else cap,
                          "replicas": replicas}
     if args.llm:

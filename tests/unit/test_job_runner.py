@@ -74,6 +74,29 @@ def test_failure_is_recorded_with_its_reason(runner):
     assert failed.error.type == "invalid_request_error" and "not readable" in failed.error.message
 
 
+def test_the_context_parses_the_request_once_into_the_kinds_payload(runner):
+    from graphs.payloads import ImageUpscalePayload
+
+    seen = []
+
+    def pipeline(ctx, handles):
+        seen.append((ctx.payload, ctx.payload))
+
+    runner.pipelines = {"images.upscale": pipeline}
+    record = runner.store.create("images.upscale", {"upscale": {"image_key": "outputs/a.png", "seed": 3}})
+    assert runner.run_job(record.id)["status"] == "completed"
+    ((first, again),) = seen
+    assert first is again and isinstance(first, ImageUpscalePayload) and first.upscale.seed == 3
+    assert runner.store.get(record.id).request == {"upscale": {"image_key": "outputs/a.png", "seed": 3}}
+
+
+def test_a_request_that_does_not_fit_its_kind_fails_the_job_with_the_reason(runner):
+    record = runner.store.create("images.generations", {"refine": None})  # no sdxl section
+    assert runner.run_job(record.id)["status"] == "failed"
+    failed = runner.store.get(record.id)
+    assert failed.error.type == "ValidationError" and "sdxl" in failed.error.message
+
+
 def test_dead_model_replica_is_retried_then_completes(runner):
     calls = []
 
@@ -181,8 +204,8 @@ def test_reaper_requeues_a_job_whose_runner_died_then_fails_it(runner):
 
 
 def by_outcome(ctx, handles):
-    """A pipeline that ends the way the job's request says."""
-    outcome = ctx.request["outcome"]
+    """A pipeline that ends the way the job's request says (kind "test" has no typed payload)."""
+    outcome = ctx.record.request["outcome"]
     if outcome == "fail":
         raise InvalidRequestError("image is not readable", "image")
     if outcome == "cancel":
@@ -232,28 +255,30 @@ def wait_for(condition, timeout_s: float = 10) -> None:
         time.sleep(0.02)
 
 
-# --- the job queue's maximum depth (IngressDeployment.create_and_enqueue) -------------------
+# --- the job queue's maximum depth (JobsService.submit) -------------------------------------
 
 
 @pytest.fixture()
 def submit(tmp_path):
-    """The ingress's create_and_enqueue on a queue of max_queue_depth 3, without Ray."""
-    from api.ingress import IngressDeployment
+    """The API's JobsService.submit on a queue of max_queue_depth 3, with a fake queue, without Ray."""
+    from api.files.service import FilesService
+    from api.jobs.service import JobsService
+    from graphs.payloads import ImageGenerationPayload
 
-    ingress = SimpleNamespace(
-        config=SimpleNamespace(queue=JobQueueConfig(broker_url="memory://", backend_url="cache+memory://",
-                                                    max_queue_depth=3)),
-        jobs=JobStore(Storage(str(tmp_path))), queue=FakeQueue())
+    storage = Storage(str(tmp_path))
+    service = JobsService(JobStore(storage), FakeQueue(),
+                          JobQueueConfig(broker_url="memory://", backend_url="cache+memory://", max_queue_depth=3),
+                          FilesService(storage, presign_urls=False))
 
     def submit(seed: int):
-        return IngressDeployment.func_or_class.create_and_enqueue(ingress, "images.generations", {"seed": seed})
+        return service.submit(ImageGenerationPayload.create(sdxl={"prompt": "a fox", "seed": seed}))
 
-    submit.ingress = ingress
+    submit.service = service
     return submit
 
 
 def test_job_queue_takes_jobs_up_to_its_max_depth_and_refuses_one_past_it(submit):
-    jobs, queue = submit.ingress.jobs, submit.ingress.queue
+    jobs, queue = submit.service.jobs, submit.service.queue
     accepted = [submit(seed) for seed in range(3)]  # the third brings the queue to exactly its limit
     assert [job.status for job in accepted] == ["queued"] * 3
     assert jobs.count_active() == 3 and [kwargs["job_id"] for _, kwargs, _ in queue.sent] == [j.id for j in accepted]
@@ -268,7 +293,7 @@ def test_job_queue_takes_jobs_up_to_its_max_depth_and_refuses_one_past_it(submit
 
 
 def test_a_finished_job_frees_its_place_in_a_full_queue(submit):
-    jobs = submit.ingress.jobs
+    jobs = submit.service.jobs
     accepted = [submit(seed) for seed in range(3)]
     jobs.update(accepted[0].id, status="completed", finished_at=time.time())
     assert submit(3).status == "queued"
@@ -280,14 +305,14 @@ def test_a_finished_job_frees_its_place_in_a_full_queue(submit):
 def test_a_submitted_job_is_written_once_with_the_task_id_it_is_sent_under(submit, monkeypatch):
     from storage.keys import job_key
 
-    storage = submit.ingress.jobs.storage
+    storage = submit.service.jobs.storage
     writes, put_json = [], storage.put_json
     monkeypatch.setattr(storage, "put_json", lambda key, value: (writes.append(key), put_json(key, value))[1])
     job = submit(1)
-    ((_, kwargs, task_id),) = submit.ingress.queue.sent
+    ((_, kwargs, task_id),) = submit.service.queue.sent
     assert kwargs == {"job_id": job.id} and task_id
     assert writes == [job_key(job.id)]  # one record write at submit, not one more for the task id
-    assert submit.ingress.jobs.get(job.id).task_id == task_id
+    assert submit.service.jobs.get(job.id).task_id == task_id
 
 
 def test_the_queue_config_reaches_celery_and_a_real_sqlite_broker_takes_jobs(tmp_path, monkeypatch):

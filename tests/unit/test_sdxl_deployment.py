@@ -12,7 +12,9 @@ from PIL import Image
 
 from local.tiny_models import ensure_tiny_models
 from deployments.errors import InvalidRequestError
-from deployments.sdxl.deployment import SDXLDeployment, SDXLProgress, SDXLRequest, SDXLResponse
+from deployments.sdxl import contract
+from deployments.sdxl.contract import SDXLProgress, SDXLRequest, SDXLResponse
+from deployments.sdxl.deployment import SDXLDeployment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,6 +58,42 @@ def test_check_inputs_names_the_field(sdxl, fields, param):
     with pytest.raises(InvalidRequestError) as raised:
         sdxl.check_inputs(SDXLRequest(prompt="x", **fields))
     assert raised.value.param == param
+
+
+@pytest.mark.parametrize("fields", [
+    {"model": "dall-e-3"}, {"style": "baroque"}, {"steps": 51}, {"width": 60, "height": 64},
+    {"mode": "image_to_image", "steps": 1, "strength": 0.5, "image": b"unread"}, {"seed": 2**32 - 1, "n": 2},
+])
+def test_the_deployment_refuses_what_the_contract_refuses_with_the_same_message(sdxl, fields):
+    request = SDXLRequest(prompt="x", **fields)
+    with pytest.raises(InvalidRequestError) as by_contract:
+        contract.check(request, sdxl.limits)
+    with pytest.raises(InvalidRequestError) as by_deployment:
+        sdxl.check_inputs(request)
+    assert (by_deployment.value.param, by_deployment.value.message) == (by_contract.value.param,
+                                                                        by_contract.value.message)
+
+
+def test_an_input_image_gives_the_size_and_the_contract_checks_it(sdxl):
+    small = png(Image.new("RGB", (23, 20)))  # 16x16 once rounded down to multiples of 8: under min_size
+    with pytest.raises(InvalidRequestError) as raised:
+        sdxl.check_inputs(SDXLRequest(prompt="x", mode="image_to_image", image=small))
+    assert (raised.value.param, raised.value.message) == ("size", "size sides must be between 32 and 256 pixels; "
+                                                                  "got 16x16")
+    prepared = sdxl.check_inputs(SDXLRequest(prompt="x", mode="image_to_image", image=png(Image.new("RGB", (70, 41)))))
+    assert (prepared.width, prepared.height) == (64, 40) and prepared.image.size == (64, 40)
+
+
+def test_a_random_seed_leaves_room_for_every_image(sdxl, monkeypatch):
+    import deployments.sdxl.deployment as module
+
+    monkeypatch.setattr(module, "random_seed", lambda: 2**32 - 1)
+    assert sdxl.check_inputs(SDXLRequest(prompt="x", n=8)).seed == 2**32 - 8
+
+
+def test_describe_is_the_limits(sdxl):
+    assert sdxl.describe() == sdxl.limits.describe()
+    assert sdxl.describe()["max_steps"] == 50 and sdxl.describe()["allowed_n"] == [1, 2, 4, 8]
 
 
 def test_inpaint_mask_must_match_the_image(sdxl):
@@ -175,8 +213,8 @@ def test_a_caller_that_goes_away_stops_the_pipeline_at_the_next_step(sdxl, run):
         await first_step(stream)
         await stream.aclose()  # the caller is gone
         # the call ends well before its 40 steps, interrupted by the step callback
-        await asyncio.to_thread(sdxl._pipe_lock.acquire)
-        sdxl._pipe_lock.release()
+        await asyncio.to_thread(sdxl.adapters.pipe_lock.acquire)
+        sdxl.adapters.pipe_lock.release()
         return sdxl.pipe.interrupt
 
     assert run(go()) is True

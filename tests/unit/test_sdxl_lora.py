@@ -13,7 +13,8 @@ from PIL import Image
 
 from local.tiny_models import build_random_lora, ensure_tiny_models
 from deployments.errors import InvalidRequestError
-from deployments.sdxl.deployment import SDXLDeployment, SDXLRequest
+from deployments.sdxl.contract import SDXLRequest
+from deployments.sdxl.deployment import SDXLDeployment
 from storage import Storage
 from storage.registry import LoraRegistry
 
@@ -128,7 +129,7 @@ def test_requests_with_different_loras_never_share_a_pipeline_call(sdxl, run):
 
 
 def test_multiplexed_model_id_selects_the_adapter(sdxl, run, monkeypatch):
-    import deployments.sdxl.deployment as module
+    import deployments.sdxl.lora as module
 
     base = pixels(generate(sdxl, run))
     monkeypatch.setattr(module.serve, "get_multiplexed_model_id", lambda: "corgi")

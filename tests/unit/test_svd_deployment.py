@@ -13,11 +13,12 @@ from pydantic import ValidationError
 
 from local.tiny_models import ensure_tiny_models
 from deployments import metrics
-from api.videos.router import frames_and_rate
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4
-from api.protocol import VideoCreateRequest
-from deployments.svd.deployment import SVDDeployment, SVDProgress, SVDRequest, SVDResponse
+from api.videos.protocol import VideoCreateRequest
+from deployments.svd import contract
+from deployments.svd.contract import SVDProgress, SVDRequest, SVDResponse
+from deployments.svd.deployment import SVDDeployment
 from tests.streams import PipelineSpy, leave_after_first_step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,22 +102,31 @@ def test_request_refuses_inf_and_nan(image, fields, param):
     assert raised.value.errors()[0]["loc"] == (param,)
 
 
-# --- the router's check of POST /v1/videos against describe() -----------------------------------------
+# --- POST /v1/videos's frames and rate, through the contract's check --------------------------------
+
+
+def svd_request(body: VideoCreateRequest) -> SVDRequest:
+    """What the API asks of SVD for a video request: its clip length and rate."""
+    return SVDRequest(num_frames=body.num_frames, seconds=body.seconds, fps=body.fps)
 
 
 @pytest.mark.parametrize("seconds", [INF, 1e308, "inf", "Infinity", 1e-9, 30])
 def test_seconds_must_be_finite_and_within_the_frame_limit(svd, seconds):
     body = VideoCreateRequest.model_validate({"prompt": "x", "seconds": seconds, "fps": 7})
     with pytest.raises(InvalidRequestError) as raised:
-        frames_and_rate(svd.describe(), body)  # 1e308 * 7 overflows to inf: refused, not round(inf)
+        contract.check(svd_request(body), svd.limits)  # 1e308 * 7 overflows to inf: refused, not round(inf)
     assert raised.value.param == "seconds" and "1 to 4 frames" in raised.value.message
 
 
 def test_seconds_and_num_frames_within_limits(svd):
-    info = svd.describe()
-    assert frames_and_rate(info, VideoCreateRequest(prompt="x", seconds=0.5, fps=6)) == (3, 6)
-    assert frames_and_rate(info, VideoCreateRequest(prompt="x", seconds=30, num_frames=2, fps=6)) == (2, 6)
-    assert frames_and_rate(info, VideoCreateRequest(prompt="x")) == (4, 7)  # the model's defaults
+    def frames_and_rate(body: VideoCreateRequest) -> tuple[int, int]:
+        request = svd_request(body)
+        contract.check(request, svd.limits)
+        return contract.num_frames_of(request, svd.limits), contract.fps_of(request, svd.limits)
+
+    assert frames_and_rate(VideoCreateRequest(prompt="x", seconds=0.5, fps=6)) == (3, 6)
+    assert frames_and_rate(VideoCreateRequest(prompt="x", seconds=30, num_frames=2, fps=6)) == (2, 6)
+    assert frames_and_rate(VideoCreateRequest(prompt="x")) == (4, 7)  # the model's defaults
 
 
 @pytest.mark.parametrize("field, value", [
@@ -126,7 +136,7 @@ def test_seconds_and_num_frames_within_limits(svd):
     ("noise_level", NAN),
 ])
 def test_video_request_refuses_inf_and_nan_in_other_fields(field, value):
-    """What frames_and_rate does not see: pydantic's int and bounded float fields refuse these,
+    """What the contract's check does not see: pydantic's int and bounded float fields refuse these,
     so the ingress answers 400 naming the field."""
     with pytest.raises(ValidationError) as raised:
         VideoCreateRequest.model_validate({"prompt": "x", field: value})
@@ -204,13 +214,13 @@ def test_a_caller_that_goes_away_while_waiting_never_runs(svd, image, monkeypatc
     monkeypatch.setattr(svd, "pipe", spy)
 
     async def go():
-        with svd._lock:  # another video holds the pipeline
+        with svd._pipe_lock:  # another video holds the pipeline
             task = asyncio.ensure_future(svd.generate(SVDRequest(image=image, **FAST)))
             while not svd.stall_watch._last_progress:  # its worker thread has started, and waits
                 await asyncio.sleep(0.01)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)  # the caller is gone before the lock frees
-        with svd._lock:  # the waiting thread has taken the lock and let it go
+        with svd._pipe_lock:  # the waiting thread has taken the lock and let it go
             pass
 
     run(go())

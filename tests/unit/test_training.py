@@ -1,4 +1,4 @@
-"""training.lora: Ray Train LoRA / DreamBooth runs on the tiny SDXL with CPU workers.
+"""training (plan, loop, class images): Ray Train LoRA / DreamBooth runs on the tiny SDXL with CPU workers.
 
 Runs are kept tiny (64x64, a handful of steps); Ray's start and the worker groups dominate.
 """
@@ -25,7 +25,8 @@ from storage import Storage
 from storage.datasets import DatasetStore, ImageItem
 from storage.registry import LoraRegistry
 from training.config import TrainConfig, TrainConfigError, load_config
-from training.lora import FAIL_AT_ENV, check_inputs, read_status, resume_record, run_prefix, train
+from training.loop import FAIL_AT_ENV, train
+from training.plan import check_inputs, read_status, resume_record, run_prefix
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
@@ -183,7 +184,7 @@ def test_resuming_a_run_trained_differently_names_the_field(dataset, model, tmp_
     assert check_inputs(tiny_config(storage, dataset_id, model, dataset_version=1)).run_name == "dogs"
 
 
-# --- POST /v1/fine_tuning/jobs, on the ingress's FastAPI app with an injected Ray job client ---------
+# --- POST /v1/fine_tuning/jobs: FineTuningService with an injected Ray job client ---------------------
 
 
 class FakeJobClient:
@@ -194,7 +195,7 @@ class FakeJobClient:
         self.submit_error, self.info_error = submit_error, info_error
 
     def submit_job(self, *, entrypoint: str, submission_id: str, runtime_env: dict, metadata: dict) -> str:
-        assert entrypoint.endswith("'") and "training.lora --config-json" in entrypoint
+        assert entrypoint.endswith("'") and "python -m training.cli --config-json" in entrypoint
         if self.submit_error is not None:
             raise self.submit_error
         self.status[submission_id] = "PENDING"
@@ -209,38 +210,33 @@ class FakeJobClient:
 
 
 @pytest.fixture()
-def api(dataset, model, monkeypatch):
-    """``(TestClient, FakeJobClient, storage, dataset id, configure)`` over the real ingress app, whose
-    replica is a stand-in holding storage and the fine-tuning config (``configure(**FineTuningConfig)``)."""
+def api(dataset, model):
+    """``(TestClient, FakeJobClient, storage, dataset id, configure)`` over the fine-tuning routes and the real
+    FineTuningService with an injected Ray job client (``configure(**FineTuningConfig)`` rebuilds it)."""
+    from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from api.fine_tuning import router as fine_tuning
-    from api.ingress import app
+    from api.errors import add_error_handlers
+    from api.fine_tuning.router import router
+    from api.fine_tuning.service import FineTuningConfig, FineTuningService
+    from deployments.sdxl.contract import SDXLLimits
+    from storage.fine_tuning import FineTuningStore
 
     storage, dataset_id = dataset
     jobs = FakeJobClient()
-    monkeypatch.setattr(fine_tuning, "_job_client", lambda ingress: jobs)
-    monkeypatch.setattr(fine_tuning, "_cluster_nodes", lambda: None)
+    base = SDXLLimits.from_config({"model": str(model)}, styles={})
     defaults = {"resolution": 64, "max_steps": 8, "num_workers": 1, "cpus_per_worker": 0.5, "learning_rate": 1e-3}
-
-    class Ingress:
-        def __init__(self):
-            self.storage = storage
-            self.config = SimpleNamespace(storage_root=storage.root, storage_options={},
-                                          fine_tuning=fine_tuning.FineTuningConfig(defaults=defaults))
-
-        async def sdxl_info(self) -> dict:
-            return {"model": "sdxl", "source": str(model)}
-
-    ingress = Ingress()
+    app = FastAPI()
+    add_error_handlers(app)
+    app.include_router(router)
 
     def configure(**settings):
-        ingress.config.fine_tuning = fine_tuning.FineTuningConfig(**{"defaults": defaults, **settings})
+        config = FineTuningConfig(**{"defaults": defaults, **settings})
+        app.state.fine_tuning = FineTuningService(FineTuningStore(storage), storage, config, base, storage.root, {},
+                                                  job_client=lambda: jobs, nodes=lambda: None)
 
-    previous = {name: getattr(app.state, name, None) for name in ("ingress", "api_keys")}
-    app.state.ingress, app.state.api_keys = ingress, None  # open mode: no key is checked
+    configure()
     yield TestClient(app, raise_server_exceptions=False), jobs, storage, dataset_id, configure
-    app.state.ingress, app.state.api_keys = previous["ingress"], previous["api_keys"]
 
 
 def post_job(client, dataset_id: str, **fields):
@@ -283,9 +279,7 @@ def test_a_suffix_in_flight_is_refused_and_new_version_trains_alongside(api):
 
 
 def test_concurrent_claims_of_one_run_name_give_it_to_one_job(api, model):
-    from api.fine_tuning.router import claim_run
     from deployments.errors import ConflictError
-    from api.ingress import app
 
     client, jobs, storage, dataset_id, _ = api
     config = tiny_config(storage, dataset_id, model)
@@ -296,7 +290,7 @@ def test_concurrent_claims_of_one_run_name_give_it_to_one_job(api, model):
     def claim(index: int) -> None:
         barrier.wait()
         try:
-            outcomes.append(claim_run(app.state.ingress, config, plan, f"ftjob-{index}").run_name)
+            outcomes.append(client.app.state.fine_tuning.claim_run(config, plan, f"ftjob-{index}").run_name)
         except ConflictError as exc:
             outcomes.append(exc.param)
 
@@ -328,8 +322,8 @@ def test_a_failed_submission_fails_the_job_and_answers_503(api):
 
 
 def test_a_job_ray_does_not_know_is_not_running_forever(api):
-    from api.fine_tuning.router import RECORDS_PREFIX
-    from training.lora import RunStatus, status_key
+    from storage.fine_tuning import RECORDS_PREFIX
+    from training.plan import RunStatus, status_key
 
     client, jobs, storage, dataset_id, _ = api
     job = post_job(client, dataset_id, suffix="dogs").json()
@@ -354,9 +348,7 @@ def test_a_job_ray_does_not_know_is_not_running_forever(api):
     assert view()["status"] == "failed"
 
 
-def test_min_images_is_a_floor_and_hyperparameters_are_bounded(api, monkeypatch):
-    from api.fine_tuning import router as fine_tuning
-
+def test_min_images_is_a_floor_and_hyperparameters_are_bounded(api):
     client, jobs, storage, dataset_id, configure = api
     configure(defaults={"resolution": 64, "max_steps": 8, "num_workers": 1, "cpus_per_worker": 0.5,
                         "min_images": 5}, limits={"max_steps": 100, "rank": 64})
@@ -377,7 +369,7 @@ def test_min_images_is_a_floor_and_hyperparameters_are_bounded(api, monkeypatch)
         error_of(post_job(client, dataset_id, suffix="a", hyperparameters=hyper), 400, f"hyperparameters.{param}")
 
     # 3. num_workers: what the cluster's nodes hold (two 1-CPU nodes: four 0.5-CPU workers), or a configured max.
-    monkeypatch.setattr(fine_tuning, "_cluster_nodes", lambda: [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}])
+    client.app.state.fine_tuning.nodes = lambda: [{"CPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}]
     error = error_of(post_job(client, dataset_id, suffix="a", hyperparameters={"num_workers": 5}), 400,
                      "hyperparameters.num_workers")
     assert "at most 4 workers" in error["message"]

@@ -20,14 +20,9 @@ from local.tiny_models import ensure_tiny_models
 from deployments import metrics
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_mp4, encode_mp4
-from api.protocol import ImageUpscaleRequest
-from deployments.upscaler.deployment import (
-    UpscaleProgress,
-    UpscaleRequest,
-    UpscaleResponse,
-    UpscalerDeployment,
-    tile_boxes,
-)
+from api.images.protocol import ImageUpscaleRequest
+from deployments.upscaler.contract import UpscaleProgress, UpscaleRequest, UpscaleResponse
+from deployments.upscaler.deployment import UpscalerDeployment, tile_boxes
 from tests.streams import PipelineSpy, leave_after_first_step
 
 REPO = Path(__file__).resolve().parents[2]

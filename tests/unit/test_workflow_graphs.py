@@ -215,25 +215,19 @@ def test_no_output_and_dead_nodes() -> None:
     assert messages(doc) == ["node extra does not lead to any output"]
 
 
-def test_param_errors_and_limits() -> None:
+def test_param_errors() -> None:
     doc = txt2img_doc()
     doc["nodes"][1]["params"] = {"n": 3, "size": "big", "steps": 0, "seed": -1, "guidance_scale": 31, "colour": 1}
-    doc["nodes"][3]["params"] = {"noise_level": 351}
+    doc["nodes"][3]["params"] = {"noise_level": -1}
     found = issues(doc)
     assert {("gen", "params.n"), ("gen", "params.size"), ("gen", "params.steps"), ("gen", "params.seed"),
             ("gen", "params.guidance_scale"), ("gen", "params.colour"), ("up", "params.noise_level")} <= found
-
-    doc = txt2img_doc()
-    doc["nodes"][1]["params"] = {"n": 8, "steps": 100}
-    limits = {"text_to_image": {"max_steps": 50, "max_n": 4}}
-    assert issues(doc, limits=limits) == {("gen", "params.steps"), ("gen", "params.n")}
-    assert validate_workflow(txt2img_doc(), limits=limits).valid
 
 
 def test_every_error_is_reported_together() -> None:
     doc = txt2img_doc()
     doc["nodes"].append(node("p", "prompt", text="dup"))
-    doc["nodes"][1]["params"]["steps"] = 500
+    doc["nodes"][1]["params"]["steps"] = 0
     doc["edges"].append(edge("p.text", "up.prompt"))
     doc["edges"].append(edge("p.text", "up.prompt"))
     assert {("p", "id"), ("gen", "params.steps"), ("up", "inputs.prompt")} <= issues(doc)
@@ -459,50 +453,22 @@ def test_cache_key_holds_the_model_so_a_swap_recomputes() -> None:
     assert (result.nodes["gen"].status, result.nodes["up"].status) == ("completed", "cached")
 
 
-# ------------------------------------------------------- checks against the running models (ingress)
+# ------------------------------------------------------- checks against the running models (WorkflowsService)
 
-SDXL_INFO = {"min_size": 32, "max_size": 512, "default_size": 64, "default_steps": 4, "max_steps": 50,
-             "styles": {"noir": {"name": "noir"}}}
-MODEL_INFO = {
-    "upscaler": {"scale": 4, "min_input_size": 16, "max_input_size": 256, "max_steps": 50, "max_noise_level": 250,
-                 "max_frames": 16},
-    "svd": {"min_size": 32, "max_size": 256, "size_multiple": 8, "max_num_frames": 14, "min_fps": 1, "max_fps": 30,
-            "max_steps": 50},
-}
+class FakeQueue:
+    def enqueue_task_sync(self, name, kwargs, task_id):
+        pass
 
 
-class FakeIngress:
-    """What check_workflow and _run_payload use of the ingress: model limits, storage, the LoRA registry."""
+class FakeLoras:
+    """The LoRA registry, as ModelsService reads it: `corgi` is registered (latest version 2)."""
 
-    def __init__(self, storage) -> None:
-        from deployments.llm.contract import RefineSettings
+    def resolve(self, ref: str, param: str = "lora"):
+        from storage.registry import LoraNotFoundError
 
-        self.storage = storage
-        self.handles = {"sdxl": None, "upscaler": None, "svd": None, "llm": None}
-        self.config = SimpleNamespace(max_workflow_nodes=100)
-        self.llm_info = {"model": "gemma", "source": "models/tiny/gemma"}
-        self.llm_settings = RefineSettings()
-
-    async def sdxl_info(self) -> dict:
-        return SDXL_INFO
-
-    async def model_info(self, name: str) -> dict:
-        return MODEL_INFO[name]
-
-    async def lora_record(self, ref: str | None):
-        from deployments.errors import InvalidRequestError
-
-        if ref is None:
-            return None
         if not ref.startswith("corgi"):
-            raise InvalidRequestError(f"unknown LoRA {ref!r}", "lora")
+            raise LoraNotFoundError(f"no LoRA named {ref!r}", param)
         return SimpleNamespace(id="corgi:2", name="corgi", version=2, sha256="ab" * 32, trigger_word="sks")
-
-    async def style_preset(self, name: str | None):
-        return None
-
-    async def lora_trigger_word(self, name: str | None) -> str | None:
-        return (await self.lora_record(name)).trigger_word if name else None
 
 
 def png(width: int, height: int, mode: str = "RGB") -> bytes:
@@ -512,19 +478,49 @@ def png(width: int, height: int, mode: str = "RGB") -> bytes:
 
 
 @pytest.fixture()
-def ingress(tmp_path) -> FakeIngress:
+def workflows(tmp_path):
+    """The real WorkflowsService over fake handles, the models' contract Limits, and local storage."""
+    from api.files.service import FilesService
+    from api.jobs.service import JobsService
+    from api.models.service import ModelsService
+    from api.text.service import TextService
+    from api.workflows.service import build_workflows_service
+    from deployments.llm.contract import GemmaLimits, RefineSettings
+    from deployments.sdxl.contract import SDXLLimits
+    from deployments.styles import StylePreset
+    from deployments.svd.contract import SVDLimits
+    from deployments.upscaler.contract import UpscalerLimits
+    from graphs.job_runner import JobQueueConfig
     from storage import Storage
+    from storage.jobs import JobStore
 
-    return FakeIngress(Storage(str(tmp_path / "root")))
+    storage = Storage(str(tmp_path / "root"))
+    limits = {
+        "sdxl": SDXLLimits(model="sdxl", source="models/tiny/sdxl", default_size=64, min_size=32, max_size=512,
+                           default_steps=4, max_steps=50, default_guidance_scale=5.0,
+                           styles={"noir": StylePreset(prompt="{prompt}, film noir")}),
+        "upscaler": UpscalerLimits(model="upscaler", source="models/tiny/upscaler", scale=4, min_input_size=16,
+                                   max_input_size=256, tile_size=256, tile_overlap=32, default_steps=20, max_steps=50,
+                                   default_noise_level=20, max_noise_level=250, max_frames=16),
+        "svd": SVDLimits(model="svd", source="models/tiny/svd", default_width=64, default_height=64, min_size=32,
+                         max_size=256, default_num_frames=14, max_num_frames=14, default_fps=7, min_fps=1, max_fps=30,
+                         default_steps=4, max_steps=50, default_min_guidance_scale=1.0, default_max_guidance_scale=3.0,
+                         default_decode_chunk_size=8, max_input_pixels=4096 * 4096),
+        "llm": GemmaLimits(model="gemma", source="models/tiny/gemma", max_model_len=512),
+    }
+    handles = {name: object() for name in limits}
+    files = FilesService(storage, presign_urls=False)
+    jobs = JobsService(JobStore(storage), FakeQueue(), JobQueueConfig(broker_url="x", backend_url="y"), files)
+    models = ModelsService(handles, limits, FakeLoras(), 1.0)
+    text = TextService(handles["llm"], limits["llm"], RefineSettings(), models)
+    return build_workflows_service(storage, jobs, models, text, max_nodes=100)
 
 
-def check(ingress: FakeIngress, doc: dict[str, Any]):
-    from api.workflows.router import check_workflow
-
-    return asyncio.run(check_workflow(ingress, doc))
+def check(workflows, doc: dict[str, Any]):
+    return asyncio.run(workflows.check(doc))
 
 
-def test_video_and_upscale_params_are_checked_against_the_models(ingress) -> None:
+def test_video_and_upscale_params_are_checked_against_the_models(workflows) -> None:
     doc = {
         "nodes": [node("p", "prompt", text="a kite"), node("t", "text_to_image", size="128x128", steps=2, seed=1),
                   node("s", "select"), node("up1", "upscale", steps=80, noise_level=300),
@@ -536,7 +532,7 @@ def test_video_and_upscale_params_are_checked_against_the_models(ingress) -> Non
                   edge("s.image", "v.image"), edge("v.video", "o2.value")],
     }
     assert validate_workflow(doc).valid  # structurally fine: only the running models' limits refuse it
-    report, workflow = check(ingress, doc)
+    report, workflow = check(workflows, doc)
     assert workflow is None and not report.valid
     found = {(e.node, e.field): e.message for e in report.errors}
     assert set(found) == {("up1", "params.steps"), ("up1", "params.noise_level"), ("up2", "inputs.image"),
@@ -553,14 +549,14 @@ def test_video_and_upscale_params_are_checked_against_the_models(ingress) -> Non
     fixed["nodes"][4]["params"] = {"steps": 2}
     fixed["nodes"][1]["params"]["size"] = "32x32"  # up1 makes 128x128, which up2 takes
     fixed["nodes"][5]["params"] = {"size": "64x64", "num_frames": 3, "steps": 2, "fps": 6}
-    report, workflow = check(ingress, fixed)
+    report, workflow = check(workflows, fixed)
     assert report.valid and workflow is not None, report.errors
 
 
-def test_stored_images_and_masks_must_exist_and_match(ingress) -> None:
-    ingress.storage.put_bytes("outputs/a/0.png", png(64, 48))
-    ingress.storage.put_bytes("outputs/a/mask.png", png(32, 32, "L"))
-    ingress.storage.put_bytes("outputs/a/notes.txt", b"not an image")
+def test_stored_images_and_masks_must_exist_and_match(workflows) -> None:
+    workflows.storage.put_bytes("outputs/a/0.png", png(64, 48))
+    workflows.storage.put_bytes("outputs/a/mask.png", png(32, 32, "L"))
+    workflows.storage.put_bytes("outputs/a/notes.txt", b"not an image")
     doc = {
         "nodes": [node("p", "prompt", text="a kite"), node("img", "image", key="outputs/a/0.png"),
                   node("m", "mask", key="outputs/a/mask.png"), node("gone", "image", key="outputs/missing.png"),
@@ -571,7 +567,7 @@ def test_stored_images_and_masks_must_exist_and_match(ingress) -> None:
                   edge("paint.images", "o.value"), edge("gone.image", "up.image"), edge("up.image", "o2.value"),
                   edge("txt.image", "o3.value")],
     }
-    report, workflow = check(ingress, doc)
+    report, workflow = check(workflows, doc)
     assert workflow is None
     found = {(e.node, e.field): e.message for e in report.errors}
     assert set(found) == {("gone", "params.key"), ("txt", "params.key"), ("paint", "inputs.mask"),
@@ -582,13 +578,11 @@ def test_stored_images_and_masks_must_exist_and_match(ingress) -> None:
     assert "leaves no denoising step" in found[("paint", "params.steps")]  # int(1 × 0.5) = 0
 
 
-def test_run_payload_pins_every_seed_refine_included_and_the_lora_hash(ingress) -> None:
-    from api.workflows.router import _run_payload
-
+def test_run_payload_pins_every_seed_refine_included_and_the_lora_hash(workflows) -> None:
     doc = {"nodes": [node("p", "prompt", text="a corgi"), node("r", "refine", lora="corgi"),
                      node("t", "text_to_image", lora="corgi", n=8), node("o", "output")],
            "edges": [edge("p.text", "r.prompt"), edge("r.prompt", "t.prompt"), edge("t.images", "o.value")]}
-    payload = asyncio.run(_run_payload(ingress, Workflow.model_validate(doc), True, None))
+    payload = asyncio.run(workflows.run_payload(Workflow.model_validate(doc), True, None))
     nodes = {n["id"]: n for n in payload["workflow"]["nodes"]}
     seeded = [n for n in nodes.values() if "seed" in NODE_TYPES[n["type"]].params.model_fields]
     assert {n["id"] for n in seeded} == {"r", "t"}
@@ -609,6 +603,7 @@ class FakeDescribe:
 
 
 def test_workflow_lineage_names_models_loras_seeds_and_job() -> None:
+    from graphs.payloads import parse_payload
     from graphs.workflow_jobs import _lineage, model_ids
 
     doc = {"nodes": [node("p", "prompt", text="a corgi"), node("r", "refine", seed=4),
@@ -617,9 +612,10 @@ def test_workflow_lineage_names_models_loras_seeds_and_job() -> None:
            "edges": [edge("p.text", "r.prompt"), edge("r.prompt", "t.prompt"), edge("t.images", "s.images"),
                      edge("s.image", "u.image"), edge("u.image", "o.value")]}
     workflow = Workflow.model_validate(doc)
-    spec = {"refine": {"r": {"model": "gemma", "source": "google/gemma-3-1b-it"}},
-            "loras": {"corgi:2": {"name": "corgi", "version": 2, "sha256": "ab" * 32}},
-            "saved": {"id": "wf_1", "version": 3, "name": "corgis"}}
+    spec = parse_payload("workflows.run", {
+        "workflow": doc, "refine": {"r": {"model": "gemma", "source": "google/gemma-3-1b-it"}},
+        "loras": {"corgi:2": {"name": "corgi", "version": 2, "sha256": "ab" * 32}},
+        "saved": {"id": "wf_1", "version": 3, "name": "corgis"}})
     handles = {"sdxl": FakeDescribe({"model": "sdxl", "source": "stabilityai/stable-diffusion-xl-base-1.0"}),
                "upscaler": FakeDescribe({"model": "x4", "source": "stabilityai/stable-diffusion-x4-upscaler"}),
                "svd": FakeDescribe({"model": "svd", "source": "never-asked"})}
@@ -628,7 +624,7 @@ def test_workflow_lineage_names_models_loras_seeds_and_job() -> None:
                       "upscaler": "stabilityai/stable-diffusion-x4-upscaler"}  # svd is not used: not asked
 
     lineage = _lineage(workflow, "o", spec, "job_1", models)
-    assert lineage["job_id"] == "job_1" and lineage["workflow"] == spec["saved"]
+    assert lineage["job_id"] == "job_1" and lineage["workflow"] == {"id": "wf_1", "version": 3, "name": "corgis"}
     assert lineage["seeds"] == {"r": 4, "t": 9, "u": 3}
     by_id = {n["id"]: n for n in lineage["nodes"]}
     assert [n["id"] for n in lineage["nodes"]][-1] == "o" and set(by_id) == {"p", "r", "t", "s", "u", "o"}
@@ -641,8 +637,10 @@ def test_workflow_lineage_names_models_loras_seeds_and_job() -> None:
 
 class FakeJobContext:
     def __init__(self, request: dict) -> None:
+        from graphs.payloads import parse_payload
+
         self.id = "job_42"
-        self.request = request
+        self.payload = parse_payload("images.generations", request)
         self.record = SimpleNamespace(kind="images.generations", result=None)
         self.outputs: list = []
 
@@ -667,7 +665,7 @@ class FakeSDXLHandle:
 
     @property
     def generate_stream(self) -> SimpleNamespace:
-        from deployments.sdxl.deployment import SDXLImage, SDXLProgress, SDXLResponse
+        from deployments.sdxl.contract import SDXLImage, SDXLProgress, SDXLResponse
 
         def remote(request):
             self.requests.append(request)

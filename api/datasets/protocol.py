@@ -1,0 +1,48 @@
+"""The datasets API's request and response types."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from storage.datasets import DEFAULT_LICENSE, DatasetInfo
+
+
+class DatasetCreateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Unique; letters, digits, '_', '.', '-' (no leading dot), at most 100.")
+    description: str = Field("", max_length=2000)
+    trigger_word: str | None = Field(None, max_length=100, description="Token that names the subject in captions.")
+    license: str = Field(DEFAULT_LICENSE, max_length=200, description="Default license of added images.")
+
+
+class DatasetView(DatasetInfo):
+    object: Literal["dataset"] = "dataset"
+    thumbnails: list[str] = Field(default_factory=list, description="URLs of up to 4 images of the latest version.")
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DatasetView]
+
+
+class DatasetDeleted(BaseModel):
+    id: str
+    object: Literal["dataset"] = "dataset"
+    deleted: bool = True
+
+
+class DatasetImportRequest(BaseModel):
+    """Exactly one source: ``urls``, ``prefix``, ``job_ids`` or ``output_keys``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    urls: list[str] | None = Field(None, description="http(s) image URLs.")
+    prefix: str | None = Field(None, description="A key prefix in the storage root, or an allowed s3:// or local prefix.")
+    job_ids: list[str] | None = Field(None, description="Finished jobs whose image outputs to add (captioned with their prompt).")
+    output_keys: list[str] | None = Field(None, description="Storage keys of generated images, under outputs/.")
+    captions: dict[str, str] = Field(default_factory=dict, description="URL or output key -> caption.")
+    tags: list[str] = Field(default_factory=list, max_length=100)
+    license: str | None = Field(None, max_length=200)

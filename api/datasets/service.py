@@ -1,0 +1,150 @@
+"""Datasets: create, list, inspect and delete; add uploaded files; check and submit imports.
+
+Storage work blocks, so it runs in a thread. Dataset store errors become the API's error classes
+with the offending field as ``param`` (graphs/dataset_jobs.py's `dataset_error`, which the
+import job uses too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Any, Callable
+
+from api.datasets.protocol import DatasetCreateRequest, DatasetDeleted, DatasetImportRequest, DatasetList, DatasetView
+from api.files.service import FilesService
+from api.jobs.service import JobsService
+from deployments.errors import InvalidRequestError
+from graphs.dataset_jobs import dataset_error
+from graphs.payloads import DatasetImportPayload
+from storage.datasets import AddResult, DatasetError, DatasetInfo, DatasetStore, check_prefix_allowed
+from storage.fs import InvalidKeyError, Storage, validate_key
+from storage.jobs import JobRecord
+from storage.keys import OUTPUTS_PREFIX, validate_id
+from storage.url_import import DatasetImportConfig, UrlRefusedError, check_url, resolve_allowed
+
+IMPORT_JOB_KIND = "datasets.import"
+THUMBNAILS = 4
+IMPORT_SOURCES = ("urls", "prefix", "job_ids", "output_keys")
+
+
+async def _call(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except DatasetError as exc:
+        raise dataset_error(exc) from None
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+class DatasetsService:
+    def __init__(self, store: DatasetStore, jobs: JobsService, files: FilesService,
+                 import_config: DatasetImportConfig, max_upload_bytes: int):
+        self.store = store  # holds the upload limits (see build_datasets_service)
+        self.jobs = jobs
+        self.files = files
+        self.import_config = import_config  # copied into each import job
+        self.max_upload_bytes = max_upload_bytes  # per file, and all files of one upload together
+
+    def _view(self, info: DatasetInfo, base_url: str, thumbnails: list[str] | None = None) -> DatasetView:
+        urls = [self.files.url_for(key, base_url) for key in thumbnails or []]
+        return DatasetView(**info.model_dump(), thumbnails=urls)
+
+    async def create(self, body: DatasetCreateRequest, base_url: str) -> DatasetView:
+        info = await _call(self.store.create, body.name, body.description, body.trigger_word, body.license)
+        return self._view(info, base_url)
+
+    async def list(self, base_url: str) -> DatasetList:
+        infos = await _call(self.store.list)
+        return DatasetList(data=[self._view(info, base_url) for info in infos])
+
+    async def get(self, dataset_id: str, base_url: str) -> DatasetView:
+        """The dataset, with URLs of a few images of its latest version."""
+        def load() -> tuple[DatasetInfo, list[str]]:
+            info = self.store.get(dataset_id)
+            keys = self.store.sample_keys(dataset_id, THUMBNAILS, info.latest_version) if info.latest_version else []
+            return info, keys
+
+        info, keys = await _call(load)
+        return self._view(info, base_url, keys)
+
+    async def check_exists(self, dataset_id: str) -> None:
+        """404 now (before an upload's body is read, or an import is recorded)."""
+        await _call(self.store.get, dataset_id)
+
+    async def add_files(self, dataset_id: str, files: list[tuple[str, bytes]], captions: dict[str, str],
+                        tags: list[str], source: str | None, license: str | None) -> AddResult:
+        """Images, same-stem .txt captions and .zip archives, added as one version."""
+        return await _call(self.store.add_files, dataset_id, files, captions, tags=tags,
+                           source=source or "upload", license=license)
+
+    async def delete(self, dataset_id: str, confirm: str | None) -> DatasetDeleted:
+        await _call(self.store.delete, dataset_id, confirm)
+        return DatasetDeleted(id=dataset_id)
+
+    # --- imports ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def import_source(body: DatasetImportRequest) -> str:
+        """The import's one source: ``urls``, ``prefix``, ``job_ids`` or ``output_keys``."""
+        given = [name for name in IMPORT_SOURCES if getattr(body, name) is not None]
+        if len(given) != 1:
+            raise InvalidRequestError("give exactly one of urls, prefix, job_ids or output_keys",
+                                      (given or ["urls"])[-1])
+        return given[0]
+
+    def check_import(self, body: DatasetImportRequest, source: str) -> None:
+        """Each entry of the source, checked now, so a job never fails on a bad request."""
+        config = self.import_config
+        values = getattr(body, source)
+        if source != "prefix":
+            if not values:
+                raise InvalidRequestError(f"{source} must not be empty", source)
+            if len(values) > config.max_urls:
+                raise InvalidRequestError(f"{source} has {len(values)} entries, over the limit of {config.max_urls}",
+                                          source)
+        for index, value in enumerate(values if source != "prefix" else []):
+            try:
+                if source == "urls":
+                    _, host, port = check_url(value)
+                    if _is_ip_literal(host):  # no DNS here; hostnames are resolved and checked by the job
+                        resolve_allowed(host, port, config.allow_private_hosts)
+                elif source == "job_ids":
+                    validate_id(value, "job id")
+                else:
+                    validate_key(value)
+                    if not value.startswith(OUTPUTS_PREFIX):
+                        raise ValueError(f"key {value!r} is not under {OUTPUTS_PREFIX}")
+            except (UrlRefusedError, InvalidKeyError, ValueError) as exc:
+                raise InvalidRequestError(f"{source}[{index}]: {exc}", f"{source}.{index}") from None
+        if source == "prefix":
+            try:
+                check_prefix_allowed(body.prefix, config.allowed_prefixes)
+            except DatasetError as exc:
+                raise dataset_error(exc) from None
+
+    async def submit_import(self, dataset_id: str, body: DatasetImportRequest) -> JobRecord:
+        """Check the request, then record the job; the runner reads the limits from it
+        (graphs/dataset_jobs.py)."""
+        source = self.import_source(body)
+        await self.check_exists(dataset_id)
+        self.check_import(body, source)
+        payload = DatasetImportPayload.create(dataset_id=dataset_id, **body.model_dump(exclude_none=True),
+                                              config=self.import_config.model_dump(mode="json"))
+        return await self.jobs.submit_async(payload)
+
+
+def build_datasets_service(storage: Storage, jobs: JobsService, files: FilesService,
+                           import_config: DatasetImportConfig, max_upload_bytes: int) -> DatasetsService:
+    """A store with the ingress's limits: an image in a zip may be as large as one uploaded on its
+    own (``max_upload_bytes``), and the zips of one upload expand to at most
+    ``import_config.max_zip_expanded_bytes`` (default 4 x ``max_upload_bytes``)."""
+    store = DatasetStore(storage, max_image_bytes=max_upload_bytes, max_pixels=import_config.max_pixels,
+                         max_expanded_bytes=import_config.max_zip_expanded_bytes or 4 * max_upload_bytes)
+    return DatasetsService(store, jobs, files, import_config, max_upload_bytes)

@@ -1,0 +1,113 @@
+"""Durable jobs: record and enqueue one, read it back as the API's view, cancel it, follow it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from api.files.service import FilesService
+from api.jobs.protocol import JobList, JobOutputView, JobView
+from deployments.errors import ConflictError, NotFoundError, OverloadedError
+from graphs.job_runner import JobQueueConfig, new_task_id, send_job
+from graphs.payloads import JobPayload, replay_payload, replay_seed_missing
+from storage.jobs import TERMINAL_STATUSES, JobNotFoundError, JobRecord, JobStore
+
+logger = logging.getLogger("ray.serve")
+
+# Job inputs that are internal plumbing, not the user's settings.
+PRIVATE_PARAMS = frozenset({"config", "chat", "store", "output_id"})
+
+
+def public_params(request: Any) -> Any:
+    """A job's request as its user gave it (prompt, seed, model, LoRA...): its lineage."""
+    if isinstance(request, dict):
+        return {k: public_params(v) for k, v in request.items() if k not in PRIVATE_PARAMS}
+    if isinstance(request, list):
+        return [public_params(v) for v in request]
+    return request
+
+
+class JobsService:
+    def __init__(self, jobs: JobStore, queue: Any, queue_config: JobQueueConfig, files: FilesService,
+                 sse_poll_s: float = 0.25):
+        self.jobs = jobs
+        self.queue = queue  # the task processor adapter the job runners consume from
+        self.queue_config = queue_config
+        self.files = files
+        self.sse_poll_s = sse_poll_s
+
+    def submit(self, payload: JobPayload, stages: list[str] | None = None) -> JobRecord:
+        """Durably record a job (its kind and the payload as stored JSON) and enqueue it; 503 when the
+        queue is full or unreachable."""
+        depth = self.jobs.count_active()
+        if depth >= self.queue_config.max_queue_depth:
+            raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
+        # The queue depth gauge is reported by the job runners (JobRunnerDeployment.report_queue_depth),
+        # which also see jobs finish; a value set here would never be lowered.
+        record = self.jobs.create(payload.kind, payload.to_request(), stages=stages or [], max_attempts=self.queue_config.max_attempts,
+                                  task_id=new_task_id())
+        try:
+            send_job(self.queue, record)
+        except Exception as exc:
+            logger.exception("enqueue of job %s failed", record.id)
+            self.jobs.update(record.id, status="failed", finished_at=time.time(),
+                             error={"type": "queue_unavailable", "message": f"could not enqueue: {exc}"})
+            raise OverloadedError("the job queue is unavailable; retry later", retry_after=5) from exc
+        return record
+
+    async def submit_async(self, payload: JobPayload, stages: list[str] | None = None) -> JobRecord:
+        return await asyncio.to_thread(self.submit, payload, stages)
+
+    def replay(self, job_id: str) -> JobRecord:
+        """Run a finished job again from its recorded request, every seed it used pinned."""
+        record = self.get(job_id)
+        if not record.is_terminal:
+            raise ConflictError(f"job {job_id} is {record.status}; replay it once it has finished", "job_id")
+        if replay_seed_missing(record):
+            raise ConflictError(f"job {job_id} never recorded its seed, so a replay could not reproduce it", "job_id")
+        return self.submit(replay_payload(record), list(record.stages))
+
+    def get(self, job_id: str) -> JobRecord:
+        try:
+            return self.jobs.get_with_cancel(job_id)
+        except JobNotFoundError:
+            raise NotFoundError(f"no job with id {job_id!r}", "job_id") from None
+
+    def view(self, record: JobRecord, base_url: str) -> JobView:
+        data = record.model_dump(mode="json")
+        data["params"] = public_params(record.request)
+        data["outputs"] = [
+            JobOutputView(url=self.files.url_for(o.key, base_url), **o.model_dump(include={
+                "key", "content_type", "width", "height", "seed", "extra"}))
+            for o in record.outputs
+        ]
+        return JobView.model_validate(data)
+
+    def list(self, base_url: str, limit: int, after: str | None, status: str | None, kind: str | None) -> JobList:
+        records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind)
+        views = [self.view(r, base_url) for r in records[:limit]]
+        return JobList(data=views, has_more=len(records) > limit, last_id=views[-1].id if views else None)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        self.get(job_id)
+        return self.jobs.request_cancel(job_id)
+
+    async def events(self, job_id: str, base_url: str,
+                     disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        """Server-sent events: one `job` event per change, ending with the terminal state."""
+        last = None
+        while True:
+            record = await asyncio.to_thread(self.jobs.get_with_cancel, job_id)
+            view = self.view(record, base_url).model_dump(mode="json")
+            if view != last:
+                yield f"event: job\ndata: {json.dumps(view)}\n\n"
+                last = view
+            if record.status in TERMINAL_STATUSES:
+                yield "event: done\ndata: [DONE]\n\n"
+                return
+            if await disconnected():
+                return
+            await asyncio.sleep(self.sse_poll_s)

@@ -1,0 +1,35 @@
+"""GET /healthz, GET /readyz, GET /v1/models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+
+from api.errors import error_response
+from api.errors_protocol import ErrorResponse
+from api.models.protocol import ModelList
+from api.models.service import ModelsService
+
+router = APIRouter(tags=["models"])
+
+
+def models_service(request: Request) -> ModelsService:
+    return request.app.state.models
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+async def readyz(models: ModelsService = Depends(models_service)):
+    """200 once every model deployment answers; 503 with Retry-After while any is starting."""
+    problems = await models.not_ready()
+    if problems:
+        return error_response(503, "not_ready", "not ready: " + "; ".join(problems), None, {"Retry-After": "5"})
+    return {"status": "ready", "models": sorted(models.handles)}
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(models: ModelsService = Depends(models_service)) -> ModelList:
+    return await models.list()

@@ -1,0 +1,95 @@
+"""The catalogue: model cards, readiness of the deployments, and LoRA adapters by name."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from api.models.protocol import ModelCard, ModelList
+from deployments.errors import AtelierError, InvalidRequestError
+from deployments.llm.contract import GemmaLimits
+from deployments.sdxl.contract import SDXLLimits
+from deployments.styles import StylePreset
+from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError
+
+
+class ModelNotDeployedError(AtelierError):
+    status_code = 404
+    error_type = "model_not_found"
+
+
+class ModelsService:
+    def __init__(self, handles: dict[str, DeploymentHandle], limits: dict[str, Any], loras: LoraRegistry,
+                 readiness_timeout_s: float):
+        self.handles = handles  # deployed models by name; a model not deployed has none
+        self.limits = limits  # each deployed model's contract Limits, fixed when the app was built
+        self.loras = loras
+        self.readiness_timeout_s = readiness_timeout_s
+
+    @property
+    def sdxl(self) -> SDXLLimits:
+        return self.limits["sdxl"]
+
+    def limits_of(self, name: str) -> Any:
+        """A deployed model's Limits; 404 when this application does not deploy it."""
+        if name not in self.handles or name not in self.limits:
+            raise ModelNotDeployedError(f"no {name!r} model is deployed in this application", "model")
+        return self.limits[name]
+
+    def handle(self, name: str) -> DeploymentHandle:
+        self.limits_of(name)
+        return self.handles[name]
+
+    async def not_ready(self) -> list[str]:
+        """The deployments that do not answer their health check yet, with why."""
+        async def probe(name: str, handle: DeploymentHandle) -> str | None:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), timeout=self.readiness_timeout_s)
+                return None
+            except Exception as exc:  # starting, unhealthy or unreachable: all mean not ready
+                return f"{name}: {type(exc).__name__}"
+
+        return [p for p in await asyncio.gather(*(probe(n, h) for n, h in self.handles.items())) if p]
+
+    async def list(self) -> ModelList:
+        sdxl = self.sdxl.describe()
+        cards = [ModelCard(
+            id=sdxl["model"], kind="image", capabilities=["images.generations", "images.edits"],
+            metadata={k: sdxl[k] for k in ("source", "default_size", "min_size", "max_size", "default_steps",
+                                           "max_steps", "allowed_n", "styles")},
+        )]
+        llm: GemmaLimits | None = self.limits.get("llm")
+        if llm is not None and "llm" in self.handles:
+            cards.append(ModelCard(id=llm.model, kind="text",
+                                   capabilities=["chat.completions", "completions", "prompts.refine"],
+                                   metadata={"source": llm.source, "max_model_len": llm.max_model_len}))
+        for record in await asyncio.to_thread(self.loras.list, None, True):
+            cards.append(ModelCard(
+                id=record.id, created=int(record.created_at), kind="lora", capabilities=["images.generations"],
+                metadata={"name": record.name, "version": record.version, "base": sdxl["model"],
+                          "size_bytes": record.size_bytes, **record.manifest.model_dump(mode="json")}))
+        return ModelList(data=cards)
+
+    def style_preset(self, name: str | None) -> StylePreset | None:
+        if name is None:
+            return None
+        styles = self.sdxl.styles
+        if name not in styles:
+            raise InvalidRequestError(f"unknown style {name!r}; known: {sorted(styles)}", "style")
+        return styles[name]
+
+    async def lora_record(self, ref: str | None) -> LoraRecord | None:
+        """The registered LoRA a request names (read from storage each time, so a new one is usable at once)."""
+        if ref is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.loras.resolve, ref)
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
+                                      "adapters", "lora") from None
+
+    async def lora_trigger_word(self, ref: str | None) -> str | None:
+        record = await self.lora_record(ref)
+        return record.trigger_word if record else None

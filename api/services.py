@@ -1,0 +1,84 @@
+"""Each API area's service, built once per ingress replica from the handles, stores and limits.
+
+The routers (ROUTERS) find their service on `app.state.<area>`; tests build services the same way
+with fake handles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter
+from ray.serve.handle import DeploymentHandle
+from ray.serve.task_consumer import instantiate_adapter_from_config
+
+from api.config import IngressConfig
+from api.datasets.router import router as datasets_router
+from api.datasets.service import DatasetsService, build_datasets_service
+from api.files.router import router as files_router
+from api.fine_tuning.router import router as fine_tuning_router
+from api.fine_tuning.service import FineTuningService, build_fine_tuning_service
+from api.files.service import FilesService
+from api.images.router import router as images_router
+from api.images.service import ImagesService
+from api.jobs.router import router as jobs_router
+from api.jobs.service import JobsService
+from api.models.router import router as models_router
+from api.models.service import ModelsService
+from api.text.router import router as text_router
+from api.text.service import TextService
+from api.upscale.router import router as upscale_router
+from api.upscale.service import UpscaleService
+from api.uploads import Uploads
+from api.videos.router import router as videos_router
+from api.videos.service import VideosService
+from api.workflows.router import router as workflows_router
+from api.workflows.service import WorkflowsService, build_workflows_service
+from deployments.llm.contract import RefineSettings
+from storage.fs import Storage
+from storage.jobs import JobStore
+from storage.registry import LoraRegistry
+
+ROUTERS: list[APIRouter] = [models_router, images_router, jobs_router, files_router, text_router,
+                            videos_router, upscale_router, datasets_router, fine_tuning_router, workflows_router]
+
+
+@dataclass
+class Services:
+    files: FilesService
+    uploads: Uploads
+    jobs: JobsService
+    models: ModelsService
+    text: TextService
+    images: ImagesService
+    videos: VideosService
+    upscale: UpscaleService
+    datasets: DatasetsService
+    fine_tuning: FineTuningService
+    workflows: WorkflowsService
+
+
+def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], limits: dict[str, Any],
+                   queue: Any = None) -> Services:
+    """`handles`: the deployed models by name; `limits`: their contract Limits; `queue`: the task
+    processor adapter (default: the one `config.queue` names)."""
+    storage = Storage(config.storage_root, config.storage_options)
+    if queue is None:
+        queue = instantiate_adapter_from_config(config.queue.task_processor_config())
+    files = FilesService(storage, config.presign_urls)
+    uploads = Uploads(storage, config.max_upload_bytes, config.max_upload_pixels)
+    store = JobStore(storage)
+    jobs = JobsService(store, queue, config.queue, files, config.sse_poll_s)
+    models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s)
+    text = TextService(handles.get("llm"), limits.get("llm"), config.llm.refine if config.llm else RefineSettings(),
+                       models)
+    images = ImagesService(handles["sdxl"], models, text, jobs, files, storage, config.max_upload_pixels)
+    videos = VideosService(models, images, text, jobs, store, files, uploads, storage)
+    upscale = UpscaleService(models, text, jobs, files, uploads)
+    datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes)
+    fine_tuning = build_fine_tuning_service(storage, config.fine_tuning, limits["sdxl"], config.storage_root,
+                                            config.storage_options)
+    workflows = build_workflows_service(storage, jobs, models, text, config.max_workflow_nodes)
+    return Services(files=files, uploads=uploads, jobs=jobs, models=models, text=text, images=images,
+                    videos=videos, upscale=upscale, datasets=datasets, fine_tuning=fine_tuning, workflows=workflows)
