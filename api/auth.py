@@ -21,19 +21,102 @@ import os
 import secrets
 import sys
 from typing import Literal
+from urllib.parse import urlsplit
 
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, TypeAdapter
 
+from api.security import route_of
 from deployments import metrics
+from deployments.errors import AtelierError, UnauthorizedError
 
 Scope = Literal["read", "generate", "train", "admin"]
 IMPLIED: dict[str, set[str]] = {"read": {"read"}, "generate": {"read", "generate"}, "train": {"read", "train"},
                                 "admin": {"read", "generate", "train", "admin"}}
-OPEN_PATHS = ("/healthz", "/readyz", "/")  # probes and the UI shell carry no data
-# The web UI's static shell holds no data; it asks for a key and sends it on every API call.
-OPEN_PREFIXES = ("/ui/",)
-TRAIN_PREFIXES = ("/v1/datasets", "/v1/fine_tuning")
+ALL_SCOPES = frozenset(IMPLIED)
+READ_METHODS = ("GET", "HEAD")
+
+
+class RequireScope:
+    """A route's access rule, attached to the route itself as a dependency (api/services.py
+    includes each router with one: `dependencies=[Depends(RequireScope("train"))]`), never
+    inferred from its path, so a route prefix in front of the app changes nothing.
+
+    GET and HEAD need `read`; the other methods need one of `write` (a route that acts on things
+    of several scopes, e.g. POST /v1/jobs/{id}/cancel, takes any of them and its service checks
+    the thing's own). `public`: no key at all (the probes and the web UI's static shell).
+
+    AuthMiddleware reads the rule before the body is read and answers 401/403; the dependency
+    checks the middleware's verdict again, so a route never runs on a request it did not see.
+    """
+
+    def __init__(self, *write: Scope, public: bool = False):
+        if not write and not public:
+            raise ValueError("a scoped route needs at least one scope for its writes")
+        self.write = tuple(write)
+        self.public = public
+
+    def needed(self, method: str) -> tuple[str, ...]:
+        """Any one of these scopes lets `method` through; () for a public route."""
+        if self.public:
+            return ()
+        return ("read",) if method in READ_METHODS else self.write
+
+    def __repr__(self) -> str:
+        return "RequireScope(public=True)" if self.public else f"RequireScope{self.write}"
+
+    async def __call__(self, request: Request) -> None:
+        needed = self.needed(request.method)
+        if not needed:
+            return
+        state = request.scope.get("state") or {}
+        if "api_scopes" not in state:  # no AuthMiddleware saw this request: refuse (fail closed)
+            raise UnauthorizedError("a valid API key is required: send `Authorization: Bearer <key>`")
+        if not set(needed) & state["api_scopes"]:
+            raise PermissionDeniedError(scope_message(state.get("api_key"), request.method, request.url.path, needed))
+
+
+PUBLIC = RequireScope(public=True)
+# Routes that only read (GET): `read`; any other method there would need `admin`. FastAPI's schema
+# and docs routes have this rule too.
+READ_ONLY = RequireScope("admin")
+
+
+def rule_of(route) -> RequireScope | None:
+    """The access rule attached to a route: a RequireScope dependency, or `route.access` (mounts,
+    FastAPI's docs routes); None if it has none."""
+    rule = getattr(route, "access", None)
+    if isinstance(rule, RequireScope):
+        return rule
+    for depends in getattr(route, "dependencies", None) or []:
+        if isinstance(getattr(depends, "dependency", None), RequireScope):
+            return depends.dependency
+    return None
+
+
+def granted(key: ApiKey | None) -> frozenset[str]:
+    """Every scope a key holds, implied ones included; every scope in open mode (no key)."""
+    if key is None:
+        return ALL_SCOPES
+    return frozenset(s for held in key.scopes for s in IMPLIED[held])
+
+
+def granted_scopes(request: Request) -> frozenset[str]:
+    """The scopes the request's key holds (AuthMiddleware's verdict); none without one."""
+    return (request.scope.get("state") or {}).get("api_scopes", frozenset())
+
+
+def scope_message(key_name: str | None, method: str, path: str, needed: tuple[str, ...] | str) -> str:
+    needed = (needed,) if isinstance(needed, str) else needed
+    wants = " or ".join(repr(n) for n in needed)
+    who = f"API key {key_name!r}" if key_name else "this API key"
+    return f"{who} does not have the scope for {method} {path}: it needs {wants}"
+
+
+class PermissionDeniedError(AtelierError):
+    status_code = 403
+    error_type = "permission_error"
 
 
 class ApiKey(BaseModel):
@@ -77,12 +160,6 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def required_scope(method: str, path: str) -> str:
-    if method in ("GET", "HEAD", "OPTIONS"):
-        return "read"
-    return "train" if path.startswith(TRAIN_PREFIXES) else "generate"
-
-
 def find_key(keys: list[ApiKey], presented: str) -> ApiKey | None:
     """The key whose hash matches; every entry is compared in constant time, with no early exit."""
     digest = hash_key(presented)
@@ -101,20 +178,40 @@ def _error(status: int, type_: str, message: str, headers: dict | None = None):
 
 
 class AuthMiddleware:
-    """Checks the key and its scope before anything reads the request body."""
+    """Checks the key and the scope its route asks for (`RequireScope`), before anything reads the
+    request body. The route is the one the router will dispatch to (api/security.py `route_of`):
+    a path the app has no route for still needs a valid key (then 404/405); a route without a
+    rule needs `admin` (fail closed).
 
-    def __init__(self, app, keys_of):
+    Open mode (no keys) checks no key, but refuses a browser's cross-origin write (an `Origin`
+    that is neither this server's nor a configured CORS origin): any web page could otherwise
+    drive the open local API (CSRF)."""
+
+    def __init__(self, app, keys_of, routes_of=lambda: (), trusted_origins: tuple[str, ...] = ()):
         self.app = app
         # () -> list[ApiKey] | None: None only in open mode. An empty list refuses every key, so the
         # app is closed until the replica has its config.
         self.keys_of = keys_of
+        self.routes_of = routes_of
+        self.trusted_origins = frozenset(o.rstrip("/").lower() for o in trusted_origins)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         keys = self.keys_of()
-        path = scope.get("path", "")
-        if keys is None or path in OPEN_PATHS or (path.startswith(OPEN_PREFIXES) and scope["method"] in ("GET", "HEAD")):
+        state = scope.setdefault("state", {})
+        method = scope["method"]
+        if keys is None:
+            if method not in ("GET", "HEAD", "OPTIONS") and not self._same_or_trusted_origin(scope):
+                response = _error(403, "permission_error",
+                                  "cross-origin request refused: this server's API is open (no keys), so it "
+                                  "only takes writes from its own pages and configured CORS origins")
+                return await response(scope, receive, send)
+            state["api_scopes"] = ALL_SCOPES
+            return await self.app(scope, receive, send)
+        route = route_of(scope, self.routes_of())
+        rule = rule_of(route) if route is not None else None
+        if rule is not None and rule.public:
             return await self.app(scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         kind, _, presented = header.partition(" ")
@@ -124,14 +221,31 @@ class AuthMiddleware:
                               "a valid API key is required: send `Authorization: Bearer <key>`",
                               {"WWW-Authenticate": "Bearer"})
             return await response(scope, receive, send)
-        needed = required_scope(scope["method"], scope["path"])
-        if not any(needed in IMPLIED[s] for s in key.scopes):
-            response = _error(403, "permission_error",
-                              f"API key {key.name!r} has scopes {key.scopes}; {scope['method']} {scope['path']} "
-                              f"needs {needed!r}")
-            return await response(scope, receive, send)
-        scope.setdefault("state", {})["api_key"] = key.name
+        held = granted(key)
+        if route is not None:
+            needed = rule.needed(method) if rule is not None else ("admin",)
+            if not set(needed) & held:
+                response = _error(403, "permission_error", scope_message(key.name, method, scope["path"], needed))
+                return await response(scope, receive, send)
+        state["api_key"] = key.name
+        state["api_scopes"] = held
         await self.app(scope, receive, send)
+
+    def _same_or_trusted_origin(self, scope) -> bool:
+        """No Origin (curl, SDKs: not a browser), this server's own, or a configured CORS origin."""
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        if origin is None:
+            return True
+        origin = origin.decode("latin-1").strip().rstrip("/").lower()
+        if origin in self.trusted_origins:
+            return True
+        host = headers.get(b"host", b"").decode("latin-1").strip().lower()
+        parsed = urlsplit(origin)
+        if not host or parsed.scheme not in ("http", "https") or not parsed.netloc:
+            return False  # "null" (a sandboxed frame, a file: page) is no origin to trust
+        default = {"http": ":80", "https": ":443"}[parsed.scheme]
+        return parsed.netloc in (host, host.removesuffix(default)) or parsed.netloc + default == host
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from api.auth import AuthConfig
 from api.fine_tuning.service import FineTuningConfig
+from api.security import DEFAULT_ALLOWED_HOSTS, DEFAULT_CSP
 from deployments.llm.contract import GemmaConfig
 from graphs.job_runner import JobQueueConfig
 from storage.url_import import DatasetImportConfig
@@ -29,3 +30,33 @@ class IngressConfig(BaseModel):
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
     fine_tuning: FineTuningConfig = Field(
         FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
+    allowed_hosts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED_HOSTS), min_length=1,
+        description="Host header values the ingress answers (Starlette's TrustedHostMiddleware; the port is "
+                    "ignored; '*.example.com' matches subdomains, '*' any host). Anything else is a 400, which "
+                    "stops DNS rebinding. The default is loopback only; a deployment behind a load balancer "
+                    "lists its names (or '*').")
+    cors_origins: list[str] = Field(
+        [], description="Origins (scheme://host[:port]) whose pages may call the API from a browser (CORS). "
+                        "Empty (the default): CORS is off and only this server's own pages can.")
+    content_security_policy: str = Field(
+        DEFAULT_CSP, min_length=1,
+        description="The Content-Security-Policy on every response (FastAPI's /docs pages get one that lets "
+                    "Swagger UI load). Add an http: S3 endpoint to img-src/media-src if presigned output URLs "
+                    "are not https.")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if "*" in host[1:] or (host.startswith("*") and host != "*" and not host.startswith("*.")):
+                raise ValueError(f"{host!r}: a wildcard host must be '*' or look like '*.example.com'")
+        return hosts
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "*" or not origin.startswith(("http://", "https://")) or origin.count("/") != 2:
+                raise ValueError(f"{origin!r}: a CORS origin is scheme://host[:port], with no path and no '*'")
+        return origins

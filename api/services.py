@@ -1,7 +1,9 @@
 """Each API area's service, built once per ingress replica from the handles, stores and limits.
 
 The routers (ROUTERS) find their service on `app.state.<area>`; tests build services the same way
-with fake handles.
+with fake handles. Each router comes with the access rule of its routes (api/auth.py
+`RequireScope`: GETs need `read`, the other methods the scope named here), attached to every
+route when the app includes it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from fastapi import APIRouter
 from ray.serve.handle import DeploymentHandle
 from ray.serve.task_consumer import instantiate_adapter_from_config
 
+from api.auth import PUBLIC, READ_ONLY, RequireScope
 from api.config import IngressConfig
 from api.datasets.router import router as datasets_router
 from api.datasets.service import DatasetsService, build_datasets_service
@@ -21,9 +24,10 @@ from api.fine_tuning.router import router as fine_tuning_router
 from api.fine_tuning.service import FineTuningService, build_fine_tuning_service
 from api.files.service import FilesService
 from api.images.router import router as images_router
-from api.images.service import ImagesService
+from api.images.service import SDXL_JOB_KINDS, ImagesService
 from api.jobs.router import router as jobs_router
 from api.jobs.service import JobsService
+from api.models.router import probes_router
 from api.models.router import router as models_router
 from api.models.service import ModelsService
 from api.text.router import router as text_router
@@ -40,8 +44,21 @@ from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.registry import LoraRegistry
 
-ROUTERS: list[APIRouter] = [models_router, images_router, jobs_router, files_router, text_router,
-                            videos_router, upscale_router, datasets_router, fine_tuning_router, workflows_router]
+ROUTERS: list[tuple[APIRouter, RequireScope]] = [
+    (probes_router, PUBLIC),
+    (models_router, READ_ONLY),
+    (images_router, RequireScope("generate")),
+    # Cancel and replay act on a job of any kind: the key needs `generate` or `train`, and the
+    # service checks the scope of the job's own kind (api/jobs/service.py KIND_SCOPES).
+    (jobs_router, RequireScope("generate", "train")),
+    (files_router, READ_ONLY),
+    (text_router, RequireScope("generate")),
+    (videos_router, RequireScope("generate")),
+    (upscale_router, RequireScope("generate")),
+    (datasets_router, RequireScope("train")),
+    (fine_tuning_router, RequireScope("train")),
+    (workflows_router, RequireScope("generate")),
+]
 
 
 @dataclass
@@ -72,8 +89,10 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     jobs = JobsService(store, queue, config.queue, files, config.sse_poll_s)
     models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s)
     text = TextService(handles.get("llm"), limits.get("llm"), config.llm.refine if config.llm else RefineSettings(),
-                       models)
+                       models, **({"max_n": config.llm.max_n} if config.llm else {}))
     images = ImagesService(handles["sdxl"], models, text, jobs, files, storage, config.max_upload_pixels)
+    for kind in SDXL_JOB_KINDS:  # a replay meets today's SDXL limits (the datasets service registers imports)
+        jobs.replay_checks[kind] = images.recheck_replay
     videos = VideosService(models, images, text, jobs, store, files, uploads, storage)
     upscale = UpscaleService(models, text, jobs, files, uploads)
     datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes)

@@ -19,6 +19,7 @@ from PIL import Image
 from starlette.datastructures import UploadFile  # what a form holds; FastAPI's UploadFile subclasses it
 
 from api.images.protocol import ImageReference
+from api.security import FORMS, JSON, media_type, require_media_type
 from deployments.errors import AtelierError, InvalidRequestError, PayloadTooLargeError, parse_json
 from deployments.media import decode_image
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage, validate_key
@@ -46,9 +47,14 @@ class Uploads:
         """(fields, files) of a JSON object or a form. In a form, `a[b]` (how the OpenAI SDK sends an
         object in multipart) becomes a nested dict, and empty fields count as not given."""
         content_type = request.headers.get("content-type", "")
-        if not content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        if media_type(content_type) not in FORMS:
             raw = await request.body()
-            body = parse_json(raw, "body") if raw else {}
+            if not raw:
+                return {}, {}
+            # Only a body declared JSON is parsed as JSON: a text/plain one (which a browser sends
+            # cross-site without asking) is refused, never read.
+            require_media_type(content_type, (JSON, *FORMS))
+            body = parse_json(raw, "body")
             if not isinstance(body, dict):
                 raise InvalidRequestError("request body must be a JSON object", "body")
             return body, {}

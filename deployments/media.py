@@ -47,11 +47,22 @@ def encode_png(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     return buffer.getvalue()
 
 
+# The formats an input image may have; Image.open tries no other decoder (EPS would run
+# Ghostscript, and each extra decoder is attack surface).
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
 def decode_image(data: bytes, param: str = "image", *, max_pixels: int | None = None, mode: str = "RGB") -> Image.Image:
+    """Decode an input image; a 400 naming `param` if it is not one.
+
+    With `max_pixels`, the size is read from the header (Image.open reads no pixel data) and an
+    image over the limit is refused before anything is decoded: a small, highly compressed PNG of
+    8192x8192 pixels (a decompression bomb) costs its header, not 200 MB.
+    """
     if not data:
         raise InvalidRequestError(f"{param} is empty", param)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         if max_pixels is not None and image.width * image.height > max_pixels:
             raise InvalidRequestError(
                 f"{param} has {image.width}x{image.height} pixels, more than the limit of {max_pixels}", param

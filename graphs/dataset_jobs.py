@@ -68,10 +68,11 @@ def dataset_import(ctx, handles: dict[str, Any]) -> None:
     try:
         if payload.urls is not None:
             result = store.add_from_urls(dataset_id, payload.urls, config, captions=payload.captions,
-                                         progress=progress, **common)
+                                         progress=progress, poll=ctx.check_cancelled, **common)
         elif payload.prefix is not None:
-            # checked again: the config may have changed since the job was recorded
-            prefix = check_prefix_allowed(payload.prefix, config.allowed_prefixes)
+            # checked again (the config may have changed since the job was recorded), now also
+            # against the storage root: nothing of Atelier's own data, whatever the config says
+            prefix = check_prefix_allowed(payload.prefix, config.allowed_prefixes, storage_root=storage.root)
             # an outside s3:// prefix is read with the storage's own options (endpoint, credentials
             # chain), so no secret ever sits in a job record
             options = storage.storage_options if prefix.startswith("s3://") and storage.protocol == "s3" else None

@@ -27,6 +27,14 @@ files under ``images/``; a later add of the same image reuses them.
 
 Names and ids are validated with :func:`storage.keys.validate_id` (no ``/``, no ``..``), and
 archive entries with ``..`` or absolute paths are refused, so nothing escapes the root.
+
+What an import may read: a prefix import reads only a configured import root
+(:func:`check_prefix_allowed`), and never Atelier's own data: in the storage root only
+``imports/`` is importable, whatever the configuration; local files that link out of the
+imported folder are rejected. Generated images come in only as the outputs of jobs
+(:meth:`DatasetStore.add_job_outputs`). Every image's pixel count is read from its header and
+checked against ``max_pixels`` before it is decoded (uploads, zip members, prefix and URL
+imports alike), and decodes share one pixel budget (:data:`DECODE_BUDGET`).
 """
 
 from __future__ import annotations
@@ -36,12 +44,14 @@ import io
 import json
 import os
 import re
+import stat
 import threading
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import fsspec
 import pyarrow as pa
@@ -51,7 +61,7 @@ from pydantic import BaseModel, Field
 
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage, validate_key, validate_prefix
 from storage.jobs import JobNotFoundError, JobStore
-from storage.keys import DATASETS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, validate_id
+from storage.keys import DATASETS_PREFIX, IMPORTS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, validate_id
 from storage.url_import import DEFAULT_MAX_PIXELS, DatasetImportConfig, fetch_urls
 
 __all__ = [
@@ -241,8 +251,42 @@ def _item_problem(item: ImageItem, max_bytes: int) -> str | None:
     return None
 
 
+class _PixelBudget:
+    """Pixels being decoded at once, across threads: a full decode takes about 4 bytes a pixel,
+    so this bounds the memory of concurrent decodes whatever the thread counts (8 writer
+    threads per add, several adds at once). A decode larger than the whole budget waits until
+    it can run alone."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        pixels = max(1, min(pixels, self.capacity))
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + pixels <= self.capacity)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+# two images at DEFAULT_MAX_PIXELS (4096 x 4096) decode at once: about 128 MiB
+DECODE_BUDGET = _PixelBudget(2 * DEFAULT_MAX_PIXELS)
+
+
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
     """``(extension, width, height)`` of an image that fully decodes; ValueError saying why not.
+
+    The size comes from the header (``Image.open`` reads nothing else), so an image over
+    ``max_pixels`` is refused before a byte of it is decoded: a 100 KB PNG can declare
+    8192 x 8192 and inflate to 256 MB. The decode of an image within the limit waits for room
+    in :data:`DECODE_BUDGET`.
 
     Width and height are as displayed (EXIF orientation applied), as the reader decodes them.
     """
@@ -254,11 +298,13 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[st
             width, height = image.size
             if width * height > max_pixels:
                 raise ValueError(f"image is {width}x{height}, over the limit of {max_pixels} pixels")
-            orientation = image.getexif().get(0x0112, 1)
-            image.load()  # a full decode: truncated or corrupt data fails here, not in training
+            with DECODE_BUDGET.hold(width * height):
+                image.load()  # a full decode: truncated or corrupt data fails here, not in training
+                orientation = image.getexif().get(0x0112, 1)  # a PNG's may follow its pixels: after load
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        # PIL's own bomb check (at open, past 2 x Image.MAX_IMAGE_PIXELS) only backs ours up
         raise ValueError("not a readable image" if isinstance(exc, UnidentifiedImageError)
-                         else "image is too large (decompression bomb)") from None
+                         else f"image is over the limit of {max_pixels} pixels") from None
     except (OSError, SyntaxError, EOFError) as exc:
         raise ValueError(f"corrupt image: {exc}") from None
     if orientation in (5, 6, 7, 8):  # rotated 90 or 270 degrees
@@ -426,35 +472,101 @@ def pair_captions(files: Iterable[tuple[str, bytes]], captions: Mapping[str, str
     return items, rejected
 
 
-def check_prefix_allowed(prefix: str, allowed_prefixes: Iterable[str] = ()) -> str:
-    """For API imports: a key prefix inside the storage root, or a URL/path under an allowed prefix.
+def _is_relative(prefix: str) -> bool:
+    return "://" not in prefix and not os.path.isabs(prefix)
 
-    Returns the prefix (local paths made real, so symlinks cannot leave an allowed folder).
+
+def _under(location: str, folder: str) -> bool:
+    """Whether ``location`` is ``folder`` or inside it (both normalized, no trailing ``/``)."""
+    return location == folder or location.startswith(folder + "/")
+
+
+def _refuse_atelier_data(prefix: str, storage_root: str | None) -> None:
+    """Refuse a prefix that reaches Atelier's own data: in the storage root, anything but ``imports/``.
+
+    Storage prefixes are plain string prefixes (``"up"`` lists ``uploads/...``), so a key prefix
+    must start with ``imports/`` itself. A path or URL must not be the storage root, hold it, or
+    lie inside it other than under its ``imports/``. Applied whatever the configuration says.
+    """
+    if _is_relative(prefix):
+        try:
+            validate_prefix(prefix)
+        except InvalidKeyError as exc:
+            raise InvalidDatasetInputError(str(exc), "prefix") from None
+        if not prefix.startswith(IMPORTS_PREFIX):
+            raise InvalidDatasetInputError(
+                f"prefix {prefix!r} is Atelier's own storage: a prefix import reads only under "
+                f"{IMPORTS_PREFIX!r} in the storage root, or a configured location outside it", "prefix")
+        return
+    if storage_root is None:
+        return
+    target, root = _normal_location(prefix).rstrip("/"), _normal_location(storage_root).rstrip("/")
+    if _under(root, target) or (_under(target, root) and not _under(target, f"{root}/{IMPORTS_PREFIX.rstrip('/')}")):
+        raise InvalidDatasetInputError(
+            f"prefix {prefix!r} reaches Atelier's own storage ({storage_root}); only its "
+            f"{IMPORTS_PREFIX!r} may be imported from", "prefix")
+
+
+def check_prefix_allowed(prefix: str, allowed_prefixes: Iterable[str] = (), *,
+                         storage_root: str | None = None) -> str:
+    """For API imports: ``prefix`` must lie under a configured import root (``allowed_prefixes``,
+    i.e. ``dataset_import.allowed_prefixes``), and never in Atelier's own data.
+
+    * A key prefix in the storage root must be under ``imports/`` (:data:`storage.keys.IMPORTS_PREFIX`)
+      and under a relative entry of ``allowed_prefixes`` (``"imports/"`` allows all of it).
+    * A path or URL (``/data/photos/``, ``s3://bucket/photos/``) must be under an absolute entry,
+      and, given ``storage_root``, not reach into the storage root other than its ``imports/``.
+
+    Nothing is importable until an operator configures a root, and an entry that names Atelier's
+    data (``uploads/``, ``outputs/``, ``datasets/``...) allows nothing: job outputs come in only
+    as outputs of jobs (:meth:`DatasetStore.add_job_outputs`).
+
+    Returns the prefix (local paths made real, so a symlink cannot leave an allowed folder).
     """
     if not isinstance(prefix, str) or not prefix.strip():
         raise InvalidDatasetInputError("prefix must be a non-empty string", "prefix")
-    if "://" not in prefix and not prefix.startswith("/"):
+    allowed_prefixes = [a for a in allowed_prefixes if isinstance(a, str) and a.strip()]
+    if _is_relative(prefix):
         try:
-            return validate_prefix(prefix)
+            validate_prefix(prefix)
         except InvalidKeyError as exc:
             raise InvalidDatasetInputError(str(exc), "prefix") from None
+        _refuse_atelier_data(prefix, storage_root)
+        for allowed in allowed_prefixes:
+            if not _is_relative(allowed):
+                continue
+            base = allowed.rstrip("/") + "/"
+            if base.startswith(IMPORTS_PREFIX) and prefix.startswith(base):
+                return prefix
+        raise InvalidDatasetInputError(
+            f"prefix {prefix!r} is not under a configured import root (dataset_import.allowed_prefixes: "
+            f"{allowed_prefixes})", "prefix")
     target = _normal_location(prefix)
+    _refuse_atelier_data(prefix, storage_root)
     for allowed in allowed_prefixes:
-        base = _normal_location(allowed).rstrip("/") + "/"
-        if target == base.rstrip("/") or target.startswith(base):
-            return prefix
+        if _is_relative(allowed):
+            continue
+        if _under(target.rstrip("/"), _normal_location(allowed).rstrip("/")):
+            return target if "://" not in target else prefix
     raise InvalidDatasetInputError(
-        f"prefix {prefix!r} is outside the storage root and not in the allowed import prefixes", "prefix")
+        f"prefix {prefix!r} is not under a configured import root (dataset_import.allowed_prefixes: "
+        f"{allowed_prefixes})", "prefix")
 
 
 def _normal_location(location: str) -> str:
-    if location.startswith("file://"):
-        location = location[len("file://"):]
+    """A local path made real, or ``scheme://rest`` with the scheme's canonical name (``s3a`` is
+    ``s3``, ``local`` is a path), so two spellings of one place compare equal."""
+    if "::" in location:  # fsspec URL chaining (simplecache::s3://...) would hide the real location
+        raise InvalidDatasetInputError(f"prefix {location!r}: chained fsspec URLs are not allowed", "prefix")
     if "://" in location:
         scheme, _, rest = location.partition("://")
-        if any(seg in (".", "..") for seg in rest.split("/")):
-            raise InvalidDatasetInputError(f"prefix {location!r} has '.' or '..' segments", "prefix")
-        return f"{scheme.lower()}://{rest}"
+        scheme = scheme.lower()
+        if scheme in ("file", "local"):
+            location = rest
+        else:
+            if any(seg in (".", "..") for seg in rest.split("/")):
+                raise InvalidDatasetInputError(f"prefix {location!r} has '.' or '..' segments", "prefix")
+            return f"{'s3' if scheme == 's3a' else scheme}://{rest}"
     return os.path.realpath(location)
 
 
@@ -660,12 +772,18 @@ class DatasetStore:
                         progress: Callable[[int, int], None] | None = None) -> AddResult:
         """Add every image under ``prefix`` with same-stem ``.txt`` captions.
 
-        ``prefix`` is a key prefix inside this storage root (``uploads/batch1/``), or an
-        absolute local path or ``s3://``/``file://`` URL read through fsspec with
-        ``storage_options`` (API callers check it with :func:`check_prefix_allowed` first).
+        ``prefix`` is a key prefix under ``imports/`` in this storage root (``imports/batch1/``),
+        or an absolute local path or ``s3://``/``file://`` URL read through fsspec with
+        ``storage_options`` (API callers check it against the configured import roots with
+        :func:`check_prefix_allowed` first). Atelier's own data (the rest of the storage root)
+        is refused whoever calls. Local files are read only if their real path is inside the
+        prefix's real folder: a symlink out of it is rejected by name, and linked folders are
+        not walked.
         ``progress(done, total)`` is called after each file; it may raise to stop (nothing is
         committed then).
         """
+        if isinstance(prefix, str) and prefix:
+            _refuse_atelier_data(prefix, self.storage.root)
         writer = self.writer(dataset_id)
         source = _PrefixSource(self.storage, prefix, storage_options)
         names = source.list()
@@ -702,10 +820,18 @@ class DatasetStore:
     def add_from_urls(self, dataset_id: str, urls: list[str], config: Any = None, *,
                       captions: Mapping[str, str] | None = None, tags: list[str] | None = None,
                       license: str | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> AddResult:
+                      progress: Callable[[int, int], None] | None = None,
+                      poll: Callable[[], None] | None = None) -> AddResult:
         """Fetch ``urls`` (see :mod:`storage.url_import`) and add the images as one version.
-        Refused and failed URLs are reported in ``rejected`` with the reason."""
+        Refused and failed URLs are reported in ``rejected`` with the reason.
+
+        ``progress(done, total)`` runs as each URL finishes and ``poll()`` every quarter second
+        while fetches run; either may raise to stop (a cancel): running fetches are stopped
+        mid-read and nothing is committed.
+        """
         config = DatasetImportConfig.model_validate(config or {})
+        # a fetched image over the store's limit is refused from its header, before it is stored
+        config = config.model_copy(update={"max_pixels": min(config.max_pixels, self.max_pixels)})
         writer = self.writer(dataset_id)
         captions = dict(captions or {})
         done = 0
@@ -722,7 +848,7 @@ class DatasetStore:
             if progress is not None:
                 progress(done, len(urls))
 
-        fetch_urls(list(urls), config, on_result)
+        fetch_urls(list(urls), config, on_result, poll)
         return writer.commit()
 
     def add_outputs(self, dataset_id: str, keys: Iterable[str], captions: Mapping[str, str] | None = None, *,
@@ -874,18 +1000,27 @@ class DatasetWriter:
 
 
 class _PrefixSource:
-    """Files under a key prefix of the store's root, or under an fsspec URL / absolute path."""
+    """Files under a key prefix of the store's root, or under an fsspec URL / absolute path.
+
+    Local files (a local path, or a key prefix of a local root) are read through their real
+    path, and only if it is inside the real folder they were listed from (``confine``): a
+    symlinked file that points out of it is an error naming the file. Local folders are walked
+    without following linked folders.
+    """
 
     def __init__(self, storage: Storage, prefix: str, storage_options: dict | None):
         if not isinstance(prefix, str) or not prefix:
             raise InvalidDatasetInputError("prefix must be a non-empty string", "prefix")
         self.storage = storage
-        self.inside = "://" not in prefix and not os.path.isabs(prefix)
+        self.inside = _is_relative(prefix)
+        self.confine: str | None = None  # the real folder local files must stay in
         if self.inside:
             try:
                 self.prefix = validate_prefix(prefix)
             except InvalidKeyError as exc:
                 raise InvalidDatasetInputError(str(exc), "prefix") from None
+            if storage.protocol == "file":
+                self.confine = os.path.realpath(storage.full_path(IMPORTS_PREFIX.rstrip("/")))
             return
         if any(seg == ".." for seg in prefix.split("://", 1)[-1].split("/")):
             raise InvalidDatasetInputError(f"prefix {prefix!r} has '..' segments", "prefix")
@@ -893,11 +1028,16 @@ class _PrefixSource:
         self.root = self.root.rstrip("/")
         self.protocol = prefix.split("://", 1)[0] if "://" in prefix else "file"
         self.remote = self.protocol not in ("file", "local")
+        if not self.remote:
+            self.root = os.path.realpath(self.root)
+            self.confine = self.root
 
     def list(self) -> list[str]:
         """Names relative to the prefix (inside: storage keys), sorted, dot files skipped."""
         if self.inside:
             return [k for k in self.storage.list(self.prefix) if not _hidden(k)]
+        if not self.remote:
+            return sorted(r for r in _walk_local(self.root) if not _hidden(r))
         try:
             found = self.fs.find(self.root)
         except FileNotFoundError:
@@ -911,12 +1051,16 @@ class _PrefixSource:
         return f"{self.protocol}://{self.root}/{name}" if self.remote else f"{self.root}/{name}"
 
     def _read(self, name: str, limit: int) -> bytes:
-        if self.inside:
+        if self.inside and self.confine is None:  # S3: no links
             if self.storage.size(name) > limit:
                 raise ValueError(f"file is over the limit of {limit} bytes")
             return self.storage.get_bytes(name)
-        with self.fs.open(f"{self.root}/{name}", "rb") as f:
-            data = f.read(limit + 1)
+        if self.confine is not None:
+            path = self.storage.full_path(name) if self.inside else f"{self.root}/{name}"
+            data = _read_confined(path, self.confine, limit + 1)
+        else:
+            with self.fs.open(f"{self.root}/{name}", "rb") as f:
+                data = f.read(limit + 1)
         if len(data) > limit:
             raise ValueError(f"file is over the limit of {limit} bytes")
         return data
@@ -930,3 +1074,26 @@ class _PrefixSource:
         except (OSError, ValueError, ObjectNotFoundError) as exc:
             return None, f"cannot read: {exc}"
         return data, caption
+
+
+def _walk_local(root: str) -> list[str]:
+    """Files under the local folder ``root``, relative to it; linked folders are not entered."""
+    out = []
+    for dirpath, _dirs, filenames in os.walk(root, followlinks=False):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        out += [rel_dir + name for name in filenames]
+    return out
+
+
+def _read_confined(path: str, confine: str, size: int) -> bytes:
+    """Up to ``size`` bytes of the local file ``path``, whose real path must be inside ``confine``."""
+    real = os.path.realpath(path)
+    if not _under(real, confine):
+        raise ValueError("the file is a link to outside the import folder")
+    # no link swapped in since; a FIFO must not block the open
+    fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
+        return f.read(size)

@@ -77,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=DatasetImportConfig().concurrency)
     p.add_argument("--timeout", type=float, default=DatasetImportConfig().timeout_s)
 
-    p = sub.add_parser("import-prefix", parents=[common], help="add images under a local folder, s3:// URL or key prefix")
+    p = sub.add_parser("import-prefix", parents=[common],
+                       help="add images under a local folder, s3:// URL or key prefix under imports/ "
+                            "(nothing else of the storage root)")
     p.add_argument("prefix")
     p.add_argument("--source-options", type=json.loads, default=None, help="JSON fsspec options for the source")
 

@@ -10,6 +10,9 @@ One run folder (``training/<run_name>/``) belongs to one job at a time. A job cl
 by creating the next generation's claim only if nothing is there (create-if-absent, as the LoRA
 registry claims versions in :mod:`storage.registry`). Whether the job holding the latest claim
 still holds it (queued or running) is the caller's to say (``holder_of``): it asks Ray.
+
+A record never holds the storage credentials: ``config.storage_options`` is dropped when a record
+is written, and when one written before that rule is read.
 """
 
 from __future__ import annotations
@@ -49,6 +52,14 @@ class Claim(NamedTuple):
     holder: str | None = None  # else the job that holds it, if one does (None: lost every race)
 
 
+def _without_credentials(record: dict) -> dict:
+    """The record without ``config.storage_options`` (S3 keys: the job's environment carries them)."""
+    config = record.get("config")
+    if isinstance(config, dict) and "storage_options" in config:
+        return {**record, "config": {k: v for k, v in config.items() if k != "storage_options"}}
+    return record
+
+
 class FineTuningStore:
     def __init__(self, storage: Storage):
         self.storage = storage
@@ -63,19 +74,19 @@ class FineTuningStore:
         if not _JOB_ID.fullmatch(job_id):
             raise FineTuningJobNotFoundError(job_id)
         try:
-            return self.storage.get_json(self.record_key(job_id))
+            return _without_credentials(self.storage.get_json(self.record_key(job_id)))
         except ObjectNotFoundError:
             raise FineTuningJobNotFoundError(job_id) from None
 
     def put(self, record: dict) -> None:
-        self.storage.put_json(self.record_key(record["id"]), record)
+        self.storage.put_json(self.record_key(record["id"]), _without_credentials(record))
 
     def list(self) -> list[dict]:
         """Every record, newest first."""
         records = []
         for key in self.storage.list(RECORDS_PREFIX):
             try:
-                records.append(self.storage.get_json(key))
+                records.append(_without_credentials(self.storage.get_json(key)))
             except ObjectNotFoundError:
                 continue
         records.sort(key=lambda r: r["created_at"], reverse=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,6 +21,7 @@ from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
 from storage.keys import (
     JOBS_ACTIVE_PREFIX,
     JOBS_PREFIX,
+    id_time,
     job_active_key,
     job_cancel_key,
     job_key,
@@ -46,6 +47,18 @@ JOB_STATUSES = frozenset({"queued", "in_progress", "completed", "failed", "cance
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 
 _JSON_SUFFIX = ".json"
+_REFERENCE_SKEW_S = 3600.0
+
+
+def _names(value: Any, key: str) -> bool:
+    """Whether ``key`` is a string somewhere in ``value`` (a request: dicts, lists, strings)."""
+    if isinstance(value, str):
+        return value == key
+    if isinstance(value, dict):
+        return any(_names(v, key) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_names(v, key) for v in value)
+    return False
 
 
 class JobError(BaseModel):
@@ -278,6 +291,43 @@ class JobStore:
             if len(out) >= limit:
                 break
         return out
+
+    # -- shared inputs --------------------------------------------------------------------
+
+    def referencing(self, key: str, exclude: Iterable[str] = ()) -> list[str]:
+        """Ids of the jobs, but ``exclude``, whose request names ``key`` (a string value equal to
+        it, at any depth), newest first.
+
+        A replay reuses its original's inputs (an uploaded image), so a job being deleted must
+        delete a shared input only when no other job names it::
+
+            if not jobs.referencing(source, exclude=[record.id]):
+                storage.delete(source)
+
+        Reads job records newest first. When ``key`` holds an id made by :func:`new_id` (an
+        upload's), jobs made more than an hour (clock skew between replicas) before that id are
+        not read: they cannot name an input made after them.
+        """
+        excluded = set(exclude)
+        made = [t for t in (id_time(seg) for seg in key.split("/")) if t is not None]
+        cutoff = min(made) - _REFERENCE_SKEW_S if made else None
+        found = []
+        for job_id in self.list_ids():
+            made_at = id_time(job_id)
+            if cutoff is not None and made_at is not None and made_at < cutoff:
+                break  # newest first: every later id is older still
+            if job_id in excluded:
+                continue
+            try:
+                record = self.get(job_id)
+            except JobNotFoundError:
+                continue
+            except (ValueError, ValidationError) as e:
+                log.warning("skipping unreadable job record %s: %s", job_id, e)
+                continue
+            if _names(record.request, key):
+                found.append(job_id)
+        return found
 
     # -- cancellation ---------------------------------------------------------------------
 

@@ -8,6 +8,9 @@ defined in one place::
     jobs/<job_id>.cancel                      cancel marker (written by the ingress only)
     models/loras/<name>/<version>/            LoRA adapter files
     datasets/<id>/ , datasets/<id>/v<N>/      training datasets
+    imports/...                               never written by Atelier: files an operator puts
+                                              there for prefix imports into datasets (the only
+                                              part of the root an import may read)
 
 Ids that end up inside keys are validated with :func:`validate_id`: only ``[A-Za-z0-9_.-]``,
 no leading dot (so ``.``/``..``/hidden names are impossible), at most 200 characters.
@@ -36,12 +39,18 @@ __all__ = [
     "OUTPUTS_PREFIX",
     "LORAS_PREFIX",
     "DATASETS_PREFIX",
+    "IMPORTS_PREFIX",
+    "id_time",
 ]
 
 JOBS_PREFIX = "jobs/"
 OUTPUTS_PREFIX = "outputs/"
 LORAS_PREFIX = "models/loras/"
 DATASETS_PREFIX = "datasets/"
+# Everything else in the root (jobs, outputs, uploads, datasets, models, training, workflows,
+# fine_tuning, and whatever comes next) is Atelier's own data; a dataset prefix import reads
+# only under this prefix (storage.datasets.check_prefix_allowed).
+IMPORTS_PREFIX = "imports/"
 
 MAX_ID_LENGTH = 200
 _ID_RE = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -103,6 +112,15 @@ def new_id(prefix: str) -> str:
             rand = int.from_bytes(os.urandom(4), "big") >> 1
         _last_ms, _last_rand = ms, rand
     return f"{prefix}_{ms & 0xFFFFFFFFFFFF:012x}{rand:08x}"
+
+
+_NEW_ID_RE = re.compile(r"[A-Za-z0-9_.\-]+_([0-9a-f]{12})[0-9a-f]{8}")
+
+
+def id_time(value: str) -> float | None:
+    """When an id made by :func:`new_id` was made (epoch seconds), or None for another id."""
+    m = _NEW_ID_RE.fullmatch(value) if isinstance(value, str) else None
+    return int(m.group(1), 16) / 1000.0 if m else None
 
 
 # --- key builders ------------------------------------------------------------------------

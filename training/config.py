@@ -21,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from storage.keys import validate_id
 
 __all__ = ["TrainConfig", "TrainConfigError", "load_config", "config_error", "instance_caption", "LR_SCHEDULERS",
-           "RESUME_FIELDS", "DEFAULT_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES"]
+           "RESUME_FIELDS", "DEFAULT_TARGET_MODULES", "TEXT_ENCODER_TARGET_MODULES", "STORAGE_OPTIONS_ENV"]
+
+# A Ray job's storage_options (JSON): its runtime_env carries them, never its entrypoint (training.cli reads them).
+STORAGE_OPTIONS_ENV = "ATELIER_STORAGE_OPTIONS"
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 # The attention projections, as diffusers' train_dreambooth_lora_sdxl.py targets them.
@@ -116,7 +119,11 @@ class TrainConfig(BaseModel):
 
     # --- where ----------------------------------------------------------------------------------
     storage_root: str = "var/storage"
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    # Credentials (an S3 key and secret): never dumped (a Ray job's entrypoint, a job record, Ray
+    # Train's run state) nor shown (repr). A Ray job gets them in its environment (STORAGE_OPTIONS_ENV).
+    storage_options: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False,
+                                            description="fsspec/s3fs options of the storage root (credentials); "
+                                                        "left out of every dump of the config.")
     new_version: bool = Field(False, description="Register as a new version if the name is taken.")
     run_name: str | None = Field(None, description="Training run folder; default: the name (name-v<N> for a "
                                                    "new version). Re-running a run name resumes it.")
@@ -241,7 +248,7 @@ def _load_file(path: str) -> dict:
 def load_config(source: TrainConfig | dict | str | os.PathLike, **overrides: Any) -> TrainConfig:
     """A TrainConfig from a model, a dict, or a YAML/JSON file; TrainConfigError names the field."""
     if isinstance(source, TrainConfig):
-        data = source.model_dump()
+        data = {**source.model_dump(), "storage_options": source.storage_options}  # a dump leaves them out
     elif isinstance(source, dict):
         data = dict(source)
     else:

@@ -39,6 +39,7 @@ import dataclasses
 import io
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -152,10 +153,12 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> TrainResult:
         status.update(state="training")
         storage_path, filesystem = _ray_storage(storage)
         resources = {"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})}
+        # Ray Train records train_loop_config in its run state (the dashboard's Train page, exported
+        # events): the storage credentials travel through the object store, not in it.
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
-                               "fail_at": _fail_at_from_env()},
+                               "storage_options": ray.put(config.storage_options), "fail_at": _fail_at_from_env()},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
                                          resources_per_worker=resources),
             run_config=RunConfig(
@@ -419,7 +422,13 @@ def _load_checkpoint(folder: str, trainable: dict, optimizer, lr_scheduler, scal
         for m, params in trainable.items():
             for n, p in params.items():
                 p.copy_(weights[f"{m}.{n}"])
-    training_state = torch.load(os.path.join(folder, "optimizer.pt"), map_location="cpu", weights_only=False)
+    # Tensors and plain values only: a checkpoint in storage must not be able to run code when resumed.
+    path = os.path.join(folder, "optimizer.pt")
+    try:
+        training_state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise RuntimeError(f"refusing to load checkpoint {path}: it holds more than tensors and plain values "
+                           f"(torch.load weights_only): {exc}") from None
     optimizer.load_state_dict(training_state["optimizer"])
     lr_scheduler.load_state_dict(training_state["lr_scheduler"])
     if scaler is not None and training_state.get("scaler"):
@@ -529,13 +538,23 @@ def _finalize(models: _Models, config: TrainConfig, plan: TrainPlan, storage: St
     return {"lora": record.model_dump(mode="json"), "metrics": metrics}
 
 
+def _worker_config(loop_config: dict) -> TrainConfig:
+    """The run's config on a worker: the loop config's (which leaves storage_options out), with the storage
+    options from the object store (``train`` put them there)."""
+    import ray
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    ref = loop_config.get("storage_options")
+    return config.model_copy(update={"storage_options": dict(ray.get(ref)) if ref is not None else {}})
+
+
 def _train_loop(loop_config: dict) -> dict | None:
     """Runs on every Ray Train worker."""
     import ray.train
     import ray.train.torch
     from diffusers.optimization import get_scheduler
 
-    config = TrainConfig.model_validate(loop_config["config"])
+    config = _worker_config(loop_config)
     plan = TrainPlan.model_validate(loop_config["plan"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()

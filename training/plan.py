@@ -305,5 +305,8 @@ def check_resume(storage: Storage, run_name: str, expected: dict[str, Any]) -> i
 
 
 def job_entrypoint(config: TrainConfig) -> str:
-    """The shell command a Ray job runs for this config (``JobSubmissionClient.submit_job(entrypoint=...)``)."""
-    return f"python -m training.cli --config-json {shlex.quote(config.model_dump_json())}"
+    """The shell command a Ray job runs for this config (``JobSubmissionClient.submit_job(entrypoint=...)``).
+
+    Without ``storage_options``: an entrypoint shows in ``ray job list``, process lists and logs. The
+    job gets them in its runtime_env's ``env_vars`` (``STORAGE_OPTIONS_ENV``), which training.cli reads."""
+    return f"python -m training.cli --config-json {shlex.quote(config.model_dump_json(exclude={'storage_options'}))}"

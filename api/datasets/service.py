@@ -11,6 +11,8 @@ import asyncio
 import ipaddress
 from typing import Any, Callable
 
+from pydantic import ValidationError
+
 from api.datasets.protocol import DatasetCreateRequest, DatasetDeleted, DatasetImportRequest, DatasetList, DatasetView
 from api.files.service import FilesService
 from api.jobs.service import JobsService
@@ -125,7 +127,7 @@ class DatasetsService:
                 raise InvalidRequestError(f"{source}[{index}]: {exc}", f"{source}.{index}") from None
         if source == "prefix":
             try:
-                check_prefix_allowed(body.prefix, config.allowed_prefixes)
+                check_prefix_allowed(body.prefix, config.allowed_prefixes, storage_root=self.store.storage.root)
             except DatasetError as exc:
                 raise dataset_error(exc) from None
 
@@ -139,6 +141,25 @@ class DatasetsService:
                                               config=self.import_config.model_dump(mode="json"))
         return await self.jobs.submit_async(payload)
 
+    def recheck_import(self, payload: DatasetImportPayload) -> DatasetImportPayload:
+        """A replayed import, checked as a new submit is, against today's import policy (allowed
+        prefixes, private hosts, limits), which it then carries instead of the recorded one."""
+        fields = payload.model_dump(include=set(DatasetImportRequest.model_fields), exclude_none=True)
+        try:
+            body = DatasetImportRequest.model_validate(fields)
+        except ValidationError as exc:  # a record an older version wrote, which today's request refuses
+            first = exc.errors()[0]
+            param = ".".join(str(p) for p in first["loc"]) or "body"
+            raise InvalidRequestError(f"the recorded import no longer passes: {param}: {first['msg']}", param) from None
+        source = self.import_source(body)
+        try:
+            self.store.get(payload.dataset_id)
+        except DatasetError as exc:
+            raise dataset_error(exc) from None
+        self.check_import(body, source)
+        payload.config = self.import_config.model_copy()
+        return payload
+
 
 def build_datasets_service(storage: Storage, jobs: JobsService, files: FilesService,
                            import_config: DatasetImportConfig, max_upload_bytes: int) -> DatasetsService:
@@ -147,4 +168,6 @@ def build_datasets_service(storage: Storage, jobs: JobsService, files: FilesServ
     ``import_config.max_zip_expanded_bytes`` (default 4 x ``max_upload_bytes``)."""
     store = DatasetStore(storage, max_image_bytes=max_upload_bytes, max_pixels=import_config.max_pixels,
                          max_expanded_bytes=import_config.max_zip_expanded_bytes or 4 * max_upload_bytes)
-    return DatasetsService(store, jobs, files, import_config, max_upload_bytes)
+    service = DatasetsService(store, jobs, files, import_config, max_upload_bytes)
+    jobs.replay_checks[IMPORT_JOB_KIND] = service.recheck_import  # a replay meets today's import policy
+    return service

@@ -16,6 +16,7 @@ refused (409), or with `new_version` takes the next free run name.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import re
@@ -42,7 +43,7 @@ from deployments.sdxl.contract import SDXLLimits
 from storage.fine_tuning import MAX_CLAIM_ATTEMPTS, FineTuningJobNotFoundError, FineTuningStore
 from storage.fs import Storage
 from storage.keys import new_id
-from training.config import TrainConfig, TrainConfigError
+from training.config import STORAGE_OPTIONS_ENV, TrainConfig, TrainConfigError
 from training.plan import TrainPlan, check_inputs, check_resume, job_entrypoint, read_status, resume_record
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
@@ -81,6 +82,20 @@ class FineTuningLimits(BaseModel):
     resolution: int = Field(2048, ge=64)
     num_workers: int | None = Field(None, ge=1, description="Default: as many as the cluster's nodes hold "
                                                             "(CPUs per worker, a GPU each), checked at submission.")
+    # What a run renders besides training: DreamBooth class images, and validation images.
+    num_class_images: int = Field(200, ge=1, description="dreambooth: class images a run generates.")
+    class_inference_steps: int = Field(50, ge=1, description="dreambooth: denoising steps per class image.")
+    validation_images: int = Field(8, ge=1, description="Validation images per render (validation_seeds).")
+    validation_inference_steps: int = Field(50, ge=1, description="Denoising steps per validation image.")
+    validation_renders: int = Field(20, ge=1, description="Validation renders a run makes: one every "
+                                                          "validation_every_steps, and the final one.")
+    checkpoints: int = Field(100, ge=1, description="Checkpoints a run uploads: one every "
+                                                    "checkpoint_every_steps, and the last step.")
+
+
+# Limits that are a ceiling on the TrainConfig field of the same name (dreambooth's only with dreambooth).
+_FIELD_LIMITS = ("max_steps", "epochs", "rank", "resolution", "validation_inference_steps")
+_DREAMBOOTH_LIMITS = ("num_class_images", "class_inference_steps")
 
 
 class FineTuningConfig(BaseModel):
@@ -213,19 +228,41 @@ class FineTuningService:
         if config.min_images < floor:
             raise InvalidRequestError(f"min_images: at least {floor} images are required here; got "
                                       f"{config.min_images}", request_param("min_images"))
-        for field, limit in self.config.limits.model_dump(exclude={"num_workers"}).items():
-            value = getattr(config, field)
+        limits = self.config.limits
+        for field in _FIELD_LIMITS + (_DREAMBOOTH_LIMITS if config.method == "dreambooth" else ()):
+            value, limit = getattr(config, field), getattr(limits, field)
             if value is not None and value > limit:
                 raise InvalidRequestError(f"{field}: at most {limit} here; got {value}", request_param(field))
-        return config.model_dump(mode="json")
+        if len(config.validation_seeds) > limits.validation_images:
+            raise InvalidRequestError(f"validation_seeds: at most {limits.validation_images} validation images "
+                                      f"(seeds) here; got {len(config.validation_seeds)}",
+                                      request_param("validation_seeds"))
+        return config.model_dump(mode="json")  # without storage_options (TrainConfig never dumps them)
 
     def check_length(self, config: TrainConfig, plan: TrainPlan) -> None:
-        """An epoch count is held to the step limit too, once the plan knows the steps per epoch."""
-        limit = self.config.limits.max_steps
-        if plan.total_steps > limit:
+        """An epoch count is held to the step limit too, once the plan knows the steps per epoch; so are the
+        validation renders and the checkpoints the run's steps make."""
+        limits = self.config.limits
+        limit = limits.max_steps
+        total = plan.total_steps
+        if total > limit:
             field = "max_steps" if config.max_steps else "epochs"
-            raise InvalidRequestError(f"{field}: {plan.total_steps} optimizer steps ({plan.steps_per_epoch} per "
+            raise InvalidRequestError(f"{field}: {total} optimizer steps ({plan.steps_per_epoch} per "
                                       f"epoch), over the limit of {limit}", request_param(field))
+        if config.validation_every_steps:
+            # renders at every multiple of validation_every_steps before the last step, and the final one
+            renders = (total - 1) // config.validation_every_steps + 1
+            if renders > limits.validation_renders:
+                raise InvalidRequestError(
+                    f"validation_every_steps: at most {limits.validation_renders} validation renders a run here; "
+                    f"{total} steps with validation every {config.validation_every_steps} make {renders}",
+                    request_param("validation_every_steps"))
+        checkpoints = -(-total // config.checkpoint_every_steps)
+        if checkpoints > limits.checkpoints:
+            raise InvalidRequestError(
+                f"checkpoint_every_steps: at most {limits.checkpoints} checkpoints a run here; {total} steps with a "
+                f"checkpoint every {config.checkpoint_every_steps} make {checkpoints}",
+                request_param("checkpoint_every_steps"))
 
     def check_capacity(self, config: TrainConfig) -> None:
         """num_workers within the configured maximum, or what the cluster's nodes can hold at all: a
@@ -256,7 +293,7 @@ class FineTuningService:
         # 1. Check inputs: fields, the cluster, then storage (dataset, base model, name, a checkpoint to resume).
         if not self.config.enabled:
             raise NotFoundError("fine-tuning is disabled in this application", "model")
-        config = TrainConfig.model_validate(self.train_fields(body))
+        config = TrainConfig.model_validate({**self.train_fields(body), "storage_options": self.storage_options})
         await asyncio.to_thread(self.check_capacity, config)
         try:
             plan = await asyncio.to_thread(check_inputs, config)
@@ -269,7 +306,8 @@ class FineTuningService:
         plan = await asyncio.to_thread(self.claim_run, config, plan, job_id)
         config = config.model_copy(update={"run_name": plan.run_name})
 
-        # 3. The durable record, then the Ray job.
+        # 3. The durable record, then the Ray job. Neither holds the storage credentials: a TrainConfig's
+        # dump leaves storage_options out, and the job gets them in its runtime_env (_submit).
         record = {
             "id": job_id, "created_at": time.time(), "config": config.model_dump(mode="json"),
             "plan": plan.model_dump(mode="json"), "metadata": body.metadata,
@@ -281,8 +319,11 @@ class FineTuningService:
     def _submit(self, config: TrainConfig, record: dict) -> None:
         job_id = record["id"]
         runtime_env = dict(self.config.runtime_env)
+        # The storage credentials go in the job's environment (env_vars, which the dashboard's web UI masks),
+        # never in its entrypoint (ray job list, process lists, the driver's log); training.cli reads them back.
+        secrets = {STORAGE_OPTIONS_ENV: json.dumps(self.storage_options)} if self.storage_options else {}
         env_vars = {"PYTHONPATH": os.pathsep.join(p for p in (CODE_ROOT, os.environ.get("PYTHONPATH")) if p),
-                    **runtime_env.pop("env_vars", {})}
+                    **secrets, **runtime_env.pop("env_vars", {})}
         entrypoint = job_entrypoint(config).replace("python ", f"{sys.executable} ", 1)
         try:
             self.job_client().submit_job(entrypoint=entrypoint, submission_id=job_id,

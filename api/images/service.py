@@ -18,11 +18,16 @@ from deployments.llm.contract import RefinedPrompt, RefineRequest
 from deployments.media import decode_image, parse_size
 from deployments.sdxl import contract as sdxl_contract
 from deployments.sdxl.contract import SDXLRequest, SDXLResponse, routed
-from graphs.payloads import ImageEditPayload, ImageGenerationPayload
+from graphs.payloads import ImageEditPayload, ImageGenerationPayload, TextToImageHDPayload
 from graphs.pipelines import apply_refined
 from storage.fs import Storage
 from storage.jobs import JobRecord
 from storage.keys import new_id
+
+SDXLJobPayload = ImageGenerationPayload | ImageEditPayload | TextToImageHDPayload
+# The job kinds whose SDXL section a replay checks again (ImagesService.recheck_replay).
+SDXL_JOB_KINDS = tuple(cls.model_fields["kind"].default for cls in (ImageGenerationPayload, ImageEditPayload,
+                                                                    TextToImageHDPayload))
 
 
 class ImagesService:
@@ -57,6 +62,11 @@ class ImagesService:
         lora = await self.models.lora_record(body.lora)
         request.lora = lora.id if lora else None
         return request
+
+    def recheck_replay(self, payload: SDXLJobPayload) -> SDXLJobPayload:
+        """A replayed SDXL job, checked against SDXL's limits of today, as a new submit is."""
+        sdxl_contract.check(payload.sdxl, self.limits)
+        return payload
 
     def decode_edit_inputs(self, image_bytes: bytes, mask_bytes: bytes | None) -> tuple[int, int]:
         """Decode the edit's image (and mask) now, so a bad upload is a 400, not a failed job; SDXL

@@ -1,5 +1,8 @@
 """The job API: GET /v1/jobs, GET /v1/jobs/{id}, POST /v1/jobs/{id}/cancel, GET /v1/jobs/{id}/events,
-POST /v1/jobs/{id}/replay (run a finished job again from its recorded request, seeds pinned)."""
+POST /v1/jobs/{id}/replay (run a finished job again from its recorded request, seeds pinned).
+
+Cancel and replay need the scope of the job's kind (a dataset import: `train`; the others:
+`generate`), and a replay is checked against today's policy (api/jobs/service.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from api.auth import granted_scopes
 from api.jobs.protocol import JobList, JobView
 from api.jobs.service import JobsService
 from storage.jobs import JobRecord
@@ -49,7 +53,7 @@ def get_job(job_id: str, request: Request, jobs: JobsService = Depends(jobs_serv
 
 @router.post("/v1/jobs/{job_id}/cancel", response_model=JobView)
 def cancel_job(job_id: str, request: Request, jobs: JobsService = Depends(jobs_service)) -> JobView:
-    return jobs.view(jobs.cancel(job_id), base_url(request))
+    return jobs.view(jobs.cancel(job_id, granted_scopes(request)), base_url(request))
 
 
 @router.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
@@ -64,4 +68,4 @@ async def job_events(job_id: str, request: Request, jobs: JobsService = Depends(
 
 @router.post("/v1/jobs/{job_id}/replay", status_code=202)
 async def replay_job(job_id: str, request: Request, jobs: JobsService = Depends(jobs_service)) -> JSONResponse:
-    return accepted(jobs, await asyncio.to_thread(jobs.replay, job_id), request)
+    return accepted(jobs, await asyncio.to_thread(jobs.replay, job_id, granted_scopes(request)), request)

@@ -10,18 +10,20 @@ from api.models.protocol import ModelList
 from api.models.service import ModelsService
 
 router = APIRouter(tags=["models"])
+# The probes are open (they carry no data): their own router, included without a key (api/services.py).
+probes_router = APIRouter(tags=["models"])
 
 
 def models_service(request: Request) -> ModelsService:
     return request.app.state.models
 
 
-@router.get("/healthz")
+@probes_router.get("/healthz")
 async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"model": ErrorResponse}})
+@probes_router.get("/readyz", responses={503: {"model": ErrorResponse}})
 async def readyz(models: ModelsService = Depends(models_service)):
     """200 once every model deployment answers; 503 with Retry-After while any is starting."""
     problems = await models.not_ready()

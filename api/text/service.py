@@ -15,8 +15,8 @@ from ray.serve.llm.openai_api_models import CompletionRequest
 from api.models.service import ModelsService
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
 from deployments.llm import contract as llm_contract
-from deployments.llm.contract import (GemmaLimits, RefinedPrompt, RefineRequest, RefineSettings, build_refine_chat,
-                                      engine_error, refined_from_response)
+from deployments.llm.contract import (GemmaConfig, GemmaLimits, RefinedPrompt, RefineRequest, RefineSettings,
+                                      build_refine_chat, engine_error, refined_from_response)
 
 
 class LLMUnavailableError(AtelierError):
@@ -51,9 +51,10 @@ def sse(item: Any) -> str:
 
 class TextService:
     def __init__(self, llm: DeploymentHandle | None, limits: GemmaLimits | None, settings: RefineSettings,
-                 models: ModelsService):
+                 models: ModelsService, max_n: int = GemmaConfig.model_fields["max_n"].default):
         self.llm = llm
         self.limits = limits
+        self.max_n = max_n  # choices per request (config llm.max_n)
         self.settings = settings
         self.models = models  # style presets and LoRA trigger words for refinement
 
@@ -69,6 +70,7 @@ class TextService:
         error before the first token is the request's error (a 400 naming the field)."""
         handle = self.handle(body.model)
         llm_contract.check_max_tokens(body.max_tokens, self.limits)
+        llm_contract.check_n(body, self.max_n)
         body.model = self.limits.model
         stream = getattr(handle, method).remote(body, None)
         try:

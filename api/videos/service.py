@@ -275,7 +275,8 @@ class VideosService:
         for stage in ((record.result or {}).get("stages") or {}).values():
             keys.update(k for k in [stage.get("key"), stage.get("poster_key"), *(stage.get("keys") or [])] if k)
         source = video_source_key(record)
-        if source and source.startswith("uploads/"):
+        # an upload its replays share stays while any other job names it
+        if source and source.startswith("uploads/") and not self.store.referencing(source, exclude=[record.id]):
             keys.add(source)
         for key in keys:
             self.storage.delete(key)

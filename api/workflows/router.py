@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from api.jobs.router import accepted, jobs_service
 from api.jobs.service import JobsService
+from api.security import JSON, require_media_type
 from api.workflows.protocol import SavedWorkflow, SavedWorkflowBody, WorkflowRunRequest
 from api.workflows.service import InvalidWorkflowError, WorkflowsService
 from deployments.errors import InvalidRequestError, parse_json
@@ -68,7 +69,10 @@ def _with_workflow(model: type[BaseModel]) -> dict[str, Any]:
 
 
 async def _json_body(request: Request) -> Any:
-    return parse_json(await request.body(), "body")
+    raw = await request.body()
+    if raw:  # JSON only: a text/plain body (which a browser sends cross-site without asking) is never parsed
+        require_media_type(request.headers.get("content-type"), (JSON,))
+    return parse_json(raw, "body")
 
 
 def _parse(model: type[BaseModel], body: Any) -> Any:

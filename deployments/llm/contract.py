@@ -3,7 +3,7 @@
 The deployment is Ray's LLMServer (vLLM engine, OpenAI protocol, streaming, LoRA multiplexing),
 built in deployment.py from `GemmaConfig`; the chat and completion request types are vLLM's own.
 What is Atelier's is here: `GemmaLimits` (the model's name and context length, from the config),
-the checks the API runs against them (`check_max_tokens`, `check_messages`), and prompt refinement.
+the checks the API runs against them (`check_max_tokens`, `check_n`, `check_messages`), and prompt refinement.
 
 Prompt refinement asks the model for JSON that matches a schema (vLLM structured outputs), so
 a well-behaved model always parses; whatever it returns, `parse_refined` never fails the caller:
@@ -38,6 +38,8 @@ class GemmaConfig(BaseModel):
     model_id: str = Field("gemma", description="The name clients pass as `model`.")
     model_source: str = Field(description="Folder or hub id, e.g. google/gemma-2-2b-it.")
     max_model_len: int = Field(8192, ge=16)
+    max_n: int = Field(8, ge=1, le=128, description="The most choices one request may ask for (`n`, and vLLM's "
+                                                   "`best_of`); each is a whole generation. vLLM alone allows 16384.")
     engine_kwargs: dict[str, Any] = Field({}, description="vLLM engine arguments (dtype, gpu_memory_utilization, ...).")
     deployment_config: dict[str, Any] = Field({}, description="Ray Serve options: autoscaling, ray_actor_options.")
     placement_group_config: dict[str, Any] | None = Field(
@@ -107,6 +109,15 @@ def check_max_tokens(max_tokens: int | None, limits: GemmaLimits) -> None:
     if max_tokens is not None and max_tokens > limit:
         raise InvalidRequestError(f"max_tokens must be at most the context length {limit}; got {max_tokens}",
                                   "max_tokens")
+
+
+def check_n(body: Any, max_n: int) -> None:
+    """Choices per request (`n`, and vLLM's `best_of` where the request has it): each one is a whole
+    generation, so they are capped by the config (`max_n`), not by vLLM's 16384."""
+    for field in ("n", "best_of"):
+        value = getattr(body, field, None)
+        if value is not None and value > max_n:
+            raise InvalidRequestError(f"{field} must be at most {max_n}; got {value}", field)
 
 
 def check_messages(messages: list) -> None:

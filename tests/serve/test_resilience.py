@@ -181,7 +181,7 @@ def _hang_up_after(host: str, port: int, raw_request: bytes, read_bytes: int, co
 
 
 def _raw(method: str, path: str, body: bytes = b"", content_type: str = "application/json") -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
 

@@ -259,10 +259,11 @@ def test_bad_ids_and_prefixes_cannot_escape(store, dataset_id):
     for bad in ("../" + dataset_id, "/" + dataset_id, "..", "a/b", "_names"):
         with pytest.raises(DatasetNotFoundError):
             store.get(bad)
-    for bad in ("../outside/", "/etc/", "file:///etc/", "s3://other-bucket/x/", "a/../../b", "s3://b/../x/"):
+    for bad in ("../outside/", "/etc/", "file:///etc/", "s3://other-bucket/x/", "a/../../b", "s3://b/../x/",
+                "uploads/batch/", "imports/../uploads/"):
         with pytest.raises(InvalidDatasetInputError):
-            check_prefix_allowed(bad, allowed_prefixes=["s3://allowed/"])
-    assert check_prefix_allowed("uploads/batch/") == "uploads/batch/"
+            check_prefix_allowed(bad, allowed_prefixes=["s3://allowed/", "imports/"])
+    assert check_prefix_allowed("imports/batch/", ["imports/"]) == "imports/batch/"
     assert check_prefix_allowed("s3://allowed/sub/", ["s3://allowed/"]) == "s3://allowed/sub/"
     with pytest.raises(InvalidDatasetInputError):
         store.add_from_prefix(dataset_id, "../up/")
@@ -307,10 +308,10 @@ def test_prefix_import_with_captions(store, dataset_id, tmp_path):
     assert result.added == 2 and [r.filename for r in result.rejected] == ["junk.png"]
     captions = dict(zip(*store.manifest(dataset_id).select(["filename", "caption"]).to_pydict().values()))
     assert captions == {"a.png": "caption a", "sub/b.png": ""}
-    # a prefix inside the storage root (works on S3 too)
-    store.storage.put_bytes("uploads/x/c.png", noise_image(16, 16, 3))
-    store.storage.put_bytes("uploads/x/c.txt", b"caption c")
-    inside = store.add_from_prefix(dataset_id, "uploads/x/")
+    # a prefix under imports/ in the storage root (works on S3 too)
+    store.storage.put_bytes("imports/x/c.png", noise_image(16, 16, 3))
+    store.storage.put_bytes("imports/x/c.txt", b"caption c")
+    inside = store.add_from_prefix(dataset_id, "imports/x/")
     assert inside.added == 1 and store.manifest(dataset_id).num_rows == 3
 
 
@@ -534,17 +535,33 @@ def test_api_imports_validate_then_record_a_job(api):
     assert record.request["config"]["allow_private_hosts"] == []
 
 
+def test_api_refuses_a_prefix_import_of_atelier_data_even_if_configured(api):
+    """Issue 18, finding 2: `{"prefix": "uploads/"}` copied other jobs' private inputs into the
+    caller's dataset. Only configured roots under imports/ (or outside the storage root) import."""
+    client, ctx = api
+    ctx.configure(allowed_prefixes=["uploads/", "training/", "datasets/", "outputs/", "imports/"])
+    ctx.storage.put_bytes("uploads/upload_1/image", noise_image(16, 16, 42))
+    dataset_id = client.post("/v1/datasets", json={"name": "thief"}).json()["id"]
+    url = f"/v1/datasets/{dataset_id}/imports"
+    for prefix in ("uploads/", "training/", "datasets/", "outputs/", "jobs/", "workflows/", "fine_tuning/", "u"):
+        response = client.post(url, json={"prefix": prefix})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "prefix", (prefix, response.text)
+    assert client.post(url, json={"prefix": "imports/batch/"}).status_code == 202
+
+
 def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id):
     from deployments.errors import JobCancelledError
     from graphs.job_runner import JobContext
     from graphs.dataset_jobs import dataset_import
     from storage.jobs import JobStore
 
+    roots = {"allowed_prefixes": ["imports/"]}  # the configured import root
     for i in range(3):
-        store.storage.put_bytes(f"uploads/batch/{i}.png", noise_image(16, 16, i))
-    store.storage.put_bytes("uploads/batch/0.txt", b"zero")
+        store.storage.put_bytes(f"imports/batch/{i}.png", noise_image(16, 16, i))
+    store.storage.put_bytes("imports/batch/0.txt", b"zero")
     jobs = JobStore(store.storage)
-    record = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/batch/", "tags": ["b"]})
+    record = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "imports/batch/", "tags": ["b"],
+                                             "config": roots})
     ctx = JobContext(jobs, record)
     dataset_import(ctx, {})
     assert ctx.record.result["added"] == 3 and ctx.record.result["version"] == 1
@@ -552,8 +569,8 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     assert store.manifest(dataset_id).column("tags").to_pylist() == [["b"]] * 3
 
     for i in range(3, 6):
-        store.storage.put_bytes(f"uploads/more/{i}.png", noise_image(16, 16, i))
-    cancelled = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/more/"})
+        store.storage.put_bytes(f"imports/more/{i}.png", noise_image(16, 16, i))
+    cancelled = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "imports/more/", "config": roots})
     jobs.save(cancelled.model_copy(update={"status": "in_progress"}))
     jobs.request_cancel(cancelled.id)
     with pytest.raises(JobCancelledError):
@@ -561,14 +578,14 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     assert store.versions(dataset_id) == [1]  # nothing committed
 
     # the job applies the recorded config's max_pixels
-    store.storage.put_bytes("uploads/wide/wide.png", noise_image(17, 16, 9))
-    store.storage.put_bytes("uploads/wide/fits.png", noise_image(16, 16, 10))
-    limited = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "uploads/wide/",
-                                              "config": {"max_pixels": 16 * 16}})
+    store.storage.put_bytes("imports/wide/wide.png", noise_image(17, 16, 9))
+    store.storage.put_bytes("imports/wide/fits.png", noise_image(16, 16, 10))
+    limited = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "imports/wide/",
+                                              "config": {"max_pixels": 16 * 16, **roots}})
     ctx = JobContext(jobs, limited)
     dataset_import(ctx, {})
     assert (ctx.record.result["added"], ctx.record.result["rejected"]) == (1, 1)
-    assert ctx.record.result["rejections"][0]["filename"] == "uploads/wide/wide.png"
+    assert ctx.record.result["rejections"][0]["filename"] == "imports/wide/wide.png"
 
     outside = jobs.create("datasets.import", {"dataset_id": dataset_id, "prefix": "/etc/"})
     with pytest.raises(Exception) as err:
