@@ -16,6 +16,13 @@ from deployments.errors import InvalidRequestError
 
 _SIZE_RE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
 
+# imageio-ffmpeg starts ffmpeg with preexec_fn=os.setpgrp, which runs Python in the forked child:
+# in a process with Ray's gRPC threads (every replica, and a test driver joined to Ray) the child
+# sometimes dies before exec ("Broken pipe" writing frames, or no header within its 10 s), seen in
+# the serve suite and in CI. The library's own switch (its issue #58) makes it a plain fork+exec;
+# the cost is that a Ctrl-C in a terminal also reaches ffmpeg, which a server never sees.
+os.environ.setdefault("IMAGEIO_FFMPEG_NO_PREVENT_SIGINT", "1")
+
 
 def parse_size(size: str, param: str = "size") -> tuple[int, int]:
     """'WIDTHxHEIGHT' -> (width, height); shape only, limits are the model's to check."""
