@@ -14,12 +14,14 @@ for a trusted local machine, says `open`.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import hashlib
 import hmac
 import json
 import os
 import secrets
 import sys
+from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -123,6 +125,56 @@ class ApiKey(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
     scopes: list[Scope] = Field(min_length=1)
+    owner: str | None = Field(None, min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.@-]+$",
+                              description="The tenant whose resources this key sees and acts on; keys with the "
+                                          "same owner share them. Default: the key's name.")
+
+    @property
+    def tenant(self) -> str:
+        return self.owner or self.name
+
+
+# --- who is asking: the owner of everything a request creates, and what it may see ---------------
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The tenant a request acts for. Every resource records its owner (the tenant of the key that
+    made it); a caller sees and acts only on its own, and anything else is as unknown as a missing
+    id (404: existence does not leak). `admin` keys see everything. In open mode (no keys, the
+    trusted local machine) the one local user is admin and records no owner."""
+
+    owner: str | None
+    admin: bool = False
+    key: str | None = None  # the API key's name (what rate limits count against); None in open mode
+
+    def sees(self, owner: str | None, public: bool = False) -> bool:
+        """Whether this caller may read a resource of `owner` (shared read-only when `public`)."""
+        return self.admin or public or (owner is not None and owner == self.owner)
+
+    def owns(self, owner: str | None) -> bool:
+        """Whether this caller may change or delete a resource of `owner` (public or not)."""
+        return self.admin or (owner is not None and owner == self.owner)
+
+
+LOCAL_OPERATOR = Caller(owner=None, admin=True)
+_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("atelier_caller", default=LOCAL_OPERATOR)
+
+
+def caller() -> Caller:
+    """The caller of the request being served: set by AuthMiddleware for every HTTP request, and
+    carried into threads (asyncio.to_thread and Starlette's threadpool copy the context). Outside a
+    request (CLIs, the job runners, service-level tests) it is the local operator, who sees all."""
+    return _caller.get()
+
+
+def acting_as(who: Caller) -> contextvars.Token:
+    """Make `who` the caller of the current context (reset with `_caller.reset(token)`)."""
+    return _caller.set(who)
+
+
+def reset_caller(token: contextvars.Token) -> None:
+    _caller.reset(token)
 
 
 class AuthConfigError(RuntimeError):
@@ -177,6 +229,15 @@ def _error(status: int, type_: str, message: str, headers: dict | None = None):
                         headers=headers)
 
 
+class _NoLimits:
+    @staticmethod
+    def request(key: str) -> None:
+        return None
+
+
+NO_LIMITS = _NoLimits()
+
+
 class AuthMiddleware:
     """Checks the key and the scope its route asks for (`RequireScope`), before anything reads the
     request body. The route is the one the router will dispatch to (api/security.py `route_of`):
@@ -187,8 +248,10 @@ class AuthMiddleware:
     that is neither this server's nor a configured CORS origin): any web page could otherwise
     drive the open local API (CSRF)."""
 
-    def __init__(self, app, keys_of, routes_of=lambda: (), trusted_origins: tuple[str, ...] = ()):
+    def __init__(self, app, keys_of, routes_of=lambda: (), trusted_origins: tuple[str, ...] = (),
+                 limiter_of=lambda: NO_LIMITS):
         self.app = app
+        self.limiter_of = limiter_of  # () -> the per-key rate limiter (api/ratelimit.py)
         # () -> list[ApiKey] | None: None only in open mode. An empty list refuses every key, so the
         # app is closed until the replica has its config.
         self.keys_of = keys_of
@@ -208,11 +271,11 @@ class AuthMiddleware:
                                   "only takes writes from its own pages and configured CORS origins")
                 return await response(scope, receive, send)
             state["api_scopes"] = ALL_SCOPES
-            return await self.app(scope, receive, send)
+            return await self._as(LOCAL_OPERATOR, scope, receive, send)
         route = route_of(scope, self.routes_of())
         rule = rule_of(route) if route is not None else None
-        if rule is not None and rule.public:
-            return await self.app(scope, receive, send)
+        if rule is not None and rule.public:  # the probes and the UI shell: nobody's data
+            return await self._as(Caller(owner=None, admin=False), scope, receive, send)
         header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
         kind, _, presented = header.partition(" ")
         key = find_key(keys, presented.strip()) if kind.lower() == "bearer" and presented.strip() else None
@@ -229,7 +292,19 @@ class AuthMiddleware:
                 return await response(scope, receive, send)
         state["api_key"] = key.name
         state["api_scopes"] = held
-        await self.app(scope, receive, send)
+        try:
+            self.limiter_of().request(key.name)
+        except AtelierError as exc:  # over the key's request budget: 429 + Retry-After
+            response = _error(exc.status_code, exc.error_type, exc.message, exc.headers)
+            return await response(scope, receive, send)
+        await self._as(Caller(owner=key.tenant, admin="admin" in held, key=key.name), scope, receive, send)
+
+    async def _as(self, who: Caller, scope, receive, send) -> None:
+        token = acting_as(who)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            reset_caller(token)
 
     def _same_or_trusted_origin(self, scope) -> bool:
         """No Origin (curl, SDKs: not a browser), this server's own, or a configured CORS origin."""
@@ -254,11 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     new = sub.add_parser("new-key", help="make a key; prints it once, and the entry for the config")
     new.add_argument("--name", required=True)
     new.add_argument("--scopes", default="read,generate", help="comma-separated: read, generate, train, admin")
+    new.add_argument("--owner", default=None, help="the tenant whose resources the key shares (default: its name)")
     args = parser.parse_args(argv)
     key = "atl-" + secrets.token_urlsafe(32)
-    entry = ApiKey(name=args.name, sha256=hash_key(key), scopes=args.scopes.split(","))
+    entry = ApiKey(name=args.name, sha256=hash_key(key), scopes=args.scopes.split(","), owner=args.owner)
     print(f"key (shown once): {key}")
-    print(f"entry: {json.dumps(entry.model_dump())}")
+    print(f"entry: {json.dumps(entry.model_dump(exclude_none=True))}")
     return 0
 
 

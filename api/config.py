@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from api.auth import AuthConfig
 from api.fine_tuning.service import FineTuningConfig
+from api.ratelimit import RateLimitConfig
 from api.security import DEFAULT_ALLOWED_HOSTS, DEFAULT_CSP
 from deployments.llm.contract import GemmaConfig
 from graphs.job_runner import JobQueueConfig
@@ -28,6 +29,13 @@ class IngressConfig(BaseModel):
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
     auth: AuthConfig = Field(AuthConfig(), description="API keys (SHA-256 hashes), their scopes, and the mode.")
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
+    max_workflow_images: int = Field(64, ge=1, le=10_000, description="Images (and video frames) one workflow run may "
+                                                                     "ask for, over all its model nodes.")
+    rate_limits: RateLimitConfig = Field(RateLimitConfig(), description="Per-key request and cost budgets (429 + "
+                                                                       "Retry-After past them) and active-job caps.")
+    sse_max_lifetime_s: float = Field(600.0, gt=0, description="An event stream ends after this long; clients "
+                                                               "reconnect (EventSource does by itself).")
+    sse_max_per_key: int = Field(8, ge=1, description="Open event streams per API key, per ingress replica.")
     fine_tuning: FineTuningConfig = Field(
         FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
     allowed_hosts: list[str] = Field(

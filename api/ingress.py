@@ -21,7 +21,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from api.auth import PUBLIC, READ_ONLY, AuthMiddleware, rule_of
+from api.auth import NO_LIMITS, PUBLIC, READ_ONLY, AuthMiddleware, rule_of
 from api.config import IngressConfig
 from api.errors import BodySizeLimitMiddleware, add_error_handlers
 from api.errors_protocol import ErrorResponse
@@ -73,7 +73,7 @@ def create_app(services: Services | None = None, api_keys: list | None = None,
     app.add_middleware(MediaTypeMiddleware, routes_of=routes)
     app.state.api_keys = api_keys
     app.add_middleware(AuthMiddleware, keys_of=lambda: app.state.api_keys, routes_of=routes,
-                       trusted_origins=tuple(cors_origins))
+                       trusted_origins=tuple(cors_origins), limiter_of=lambda: getattr(app.state, "rate", None) or NO_LIMITS)
     if cors_origins:  # off unless configured: only this server's own pages call it from a browser
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "PUT", "DELETE"],

@@ -30,6 +30,7 @@ from api.jobs.service import JobsService
 from api.models.router import probes_router
 from api.models.router import router as models_router
 from api.models.service import ModelsService
+from api.ratelimit import RateLimiter
 from api.text.router import router as text_router
 from api.text.service import TextService
 from api.upscale.router import router as upscale_router
@@ -46,7 +47,7 @@ from storage.registry import LoraRegistry
 
 ROUTERS: list[tuple[APIRouter, RequireScope]] = [
     (probes_router, PUBLIC),
-    (models_router, READ_ONLY),
+    (models_router, RequireScope("train")),  # GETs: read; deleting a LoRA version: train (its owner)
     (images_router, RequireScope("generate")),
     # Cancel and replay act on a job of any kind: the key needs `generate` or `train`, and the
     # service checks the scope of the job's own kind (api/jobs/service.py KIND_SCOPES).
@@ -74,6 +75,7 @@ class Services:
     datasets: DatasetsService
     fine_tuning: FineTuningService
     workflows: WorkflowsService
+    rate: RateLimiter
 
 
 def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], limits: dict[str, Any],
@@ -84,9 +86,11 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     if queue is None:
         queue = instantiate_adapter_from_config(config.queue.task_processor_config())
     files = FilesService(storage, config.presign_urls)
-    uploads = Uploads(storage, config.max_upload_bytes, config.max_upload_pixels)
+    uploads = Uploads(storage, config.max_upload_bytes, config.max_upload_pixels, readable=files.readable)
     store = JobStore(storage)
-    jobs = JobsService(store, queue, config.queue, files, config.sse_poll_s)
+    rate = RateLimiter(config.rate_limits)
+    jobs = JobsService(store, queue, config.queue, files, config.sse_poll_s, rate=rate,
+                       sse_max_lifetime_s=config.sse_max_lifetime_s, sse_max_per_key=config.sse_max_per_key)
     models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s)
     text = TextService(handles.get("llm"), limits.get("llm"), config.llm.refine if config.llm else RefineSettings(),
                        models, **({"max_n": config.llm.max_n} if config.llm else {}))
@@ -98,6 +102,10 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes)
     fine_tuning = build_fine_tuning_service(storage, config.fine_tuning, limits["sdxl"], config.storage_root,
                                             config.storage_options)
-    workflows = build_workflows_service(storage, jobs, models, text, config.max_workflow_nodes)
+    workflows = build_workflows_service(storage, jobs, models, text, config.max_workflow_nodes,
+                                        config.max_workflow_images)
+    for service in (text, images, videos, upscale, workflows):  # each charges its requests' cost to the key
+        service.rate = rate
     return Services(files=files, uploads=uploads, jobs=jobs, models=models, text=text, images=images,
-                    videos=videos, upscale=upscale, datasets=datasets, fine_tuning=fine_tuning, workflows=workflows)
+                    videos=videos, upscale=upscale, datasets=datasets, fine_tuning=fine_tuning, workflows=workflows,
+                    rate=rate)

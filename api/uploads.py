@@ -11,7 +11,7 @@ import asyncio
 import base64
 import binascii
 import re
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from fastapi import Request
@@ -29,10 +29,12 @@ _NESTED_FIELD = re.compile(r"(\w+)\[(\w+)\]")
 
 
 class Uploads:
-    def __init__(self, storage: Storage, max_upload_bytes: int, max_upload_pixels: int):
+    def __init__(self, storage: Storage, max_upload_bytes: int, max_upload_pixels: int,
+                 readable: Callable[[str], bool] = lambda key: True):
         self.storage = storage
         self.max_upload_bytes = max_upload_bytes
         self.max_upload_pixels = max_upload_pixels
+        self.readable = readable  # whether the caller may read a stored output (FilesService.readable)
 
     async def read(self, upload: UploadFile, param: str) -> bytes:
         limit = self.max_upload_bytes
@@ -104,6 +106,8 @@ class Uploads:
         key, data = (None, value) if isinstance(value, bytes) else (value, None)
         if key is not None:
             try:
+                if not await asyncio.to_thread(self.readable, key):  # another owner's: as if missing
+                    raise ObjectNotFoundError(key)
                 data = await asyncio.to_thread(self.storage.get_bytes, key)
             except (ObjectNotFoundError, InvalidKeyError):
                 raise InvalidRequestError(f"no stored output at {param} {key!r}", param) from None

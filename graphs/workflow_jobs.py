@@ -28,6 +28,7 @@ from graphs.pipelines import drain_stream, lora_lineage
 from graphs.workflows import NODE_TYPES, NodeContext, Workflow, run_workflow
 from storage.fs import ObjectNotFoundError, Storage
 from storage.jobs import JobOutput
+from storage.keys import owner_tag
 
 CACHE_PREFIX = "workflows/cache/"
 DESCRIBE_TIMEOUT_S = 60
@@ -41,14 +42,17 @@ class WorkflowFailedError(AtelierError):
 
 class StorageWorkflowCache:
     """Node outputs by cache key, in storage: shared by every runner replica, kept across restarts.
-    A hit whose files were deleted since is a miss."""
+    A hit whose files were deleted since is a miss. Each owner has its own cache: a hit hands out
+    output keys, which must be the owner's own (storage/keys.py `owner_tag`)."""
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, owner: str | None = None):
         self.storage = storage
+        tag = owner_tag(owner)
+        self.prefix = f"{CACHE_PREFIX}{tag}/" if tag else CACHE_PREFIX
 
     def get(self, key: str) -> dict[str, Any] | None:
         try:
-            outputs = self.storage.get_json(f"{CACHE_PREFIX}{key}.json")
+            outputs = self.storage.get_json(f"{self.prefix}{key}.json")
         except ObjectNotFoundError:
             return None
         files = [v for value in outputs.values() for v in (value if isinstance(value, list) else [value])
@@ -56,7 +60,7 @@ class StorageWorkflowCache:
         return outputs if all(self.storage.exists(f) for f in files) else None
 
     def put(self, key: str, outputs: dict[str, Any]) -> None:
-        self.storage.put_json(f"{CACHE_PREFIX}{key}.json", outputs)
+        self.storage.put_json(f"{self.prefix}{key}.json", outputs)
 
 
 def _drain(node: NodeContext, stream) -> Any:
@@ -206,7 +210,7 @@ def workflow_run(ctx, handles: dict[str, Any]) -> None:
 
     models = model_ids(handles, workflow, spec)
     result = run_workflow(workflow, {**node_runners(handles, ctx.id, spec)}, on_update=on_update,
-                          is_cancelled=is_cancelled, cache=StorageWorkflowCache(ctx.store.storage),
+                          is_cancelled=is_cancelled, cache=StorageWorkflowCache(ctx.store.storage, ctx.record.owner),
                           use_cache=spec.use_cache, model_ids=models)
     nodes = {node_id: state.model_dump(mode="json") for node_id, state in result.nodes.items()}
     ctx.record.result = {"nodes": nodes, "outputs": result.outputs, "workflow": section(spec.saved), "models": models,

@@ -61,7 +61,8 @@ from pydantic import BaseModel, Field
 
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage, validate_key, validate_prefix
 from storage.jobs import JobNotFoundError, JobStore
-from storage.keys import DATASETS_PREFIX, IMPORTS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, validate_id
+from storage.keys import (DATASETS_PREFIX, IMPORTS_PREFIX, OUTPUTS_PREFIX, dataset_prefix, new_id, owner_tag,
+                          validate_id)
 from storage.url_import import DEFAULT_MAX_PIXELS, DatasetImportConfig, fetch_urls
 
 __all__ = [
@@ -204,6 +205,8 @@ class DatasetInfo(BaseModel):
     images: int = 0
     total_bytes: int = 0
     versions: list[VersionInfo] = Field(default_factory=list, description="Filled by get(), not list().")
+    owner: str | None = Field(None, description="The tenant that made it (None: open mode); only it changes it.")
+    public: bool = Field(False, description="Readable (and trainable on) by every key; changed only by its owner.")
 
 
 # --- validation helpers ----------------------------------------------------------------------
@@ -608,9 +611,15 @@ class DatasetStore:
 
     # -- datasets ---------------------------------------------------------------------------
 
+    @staticmethod
+    def _name_key(name: str, owner: str | None) -> str:
+        """Names are unique per owner (one tenant's names say nothing about another's)."""
+        tag = owner_tag(owner)
+        return f"{NAMES_PREFIX}{tag + '/' if tag else ''}{name}.json"
+
     def create(self, name: str, description: str = "", trigger_word: str | None = None,
-               license: str = DEFAULT_LICENSE) -> DatasetInfo:
-        """A new, empty dataset (version 0). DatasetExistsError if the name is taken."""
+               license: str = DEFAULT_LICENSE, owner: str | None = None, public: bool = False) -> DatasetInfo:
+        """A new, empty dataset (version 0). DatasetExistsError if the owner has one of that name."""
         _valid_name(name)
         _valid_text(description, "description", 2000)
         _valid_text(trigger_word, "trigger_word", 100, optional=True)
@@ -618,13 +627,14 @@ class DatasetStore:
         if trigger_word is not None and (not trigger_word.strip() or _CONTROL.search(trigger_word)):
             raise InvalidDatasetInputError("trigger_word must be non-blank text on one line", "trigger_word")
         info = DatasetInfo(id=new_id("ds"), name=name, description=description, trigger_word=trigger_word,
-                           license=license, created_at=time.time())
-        name_key = f"{NAMES_PREFIX}{name}.json"
+                           license=license, created_at=time.time(), owner=owner, public=public)
+        name_key = self._name_key(name, owner)
         if not self.storage.put_if_absent(name_key, json.dumps({"id": info.id}).encode(), "application/json"):
             raise DatasetExistsError(f"a dataset named {name!r} exists", "name")
         try:
             self.storage.put_json(self._info_key(info.id), info.model_dump(
-                mode="json", include={"id", "name", "description", "trigger_word", "license", "created_at"}))
+                mode="json", include={"id", "name", "description", "trigger_word", "license", "created_at", "owner",
+                                      "public"}))
         except BaseException:
             self.storage.delete(name_key)
             raise
@@ -637,15 +647,20 @@ class DatasetStore:
         except (ValueError, ObjectNotFoundError):
             raise DatasetNotFoundError(f"no dataset with id {dataset_id!r}", "dataset_id") from None
 
-    def resolve(self, id_or_name: str) -> str:
-        """The id of a dataset given its id or its name (for CLIs)."""
+    def owner_of(self, dataset_id: str) -> tuple[str | None, bool]:
+        """(owner, public) of a dataset; DatasetNotFoundError if there is none."""
+        info = self._read_info(dataset_id)
+        return info.owner, info.public
+
+    def resolve(self, id_or_name: str, owner: str | None = None) -> str:
+        """The id of a dataset given its id or its name (the owner's names; for CLIs)."""
         try:
             return self._read_info(id_or_name).id
         except DatasetNotFoundError:
             pass
         try:
             _valid_name(id_or_name)
-            return self.storage.get_json(f"{NAMES_PREFIX}{id_or_name}.json")["id"]
+            return self.storage.get_json(self._name_key(id_or_name, owner))["id"]
         except (InvalidDatasetInputError, ObjectNotFoundError, KeyError, TypeError):
             raise DatasetNotFoundError(f"no dataset with id or name {id_or_name!r}", "dataset_id") from None
 
@@ -679,16 +694,16 @@ class DatasetStore:
         info.latest_version, info.images, info.total_bytes = latest.version, latest.images, latest.total_bytes
 
     def delete(self, dataset_id: str, confirm: str | None) -> int:
-        """Delete the dataset, all versions and files. ``confirm`` must be its name or id.
-        Returns how many objects were deleted."""
+        """Delete the dataset, all versions and files. ``confirm`` must be its name (the id is in
+        the request already, so it would confirm nothing). Returns how many objects were deleted."""
         info = self._read_info(dataset_id)
-        if confirm not in (info.name, info.id):
+        if confirm != info.name:
             raise InvalidDatasetInputError(
                 f"to delete dataset {info.id!r}, confirm with its name {info.name!r}", "confirm")
         # info first: the dataset disappears from get/list before its files go
         self.storage.delete(self._info_key(dataset_id))
         n = self.storage.delete_prefix(dataset_prefix(dataset_id)) + 1
-        self.storage.delete(f"{NAMES_PREFIX}{info.name}.json")  # the name is free once all is gone
+        self.storage.delete(self._name_key(info.name, info.owner))  # the name is free once all is gone
         return n
 
     # -- versions ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +26,7 @@ from storage.keys import (
     job_cancel_key,
     job_key,
     new_id,
+    owner_active_prefix,
     validate_id,
 )
 
@@ -101,6 +102,9 @@ class JobRecord(BaseModel):
     result: dict | None = None  # free-form metadata (seeds, timings...)
     error: JobError | None = None
     cancel_requested: bool = False
+    # The tenant of the API key that submitted it (None: open mode, or written before owners):
+    # only that tenant and admin keys see it (api/auth.py Caller).
+    owner: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -143,6 +147,7 @@ class JobStore:
         stages: list[str] | None = None,
         max_attempts: int = 2,
         task_id: str | None = None,
+        owner: str | None = None,
     ) -> JobRecord:
         """A new ``queued`` record, persisted before it is returned (with the id of the queue task
         that will run it, when known: one write at submit)."""
@@ -160,9 +165,12 @@ class JobStore:
             created_at=now,
             updated_at=now,
             task_id=task_id,
+            owner=owner,
         )
         self._write(record)
         self.storage.put_bytes(job_active_key(record.id), b"")
+        if owner:
+            self.storage.put_bytes(owner_active_prefix(owner) + record.id, b"")
         return record
 
     def get(self, job_id: str) -> JobRecord:
@@ -199,6 +207,12 @@ class JobStore:
     def delete(self, job_id: str) -> None:
         """Remove the record and its cancel marker (missing is fine)."""
         job_id = _valid_job_id(job_id)
+        try:
+            owner = self.get(job_id).owner
+        except (JobNotFoundError, ValueError, ValidationError):
+            owner = None
+        if owner:
+            self.storage.delete(owner_active_prefix(owner) + job_id)
         self.storage.delete(job_active_key(job_id))
         self.storage.delete(job_cancel_key(job_id))
         self.storage.delete(job_key(job_id))
@@ -207,6 +221,8 @@ class JobStore:
         self.storage.put_json(job_key(record.id), record.model_dump(mode="json"))
         if record.is_terminal:
             self.storage.delete(job_active_key(record.id))
+            if record.owner:
+                self.storage.delete(owner_active_prefix(record.owner) + record.id)
 
     # -- unfinished jobs ------------------------------------------------------------------
 
@@ -216,6 +232,27 @@ class JobStore:
 
     def count_active(self) -> int:
         return len(self.active_ids())
+
+    def count_active_of(self, owner: str, at_least: int) -> int:
+        """How many unfinished jobs ``owner`` has, from its markers (one list). Only when there are
+        ``at_least`` of them are they checked against the records (a marker whose job finished or
+        was deleted without it is dropped), so a cap is never hit on stale markers."""
+        prefix = owner_active_prefix(owner)
+        keys = self.storage.list(prefix)
+        if len(keys) < at_least:
+            return len(keys)
+        count = 0
+        for key in keys:
+            job_id = key[len(prefix):]
+            try:
+                record = self.get(job_id)
+            except (JobNotFoundError, ValueError, ValidationError):
+                record = None
+            if record is None or record.is_terminal:
+                self.storage.delete(key)
+            else:
+                count += 1
+        return count
 
     def list_active(self) -> list[JobRecord]:
         """Unfinished job records, oldest first; index entries of finished or deleted jobs are dropped."""
@@ -258,11 +295,13 @@ class JobStore:
         after: str | None = None,
         status: str | None = None,
         kind: str | None = None,
+        visible: Callable[[JobRecord], bool] | None = None,
     ) -> list[JobRecord]:
-        """Newest first, at most ``limit``. ``after`` is an id cursor: only older jobs.
+        """Newest first, at most ``limit``. ``after`` is an id cursor: only older jobs; ``visible``:
+        only the records it accepts (e.g. one owner's).
 
-        Without filters only the returned records are read; with ``status``/``kind`` records
-        are read newest first until ``limit`` match.
+        Without filters only the returned records are read; with ``status``/``kind``/``visible``
+        records are read newest first until ``limit`` match.
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
             raise ValueError("limit must be a non-negative integer")
@@ -286,6 +325,8 @@ class JobStore:
             if status is not None and record.status != status:
                 continue
             if kind is not None and record.kind != kind:
+                continue
+            if visible is not None and not visible(record):
                 continue
             out.append(record)
             if len(out) >= limit:

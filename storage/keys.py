@@ -19,6 +19,7 @@ A bad id raises ``ValueError`` with a message naming what was wrong.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import threading
@@ -41,6 +42,9 @@ __all__ = [
     "DATASETS_PREFIX",
     "IMPORTS_PREFIX",
     "id_time",
+    "owner_tag",
+    "owner_active_prefix",
+    "output_owner",
 ]
 
 JOBS_PREFIX = "jobs/"
@@ -173,6 +177,14 @@ def job_active_key(job_id: str) -> str:
     return f"{JOBS_ACTIVE_PREFIX}{validate_id(job_id, 'job id')}"
 
 
+JOBS_OWNERS_PREFIX = f"{JOBS_PREFIX}owners/"
+
+
+def owner_active_prefix(owner: str) -> str:
+    """``jobs/owners/<owner tag>/active/``: one marker per unfinished job of an owner (its cap)."""
+    return f"{JOBS_OWNERS_PREFIX}{owner_tag(owner)}/active/"
+
+
 def job_cancel_key(job_id: str) -> str:
     """``jobs/<job_id>.cancel``"""
     return f"{JOBS_PREFIX}{validate_id(job_id, 'job id')}.cancel"
@@ -193,3 +205,30 @@ def dataset_prefix(dataset_id: str, version: int | None = None) -> str:
     if version is None:
         return f"{DATASETS_PREFIX}{dataset_id}/"
     return f"{DATASETS_PREFIX}{dataset_id}/v{_nonneg_int(version, 'dataset version')}/"
+
+
+# --- owners ------------------------------------------------------------------------------
+
+
+def owner_tag(owner: str | None) -> str | None:
+    """A short, key-safe tag of a tenant (16 hex of its SHA-256); None for no owner. It names,
+    never authorises: a caller is matched against its own tag."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:16] if owner else None
+
+
+_OUTPUT_RE = re.compile(rf"{OUTPUTS_PREFIX}\d{{4}}/\d{{2}}/\d{{2}}/([^/]+)/[^/]+")
+_TAGGED_RE = re.compile(r"[a-z]+-([0-9a-f]{16})_[0-9a-f]{20}")
+
+
+def output_owner(key: str) -> tuple[str, str] | None:
+    """Whose output ``key`` is, as far as its name tells: ``("job", <job id>)`` for a job's output
+    (``outputs/…/<job id>[.<stage>]/…``), ``("tag", <owner tag>)`` for a synchronous request's
+    (its id made by ``new_id(f"img-{owner_tag}")``), None otherwise (no owner recorded)."""
+    m = _OUTPUT_RE.fullmatch(key) if isinstance(key, str) else None
+    if m is None:
+        return None
+    base = m.group(1).split(".", 1)[0]
+    if base.startswith("job_"):
+        return "job", base
+    tagged = _TAGGED_RE.fullmatch(base)
+    return ("tag", tagged.group(1)) if tagged else None

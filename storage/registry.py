@@ -122,6 +122,10 @@ class LoraRecord(BaseModel):
     sha256: str | None = Field(None, description="Hex sha256 of the weights file, for lineage; None on "
                                                  "versions registered before it was recorded.")
     manifest: LoraManifest
+    owner: str | None = Field(None, description="The tenant whose training run registered it (None: open mode). "
+                                                "Every version of a name has one owner.")
+    public: bool = Field(False, description="Usable and listed for every key (read-only); otherwise only its "
+                                            "owner's keys see it.")
 
     @property
     def id(self) -> str:
@@ -332,8 +336,25 @@ class LoraRegistry:
 
     # -- writes -----------------------------------------------------------------------------
 
+    def name_owner(self, name: str) -> tuple[bool, str | None]:
+        """(whether ``name`` has a version, the owner of its latest)."""
+        versions = self.versions(name)
+        if not versions:
+            return False, None
+        try:
+            return True, self.get(name, versions[-1]).owner
+        except LoraNotFoundError:
+            return False, None
+
+    def check_owner(self, name: str, owner: str | None) -> None:
+        """LoraExistsError (param ``name``) if ``name`` is registered by another owner: a new version
+        of someone else's name is refused, so nobody takes over a name others use."""
+        taken, holder = self.name_owner(name)
+        if taken and holder != owner:
+            raise LoraExistsError(f"the LoRA name {name!r} belongs to another owner; choose another name", "name")
+
     def register(self, name: str, manifest: LoraManifest | dict, adapter: bytes | str | os.PathLike,
-                 new_version: bool = False) -> LoraRecord:
+                 new_version: bool = False, owner: str | None = None, public: bool = False) -> LoraRecord:
         """Register an adapter as the next version of ``name`` and return its record.
 
         ``adapter``: the safetensors bytes, a file path, or the folder ``save_lora_weights``
@@ -352,6 +373,7 @@ class LoraRegistry:
         check_safetensors(data)
         if not new_version and self.exists(name):
             raise LoraExistsError(f"a LoRA named {name!r} is registered; ask for a new version to add one", "name")
+        self.check_owner(name, owner)
 
         # 2. Claim the next version number; a lost race moves on to the next number. Start after
         # the last folder holding a claim: a local folder can show up before its claim does, and
@@ -373,7 +395,8 @@ class LoraRegistry:
         # 3. Weights, then the manifest: the version exists once the manifest does.
         record = LoraRecord(name=name, version=version, created_at=time.time(),
                             weights_key=self.weights_key(name, version), size_bytes=len(data),
-                            sha256=hashlib.sha256(data).hexdigest(), manifest=manifest)
+                            sha256=hashlib.sha256(data).hexdigest(), manifest=manifest, owner=owner,
+                            public=public)
         try:
             self.storage.put_bytes(record.weights_key, data, content_type="application/octet-stream")
             self.storage.put_json(self.manifest_key(name, version), record.model_dump(mode="json"))

@@ -15,7 +15,7 @@ this module does not read it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import BaseModel
 
@@ -41,6 +41,7 @@ class SavedWorkflow(BaseModel):
     version: int
     created_at: int
     workflow: dict[str, Any]
+    owner: str | None = None  # the tenant that saved version 1; every version keeps it
 
 
 class SavedWorkflowError(Exception):
@@ -99,16 +100,20 @@ class SavedWorkflowStore:
                                            "retry", "workflow_id")
         return saved
 
-    def list_latest(self, limit: int) -> list[SavedWorkflow]:
-        """The latest version of up to `limit` workflows, newest id first."""
+    def list_latest(self, limit: int, visible: Callable[[SavedWorkflow], bool] | None = None) -> list[SavedWorkflow]:
+        """The latest version of up to `limit` workflows (only those `visible` accepts), newest id first."""
         ids = sorted({key[len(SAVED_PREFIX):].split("/", 1)[0] for key in self.storage.list(SAVED_PREFIX)},
                      reverse=True)
         out = []
-        for workflow_id in ids[:limit]:
+        for workflow_id in ids:
+            if len(out) >= limit:
+                break
             try:
-                out.append(self.get(workflow_id))
+                saved = self.get(workflow_id)
             except SavedWorkflowNotFoundError:
                 continue
+            if visible is None or visible(saved):
+                out.append(saved)
         return out
 
     def delete(self, workflow_id: str) -> None:

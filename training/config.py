@@ -125,6 +125,9 @@ class TrainConfig(BaseModel):
                                             description="fsspec/s3fs options of the storage root (credentials); "
                                                         "left out of every dump of the config.")
     new_version: bool = Field(False, description="Register as a new version if the name is taken.")
+    owner: str | None = Field(None, description="The tenant the adapter is registered for (the API key's); a "
+                                                "name another owner registered is refused.")
+    public: bool = Field(False, description="Register the adapter as usable by every key (read-only).")
     run_name: str | None = Field(None, description="Training run folder; default: the name (name-v<N> for a "
                                                    "new version). Re-running a run name resumes it.")
 

@@ -534,7 +534,8 @@ def _finalize(models: _Models, config: TrainConfig, plan: TrainPlan, storage: St
                                                                    "total_steps": plan.total_steps},
             metrics=metrics, validation_prompt=plan.validation_prompt, validation_seeds=config.validation_seeds,
             validation_images=validation, training_run=plan.run_name)
-        record = registry.register(config.name, manifest, folder, new_version=config.new_version)
+        record = registry.register(config.name, manifest, folder, new_version=config.new_version,
+                                   owner=config.owner, public=config.public)
     return {"lora": record.model_dump(mode="json"), "metrics": metrics}
 
 

@@ -217,7 +217,7 @@ def check_inputs(config: TrainConfig) -> TrainPlan:
     # 2. Dataset, version and usable images.
     datasets = DatasetStore(storage)
     try:
-        dataset_id = datasets.resolve(config.dataset_id)
+        dataset_id = datasets.resolve(config.dataset_id, config.owner)
         info = datasets.get(dataset_id)
     except DatasetNotFoundError:
         raise TrainConfigError(f"unknown dataset {config.dataset_id!r}", "dataset_id") from None

@@ -16,6 +16,8 @@ class DatasetCreateRequest(BaseModel):
     description: str = Field("", max_length=2000)
     trigger_word: str | None = Field(None, max_length=100, description="Token that names the subject in captions.")
     license: str = Field(DEFAULT_LICENSE, max_length=200, description="Default license of added images.")
+    public: bool = Field(False, description="Readable and trainable on by every key (read-only to all but its "
+                                            "owner). Default: only the owner's keys see it.")
 
 
 class DatasetView(DatasetInfo):

@@ -13,10 +13,11 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
+from api.auth import PermissionDeniedError, caller
 from api.datasets.protocol import DatasetCreateRequest, DatasetDeleted, DatasetImportRequest, DatasetList, DatasetView
 from api.files.service import FilesService
 from api.jobs.service import JobsService
-from deployments.errors import InvalidRequestError
+from deployments.errors import InvalidRequestError, NotFoundError
 from graphs.dataset_jobs import dataset_error
 from graphs.payloads import DatasetImportPayload
 from storage.datasets import AddResult, DatasetError, DatasetInfo, DatasetStore, check_prefix_allowed
@@ -59,16 +60,22 @@ class DatasetsService:
         return DatasetView(**info.model_dump(), thumbnails=urls)
 
     async def create(self, body: DatasetCreateRequest, base_url: str) -> DatasetView:
-        info = await _call(self.store.create, body.name, body.description, body.trigger_word, body.license)
+        info = await _call(self.store.create, body.name, body.description, body.trigger_word, body.license,
+                           owner=caller().owner, public=body.public)
         return self._view(info, base_url)
 
     async def list(self, base_url: str) -> DatasetList:
+        """The caller's datasets and the public ones (every dataset for admin)."""
+        who = caller()
         infos = await _call(self.store.list)
-        return DatasetList(data=[self._view(info, base_url) for info in infos])
+        return DatasetList(data=[self._view(info, base_url) for info in infos if who.sees(info.owner, info.public)])
 
     async def get(self, dataset_id: str, base_url: str) -> DatasetView:
         """The dataset, with URLs of a few images of its latest version."""
+        who = caller()
+
         def load() -> tuple[DatasetInfo, list[str]]:
+            self.readable(dataset_id, who)
             info = self.store.get(dataset_id)
             keys = self.store.sample_keys(dataset_id, THUMBNAILS, info.latest_version) if info.latest_version else []
             return info, keys
@@ -76,17 +83,39 @@ class DatasetsService:
         info, keys = await _call(load)
         return self._view(info, base_url, keys)
 
+    def readable(self, dataset_id: str, who=None) -> None:
+        """404 unless the caller owns the dataset, it is public, or the caller is admin."""
+        who = who or caller()
+        try:
+            owner, public = self.store.owner_of(dataset_id)
+        except DatasetError:
+            owner, public, who = None, False, None
+        if who is None or not who.sees(owner, public):
+            raise NotFoundError(f"no dataset with id {dataset_id!r}", "dataset_id")
+
+    def writable(self, dataset_id: str, who=None) -> None:
+        """404 unless the caller may see the dataset; 403 if it may see but not change it (public)."""
+        who = who or caller()
+        self.readable(dataset_id, who)
+        owner, _ = self.store.owner_of(dataset_id)
+        if not who.owns(owner):
+            raise PermissionDeniedError(f"dataset {dataset_id} is public but not yours: only its owner changes it",
+                                        "dataset_id")
+
     async def check_exists(self, dataset_id: str) -> None:
-        """404 now (before an upload's body is read, or an import is recorded)."""
-        await _call(self.store.get, dataset_id)
+        """404 (or 403) now, before an upload's body is read or an import is recorded: the caller
+        must own the dataset to change it."""
+        await _call(self.writable, dataset_id, caller())
 
     async def add_files(self, dataset_id: str, files: list[tuple[str, bytes]], captions: dict[str, str],
                         tags: list[str], source: str | None, license: str | None) -> AddResult:
         """Images, same-stem .txt captions and .zip archives, added as one version."""
+        await self.check_exists(dataset_id)
         return await _call(self.store.add_files, dataset_id, files, captions, tags=tags,
                            source=source or "upload", license=license)
 
     async def delete(self, dataset_id: str, confirm: str | None) -> DatasetDeleted:
+        await self.check_exists(dataset_id)
         await _call(self.store.delete, dataset_id, confirm)
         return DatasetDeleted(id=dataset_id)
 
@@ -119,10 +148,16 @@ class DatasetsService:
                         resolve_allowed(host, port, config.allow_private_hosts)
                 elif source == "job_ids":
                     validate_id(value, "job id")
+                    try:  # only the caller's own jobs (another owner's is as unknown as a missing one)
+                        self.jobs.get(value)
+                    except NotFoundError:
+                        raise ValueError(f"no job with id {value!r}") from None
                 else:
                     validate_key(value)
                     if not value.startswith(OUTPUTS_PREFIX):
                         raise ValueError(f"key {value!r} is not under {OUTPUTS_PREFIX}")
+                    if not self.files.readable(value):
+                        raise ValueError(f"no stored output at {value!r}")
             except (UrlRefusedError, InvalidKeyError, ValueError) as exc:
                 raise InvalidRequestError(f"{source}[{index}]: {exc}", f"{source}.{index}") from None
         if source == "prefix":
@@ -136,7 +171,7 @@ class DatasetsService:
         (graphs/dataset_jobs.py)."""
         source = self.import_source(body)
         await self.check_exists(dataset_id)
-        self.check_import(body, source)
+        await asyncio.to_thread(self.check_import, body, source)
         payload = DatasetImportPayload.create(dataset_id=dataset_id, **body.model_dump(exclude_none=True),
                                               config=self.import_config.model_dump(mode="json"))
         return await self.jobs.submit_async(payload)
@@ -152,10 +187,7 @@ class DatasetsService:
             param = ".".join(str(p) for p in first["loc"]) or "body"
             raise InvalidRequestError(f"the recorded import no longer passes: {param}: {first['msg']}", param) from None
         source = self.import_source(body)
-        try:
-            self.store.get(payload.dataset_id)
-        except DatasetError as exc:
-            raise dataset_error(exc) from None
+        self.writable(payload.dataset_id)  # the caller replaying must own the dataset now
         self.check_import(body, source)
         payload.config = self.import_config.model_copy()
         return payload

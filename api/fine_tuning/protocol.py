@@ -22,6 +22,8 @@ class FineTuningCreate(BaseModel):
     class_prompt: str | None = None
     validation_prompt: str | None = None
     new_version: bool = Field(False, description="Register as a new version if the name is taken.")
+    public: bool = Field(False, description="Register the LoRA as usable and listed for every key (read-only); "
+                                            "default: only the owner's keys see it.")
     seed: int | None = None
     validation_file: str | None = None
     metadata: dict[str, str] | None = None

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray._private.worker import get_dashboard_url
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from api.auth import caller
 from api.fine_tuning.protocol import (
     FineTuningCreate,
     FineTuningError,
@@ -40,9 +41,11 @@ from api.fine_tuning.protocol import (
 )
 from deployments.errors import ConflictError, InvalidRequestError, NotFoundError, OverloadedError
 from deployments.sdxl.contract import SDXLLimits
+from storage.datasets import DatasetNotFoundError, DatasetStore
 from storage.fine_tuning import MAX_CLAIM_ATTEMPTS, FineTuningJobNotFoundError, FineTuningStore
 from storage.fs import Storage
 from storage.keys import new_id
+from storage.registry import LoraRegistry, LoraRegistryError
 from training.config import STORAGE_OPTIONS_ENV, TrainConfig, TrainConfigError
 from training.plan import TrainPlan, check_inputs, check_resume, job_entrypoint, read_status, resume_record
 
@@ -64,7 +67,7 @@ HYPERPARAMETERS = (
 )
 # Top-level request fields that are TrainConfig fields of the same name.
 TOP_LEVEL = ("dataset_version", "trigger_word", "instance_prompt", "class_prompt", "validation_prompt",
-             "new_version", "seed")
+             "new_version", "public", "seed")
 
 _RAY_STATUS = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
                "STOPPED": "cancelled"}
@@ -213,6 +216,7 @@ class FineTuningService:
             **{name: getattr(body, name) for name in TOP_LEVEL if getattr(body, name) is not None},
             "name": body.suffix or _default_name(dataset), "base_model": self.base.source, "dataset_id": dataset,
             "method": method, "storage_root": self.storage_root, "storage_options": self.storage_options,
+            "owner": caller().owner,
         }
         if "epochs" in hyper and "max_steps" not in hyper:
             fields.pop("max_steps", None)  # an epoch count asked for wins over a default step count
@@ -264,6 +268,21 @@ class FineTuningService:
                 f"checkpoint every {config.checkpoint_every_steps} make {checkpoints}",
                 request_param("checkpoint_every_steps"))
 
+    def check_owners(self, config: TrainConfig, plan: TrainPlan) -> None:
+        """The dataset must be the caller's or public (another owner's is unknown here), and the
+        LoRA name must not be another owner's (409 naming `suffix`)."""
+        who = caller()
+        try:
+            owner, public = DatasetStore(self.storage).owner_of(plan.dataset_id)
+        except DatasetNotFoundError:
+            owner, public = None, False
+        if not who.sees(owner, public):
+            raise InvalidRequestError(f"unknown dataset {config.dataset_id!r}", request_param("dataset_id"))
+        try:
+            LoraRegistry(self.storage).check_owner(config.name, config.owner)
+        except LoraRegistryError as exc:
+            raise ConflictError(exc.message, request_param("name")) from None
+
     def check_capacity(self, config: TrainConfig) -> None:
         """num_workers within the configured maximum, or what the cluster's nodes can hold at all: a
         worker group bigger than the cluster waits for resources forever instead of failing."""
@@ -299,6 +318,7 @@ class FineTuningService:
             plan = await asyncio.to_thread(check_inputs, config)
         except TrainConfigError as exc:
             raise InvalidRequestError(exc.message, request_param(exc.param)) from None
+        await asyncio.to_thread(self.check_owners, config, plan)
         self.check_length(config, plan)
 
         # 2. Claim the run folder, so no other job trains into it meanwhile.
@@ -310,7 +330,7 @@ class FineTuningService:
         # dump leaves storage_options out, and the job gets them in its runtime_env (_submit).
         record = {
             "id": job_id, "created_at": time.time(), "config": config.model_dump(mode="json"),
-            "plan": plan.model_dump(mode="json"), "metadata": body.metadata,
+            "plan": plan.model_dump(mode="json"), "metadata": body.metadata, "owner": config.owner,
         }
         await asyncio.to_thread(self.store.put, record)
         await asyncio.to_thread(self._submit, config, record)
@@ -381,10 +401,14 @@ class FineTuningService:
     # --- views ------------------------------------------------------------------------------------
 
     def load_record(self, job_id: str) -> dict:
+        """The caller's job (any for admin); another owner's is as unknown as a missing one."""
         try:
-            return self.store.get(job_id)
+            record = self.store.get(job_id)
         except FineTuningJobNotFoundError:
-            raise NotFoundError(f"no fine-tuning job with id {job_id!r}", "fine_tuning_job_id") from None
+            record = None
+        if record is None or not caller().sees(record.get("owner")):
+            raise NotFoundError(f"no fine-tuning job with id {job_id!r}", "fine_tuning_job_id")
+        return record
 
     def view(self, record: dict) -> FineTuningJob:
         """The job as the API shows it: Ray's status of the job, reconciled with the run's own."""
@@ -441,8 +465,10 @@ class FineTuningService:
         )
 
     async def list(self, after: str | None, limit: int) -> FineTuningJobList:
+        who = caller()
+
         def page() -> FineTuningJobList:
-            records = self.store.list()
+            records = [r for r in self.store.list() if who.sees(r.get("owner"))]
             if after is not None:
                 ids = [r["id"] for r in records]
                 records = records[ids.index(after) + 1:] if after in ids else []

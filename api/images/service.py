@@ -12,6 +12,7 @@ from api.files.service import FilesService
 from api.images.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from api.jobs.service import JobsService
 from api.models.service import ModelsService
+from api.ratelimit import NO_RATE_LIMITS, RateLimiter, image_cost
 from api.text.service import TextService
 from deployments.errors import InvalidRequestError
 from deployments.llm.contract import RefinedPrompt, RefineRequest
@@ -31,6 +32,8 @@ SDXL_JOB_KINDS = tuple(cls.model_fields["kind"].default for cls in (ImageGenerat
 
 
 class ImagesService:
+    rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+
     def __init__(self, sdxl: DeploymentHandle, models: ModelsService, text: TextService, jobs: JobsService,
                  files: FilesService, storage: Storage, max_upload_pixels: int):
         self.sdxl = sdxl
@@ -59,13 +62,19 @@ class ImagesService:
             strength=strength, style=body.style, lora=body.lora, lora_scale=body.lora_scale, model=body.model,
         )
         sdxl_contract.check(request, self.limits)
+        self.charge(request)
         lora = await self.models.lora_record(body.lora)
         request.lora = lora.id if lora else None
         return request
 
+    def charge(self, request: SDXLRequest) -> None:
+        width, height = sdxl_contract.size_of(request, self.limits) or (self.limits.default_size,) * 2
+        self.rate.charge(image_cost(request.n, request.steps, width, height, self.limits.default_steps), "n")
+
     def recheck_replay(self, payload: SDXLJobPayload) -> SDXLJobPayload:
-        """A replayed SDXL job, checked against SDXL's limits of today, as a new submit is."""
+        """A replayed SDXL job, checked against SDXL's limits of today and charged, as a new submit is."""
         sdxl_contract.check(payload.sdxl, self.limits)
+        self.charge(payload.sdxl)
         return payload
 
     def decode_edit_inputs(self, image_bytes: bytes, mask_bytes: bytes | None) -> tuple[int, int]:
@@ -107,7 +116,7 @@ class ImagesService:
                        refined: RefinedPrompt | None = None) -> ImagesResponse:
         store = response_format == "url"
         if store:
-            sdxl_request.store, sdxl_request.output_id = True, new_id("img")
+            sdxl_request.store, sdxl_request.output_id = True, self.files.output_id()
         result: SDXLResponse = await routed(self.sdxl, sdxl_request).generate.remote(sdxl_request)
         data = []
         for image in result.images:

@@ -61,7 +61,8 @@ def cancel_job(job_id: str, request: Request, jobs: JobsService = Depends(jobs_s
 async def job_events(job_id: str, request: Request, jobs: JobsService = Depends(jobs_service)) -> StreamingResponse:
     """Server-sent events: one `job` event per change, ending with the terminal state."""
     await asyncio.to_thread(jobs.get, job_id)  # 404 before the stream starts
-    return StreamingResponse(jobs.events(job_id, base_url(request), request.is_disconnected),
+    close = jobs.open_stream()  # 429 past the key's open streams
+    return StreamingResponse(jobs.events(job_id, base_url(request), request.is_disconnected, close),
                              media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 

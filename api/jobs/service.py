@@ -8,9 +8,10 @@ import logging
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
-from api.auth import PermissionDeniedError
+from api.auth import PermissionDeniedError, caller
 from api.files.service import FilesService
 from api.jobs.protocol import JobList, JobOutputView, JobView
+from api.ratelimit import NO_RATE_LIMITS, RateLimitedError, RateLimiter
 from deployments.errors import ConflictError, NotFoundError, OverloadedError
 from graphs.job_runner import JobQueueConfig, new_task_id, send_job
 from graphs.payloads import JobPayload, replay_payload, replay_seed_missing
@@ -46,12 +47,17 @@ def public_params(request: Any) -> Any:
 
 class JobsService:
     def __init__(self, jobs: JobStore, queue: Any, queue_config: JobQueueConfig, files: FilesService,
-                 sse_poll_s: float = 0.25):
+                 sse_poll_s: float = 0.25, *, rate: RateLimiter = NO_RATE_LIMITS, sse_max_lifetime_s: float = 600.0,
+                 sse_max_per_key: int = 8):
         self.jobs = jobs
         self.queue = queue  # the task processor adapter the job runners consume from
         self.queue_config = queue_config
         self.files = files
         self.sse_poll_s = sse_poll_s
+        self.rate = rate  # its config caps each owner's unfinished jobs
+        self.sse_max_lifetime_s = sse_max_lifetime_s
+        self.sse_max_per_key = sse_max_per_key
+        self._streams: dict[str, list[float]] = {}  # open event streams per API key (when each ends), here
         self.replay_checks: dict[str, ReplayCheck] = {}  # by job kind; see ReplayCheck
 
     def submit(self, payload: JobPayload, stages: list[str] | None = None) -> JobRecord:
@@ -60,10 +66,18 @@ class JobsService:
         depth = self.jobs.count_active()
         if depth >= self.queue_config.max_queue_depth:
             raise OverloadedError(f"the job queue is full ({depth} unfinished jobs); retry later", retry_after=5)
+        who = caller()
+        cap = self.rate.config.max_active_jobs
+        if self.rate.enabled and who.owner is not None and not who.admin:
+            active = self.jobs.count_active_of(who.owner, at_least=cap)
+            if active >= cap:
+                raise RateLimitedError(f"{active} of your jobs are unfinished, the most one owner may have here; "
+                                       "retry when one has finished", retry_after=5)
         # The queue depth gauge is reported by the job runners (JobRunnerDeployment.report_queue_depth),
         # which also see jobs finish; a value set here would never be lowered.
-        record = self.jobs.create(payload.kind, payload.to_request(), stages=stages or [], max_attempts=self.queue_config.max_attempts,
-                                  task_id=new_task_id())
+        record = self.jobs.create(payload.kind, payload.to_request(), stages=stages or [],
+                                  max_attempts=self.queue_config.max_attempts, task_id=new_task_id(),
+                                  owner=caller().owner)
         try:
             send_job(self.queue, record)
         except Exception as exc:
@@ -101,10 +115,21 @@ class JobsService:
                                         "job_id")
 
     def get(self, job_id: str) -> JobRecord:
+        """The caller's job (any job for admin); another owner's is as unknown as a missing one."""
+        return self.visible_record(job_id, what="job", param="job_id")
+
+    def visible_record(self, job_id: str, what: str, param: str) -> JobRecord:
         try:
-            return self.jobs.get_with_cancel(job_id)
+            record = self.jobs.get_with_cancel(job_id)
         except JobNotFoundError:
-            raise NotFoundError(f"no job with id {job_id!r}", "job_id") from None
+            record = None
+        if record is None or not caller().sees(record.owner):
+            raise NotFoundError(f"no {what} with id {job_id!r}", param)
+        return record
+
+    @staticmethod
+    def visible(record: JobRecord) -> bool:
+        return caller().sees(record.owner)
 
     def view(self, record: JobRecord, base_url: str) -> JobView:
         data = record.model_dump(mode="json")
@@ -117,7 +142,9 @@ class JobsService:
         return JobView.model_validate(data)
 
     def list(self, base_url: str, limit: int, after: str | None, status: str | None, kind: str | None) -> JobList:
-        records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind)
+        who = caller()
+        records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind,
+                                 visible=None if who.admin else (lambda r: who.sees(r.owner)))
         views = [self.view(r, base_url) for r in records[:limit]]
         return JobList(data=views, has_more=len(records) > limit, last_id=views[-1].id if views else None)
 
@@ -126,12 +153,48 @@ class JobsService:
         self.check_scope(self.get(job_id), scopes, "cancel")
         return self.jobs.request_cancel(job_id)
 
+    def open_stream(self) -> Callable[[], None]:
+        """Count an event stream against the caller's key (429 past `sse_max_per_key` in this
+        replica); returns the function that closes it. A stream that never closed (its response was
+        never sent) stops counting once its lifetime is over."""
+        key = caller().key
+        if key is None:
+            return lambda: None
+        now = time.monotonic()
+        open_ = [t for t in self._streams.get(key, []) if t > now]  # each stream's latest end
+        if len(open_) >= self.sse_max_per_key:
+            raise RateLimitedError(f"API key {key!r} has {self.sse_max_per_key} event streams open, the most it may "
+                                   "have here; close one, or poll GET /v1/jobs/{id}", retry_after=5)
+        ends = now + self.sse_max_lifetime_s + 5
+        self._streams[key] = [*open_, ends]
+
+        def close() -> None:
+            left = self._streams.get(key, [])
+            if ends in left:
+                left.remove(ends)
+            if not left:
+                self._streams.pop(key, None)
+
+        return close
+
     async def events(self, job_id: str, base_url: str,
-                     disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
-        """Server-sent events: one `job` event per change, ending with the terminal state."""
+                     disconnected: Callable[[], Awaitable[bool]], close: Callable[[], None] = lambda: None
+                     ) -> AsyncIterator[str]:
+        """Server-sent events: one `job` event per change, ending with the terminal state. A stream
+        lives at most `sse_max_lifetime_s`; then it ends with a `retry` hint and EventSource clients
+        reconnect (they get the current state at once)."""
+        try:
+            async for event in self._events(job_id, base_url, disconnected):
+                yield event
+        finally:
+            close()
+
+    async def _events(self, job_id: str, base_url: str,
+                      disconnected: Callable[[], Awaitable[bool]]) -> AsyncIterator[str]:
+        ends = time.monotonic() + self.sse_max_lifetime_s
         last = None
         while True:
-            record = await asyncio.to_thread(self.jobs.get_with_cancel, job_id)
+            record = await asyncio.to_thread(self.get, job_id)
             view = self.view(record, base_url).model_dump(mode="json")
             if view != last:
                 yield f"event: job\ndata: {json.dumps(view)}\n\n"
@@ -140,5 +203,8 @@ class JobsService:
                 yield "event: done\ndata: [DONE]\n\n"
                 return
             if await disconnected():
+                return
+            if time.monotonic() >= ends:
+                yield "retry: 1000\nevent: reconnect\ndata: {}\n\n"
                 return
             await asyncio.sleep(self.sse_poll_s)

@@ -1,4 +1,4 @@
-"""GET /healthz, GET /readyz, GET /v1/models."""
+"""GET /healthz, GET /readyz, GET /v1/models, GET and DELETE /v1/models/{id}."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Request
 
 from api.errors import error_response
 from api.errors_protocol import ErrorResponse
-from api.models.protocol import ModelList
+from api.models.protocol import ModelCard, ModelList
 from api.models.service import ModelsService
 
 router = APIRouter(tags=["models"])
@@ -35,3 +35,15 @@ async def readyz(models: ModelsService = Depends(models_service)):
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(models: ModelsService = Depends(models_service)) -> ModelList:
     return await models.list()
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})
+async def get_model(model_id: str, models: ModelsService = Depends(models_service)) -> ModelCard:
+    """A deployed model with its limits, or a LoRA (`name` or `name:version`) with its manifest."""
+    return await models.get(model_id)
+
+
+@router.delete("/v1/models/{model_id:path}", responses={404: {"model": ErrorResponse}})
+async def delete_model(model_id: str, models: ModelsService = Depends(models_service)) -> dict:
+    """Delete a LoRA version (`name:version`): its owner's keys (scope `train`) or admin."""
+    return await models.delete_lora(model_id)

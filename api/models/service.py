@@ -7,6 +7,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from api.auth import PermissionDeniedError, caller
 from api.models.protocol import ModelCard, ModelList
 from deployments.errors import AtelierError, InvalidRequestError
 from deployments.llm.contract import GemmaLimits
@@ -60,17 +61,61 @@ class ModelsService:
             metadata={k: sdxl[k] for k in ("source", "default_size", "min_size", "max_size", "default_steps",
                                            "max_steps", "allowed_n", "styles")},
         )]
+        for name, kind, capabilities in (("svd", "video", ["videos"]), ("upscaler", "upscaler", ["images.upscale"])):
+            limits = self.limits.get(name)
+            if limits is not None and name in self.handles:
+                cards.append(ModelCard(id=limits.model, kind=kind, capabilities=capabilities,
+                                       metadata=limits.model_dump(mode="json", exclude={"model"})))
         llm: GemmaLimits | None = self.limits.get("llm")
         if llm is not None and "llm" in self.handles:
             cards.append(ModelCard(id=llm.model, kind="text",
                                    capabilities=["chat.completions", "completions", "prompts.refine"],
                                    metadata={"source": llm.source, "max_model_len": llm.max_model_len}))
+        who = caller()
         for record in await asyncio.to_thread(self.loras.list, None, True):
-            cards.append(ModelCard(
-                id=record.id, created=int(record.created_at), kind="lora", capabilities=["images.generations"],
-                metadata={"name": record.name, "version": record.version, "base": sdxl["model"],
-                          "size_bytes": record.size_bytes, **record.manifest.model_dump(mode="json")}))
+            if who.sees(record.owner, record.public):
+                cards.append(self.lora_card(record))
         return ModelList(data=cards)
+
+    def lora_card(self, record: LoraRecord) -> ModelCard:
+        return ModelCard(
+            id=record.id, created=int(record.created_at), kind="lora", capabilities=["images.generations"],
+            metadata={"name": record.name, "version": record.version, "base": self.sdxl.model,
+                      "size_bytes": record.size_bytes, "sha256": record.sha256, "public": record.public,
+                      **record.manifest.model_dump(mode="json")})
+
+    async def get(self, model_id: str) -> ModelCard:
+        """A deployed model's card, or a LoRA's (`name` for its latest version, or `name:version`)
+        with its manifest; 404 for anything else, another owner's private LoRA included."""
+        for card in (await self.list()).data:
+            if card.id == model_id and card.kind != "lora":
+                return card
+        try:
+            return self.lora_card(await self.lora_record(model_id))
+        except InvalidRequestError:
+            raise ModelNotDeployedError(f"no model {model_id!r}; GET /v1/models lists them", "model") from None
+
+    async def delete_lora(self, model_id: str) -> dict:
+        """Delete one LoRA version (`name:version`). Replicas that hold it finish what they are
+        running; new requests no longer find it. Other versions stay. Only its owner (or admin)."""
+        from storage.registry import parse_lora_ref
+
+        if any(card.id == model_id and card.kind != "lora" for card in (await self.list()).data):
+            raise InvalidRequestError(f"{model_id!r} is a deployed base model; only LoRA versions are deleted here",
+                                      "model")
+        try:
+            name, version = parse_lora_ref(model_id, "model")
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(exc.message, "model") from None
+        if version is None:
+            raise InvalidRequestError(f"name the version to delete: {model_id}:<version>", "model")
+        record = await self.get(model_id)  # 404 unless the caller sees it
+        held = await asyncio.to_thread(self.loras.get, name, version)
+        if not caller().owns(held.owner):
+            raise PermissionDeniedError(f"LoRA {record.id} is public but not yours: only its owner deletes it",
+                                        "model")
+        await asyncio.to_thread(self.loras.delete, name, version)
+        return {"id": record.id, "object": "model", "deleted": True}
 
     def style_preset(self, name: str | None) -> StylePreset | None:
         if name is None:
@@ -85,10 +130,14 @@ class ModelsService:
         if ref is None:
             return None
         try:
-            return await asyncio.to_thread(self.loras.resolve, ref)
+            record = await asyncio.to_thread(self.loras.resolve, ref)
         except LoraRegistryError as exc:
             raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
                                       "adapters", "lora") from None
+        if not caller().sees(record.owner, record.public):  # another owner's private LoRA: unknown here
+            raise InvalidRequestError(f"unknown LoRA {ref!r}: no LoRA named {record.name!r} is registered; "
+                                      "GET /v1/models lists registered adapters", "lora")
+        return record
 
     async def lora_trigger_word(self, ref: str | None) -> str | None:
         record = await self.lora_record(ref)

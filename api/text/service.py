@@ -13,6 +13,7 @@ from ray.serve.llm.openai_api_models import ChatCompletionRequest as EngineChatR
 from ray.serve.llm.openai_api_models import CompletionRequest
 
 from api.models.service import ModelsService
+from api.ratelimit import NO_RATE_LIMITS, RateLimiter, token_cost
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
 from deployments.llm import contract as llm_contract
 from deployments.llm.contract import (GemmaConfig, GemmaLimits, RefinedPrompt, RefineRequest, RefineSettings,
@@ -50,6 +51,8 @@ def sse(item: Any) -> str:
 
 
 class TextService:
+    rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+
     def __init__(self, llm: DeploymentHandle | None, limits: GemmaLimits | None, settings: RefineSettings,
                  models: ModelsService, max_n: int = GemmaConfig.model_fields["max_n"].default):
         self.llm = llm
@@ -71,6 +74,9 @@ class TextService:
         handle = self.handle(body.model)
         llm_contract.check_max_tokens(body.max_tokens, self.limits)
         llm_contract.check_n(body, self.max_n)
+        llm_contract.check_extras(body)
+        asked = getattr(body, "max_tokens", None) or getattr(body, "max_completion_tokens", None)
+        self.rate.charge(token_cost(getattr(body, "n", 1), asked, self.limits.max_model_len), "max_tokens")
         body.model = self.limits.model
         stream = getattr(handle, method).remote(body, None)
         try:

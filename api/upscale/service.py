@@ -16,6 +16,7 @@ from api.files.service import FilesService
 from api.images.protocol import ImageData, ImageGenerationRequest, ImagesResponse, ImageUpscaleRequest
 from api.jobs.service import JobsService
 from api.models.service import ModelsService
+from api.ratelimit import NO_RATE_LIMITS, RateLimiter
 from api.text.service import TextService
 from api.uploads import Uploads
 from deployments.diffusion import random_seed
@@ -31,6 +32,8 @@ from storage.keys import new_id
 
 
 class UpscaleService:
+    rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+
     def __init__(self, models: ModelsService, text: TextService, jobs: JobsService, files: FilesService,
                  uploads: Uploads):
         self.models = models  # the upscaler's (and SDXL's) handle and limits; not deployed is a 404
@@ -55,6 +58,7 @@ class UpscaleService:
             raise InvalidRequestError("give an image: a file `image`, or `image_key` or `image_url`", "image")
         param = "image" if upload is not None else "image_key" if body.image_key else "image_url"
         upscaler_contract.check(request, limits, UpscaleMedia(width=image.width, height=image.height, param=param))
+        self.rate.charge(max(1, request.steps or limits.default_steps), "steps")
         request.image_key = key
         return request, data
 
@@ -68,7 +72,7 @@ class UpscaleService:
     async def upscale(self, body: ImageUpscaleRequest, upload: bytes | None, base_url: str) -> ImagesResponse:
         request, data = await self.checked(body, upload)
         store = body.response_format == "url"
-        request.image, request.store, request.output_id = data, store, new_id("img") if store else None
+        request.image, request.store, request.output_id = data, store, self.files.output_id() if store else None
         result: UpscaleResponse = await self.models.handle("upscaler").upscale.remote(request)
         item = (ImageData(url=self.files.url_for(result.key, base_url), seed=result.seed) if store
                 else ImageData(b64_json=base64.b64encode(result.png).decode(), seed=result.seed))
@@ -99,7 +103,7 @@ class UpscaleService:
         if refine is not None:
             refined = await self.text.refine(RefineRequest.model_validate(refine["request"]))
             sdxl_request = SDXLRequest.model_validate(apply_refined(sdxl_request.model_dump(), refined))
-        sdxl_request.store, sdxl_request.output_id = True, new_id("img")
+        sdxl_request.store, sdxl_request.output_id = True, self.files.output_id()
         generated: SDXLResponse = await routed(self.models.handle("sdxl"), sdxl_request).generate.remote(sdxl_request)
         store = body.response_format == "url"
         upscaler = self.models.handle("upscaler")

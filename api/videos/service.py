@@ -15,11 +15,13 @@ import math
 import time
 from typing import Any, Literal
 
+from api.auth import caller
 from api.files.service import FilesService
 from api.images.protocol import ImageGenerationRequest
 from api.images.service import ImagesService
 from api.jobs.service import JobsService
 from api.models.service import ModelsService
+from api.ratelimit import NO_RATE_LIMITS, RateLimiter, video_cost
 from api.text.service import TextService
 from api.uploads import Uploads
 from api.videos.protocol import VideoCreateRequest, VideoDeleted, VideoError, VideoList, VideoObject
@@ -69,6 +71,8 @@ def _output(record: JobRecord, role: str) -> JobOutput | None:
 
 
 class VideosService:
+    rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+
     def __init__(self, models: ModelsService, images: ImagesService, text: TextService, jobs: JobsService,
                  store: JobStore, files: FilesService, uploads: Uploads, storage: Storage,
                  delete_wait_s: float = DELETE_WAIT_S):
@@ -96,6 +100,7 @@ class VideosService:
             height=height, steps=body.steps, seed=seed, decode_chunk_size=body.decode_chunk_size)
         svd_contract.check(checked, svd)
         num_frames, fps = svd_contract.num_frames_of(checked, svd), svd_contract.fps_of(checked, svd)
+        self.rate.charge(video_cost(num_frames, checked.steps, svd.default_steps), "seconds")
 
         # 2. The source: an image (image-to-video) or a prompt (text-to-video).
         key, data, image = await self.uploads.load_image({
@@ -183,7 +188,7 @@ class VideosService:
             record = self.store.get_with_cancel(video_id)
         except JobNotFoundError:
             record = None
-        if record is None or record.kind not in VIDEO_KINDS:
+        if record is None or record.kind not in VIDEO_KINDS or not caller().sees(record.owner):
             raise NotFoundError(f"no video with id {video_id!r}", "video_id")
         return record
 
@@ -207,6 +212,8 @@ class VideosService:
         return self.view(await asyncio.to_thread(self.record, video_id), base_url)
 
     async def list(self, after: str | None, limit: int, order: Literal["asc", "desc"], base_url: str) -> VideoList:
+        who = caller()
+
         def page() -> tuple[list[JobRecord], bool]:
             ids = self.store.list_ids()  # newest first; ids sort by creation time
             if order == "asc":
@@ -219,7 +226,7 @@ class VideosService:
                     record = self.store.get(job_id)
                 except (JobNotFoundError, ValueError):
                     continue  # deleted or unreadable since listing
-                if record.kind in VIDEO_KINDS:
+                if record.kind in VIDEO_KINDS and who.sees(record.owner):
                     records.append(record)
                     if len(records) > limit:
                         break

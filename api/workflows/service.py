@@ -17,8 +17,10 @@ from typing import Any, Callable
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
+from api.auth import caller
 from api.jobs.service import JobsService
 from api.models.service import ModelsService
+from api.ratelimit import NO_RATE_LIMITS, RateLimiter, image_cost, video_cost
 from api.text.service import TextService
 from api.workflows.protocol import SavedWorkflow, SavedWorkflowBody, WorkflowRunRequest
 from deployments.diffusion import MAX_SEED, random_seed
@@ -110,12 +112,17 @@ class WorkflowsService:
         self.models = models  # deployed models, their contract Limits, styles and LoRAs
         self.text = text  # the LLM a refine node talks to, and its refine settings
         self.max_nodes = max_nodes
+        self.readable: Callable[[str], bool] = lambda key: True  # may the caller read a stored output
+        self.max_images = 64  # images and video frames one run may ask for (config max_workflow_images)
+        self.rate: RateLimiter = NO_RATE_LIMITS
 
     # --- checks against the running application -----------------------------------------------------
 
     def _stored_image_size(self, key: str) -> tuple[int, int] | str:
         """(width, height) of a stored image, read from its header; or why it cannot be used."""
         try:
+            if not self.readable(key):  # another owner's output: as if missing
+                raise ObjectNotFoundError(key)
             data = self.storage.get_bytes(key)
         except (ObjectNotFoundError, InvalidKeyError):
             return f"no stored output at {key!r}"
@@ -228,9 +235,34 @@ class WorkflowsService:
                     await self.models.lora_record(params["lora"])
                 except InvalidRequestError as exc:
                     checks.add(node_id, "params.lora", exc.message)
+        images = self.workload(workflow)[0] if not checks.issues else 0  # each node within its own limits first
+        if images > self.max_images:
+            checks.issues.append(WorkflowIssue(message=f"the workflow asks for {images} images and video frames in "
+                                                       f"all; at most {self.max_images} per run here"))
         if checks.issues:
             return ValidationReport(valid=False, errors=checks.issues, order=report.order), None
         return report, workflow
+
+    def workload(self, workflow: Workflow) -> tuple[int, int]:
+        """(images and video frames, cost units) the run asks of the models (api/ratelimit.py)."""
+        images = units = 0
+        sdxl = self.models.limits.get("sdxl")
+        for node in workflow.nodes:
+            params = node.params
+            if node.type in SDXL_NODE_TYPES and sdxl is not None:
+                n = params.get("n", 1)
+                width, height = parse_size(params["size"]) if params.get("size") else (sdxl.default_size,) * 2
+                images += n
+                units += image_cost(n, params.get("steps"), width, height, sdxl.default_steps)
+            elif node.type == "upscale" and "upscaler" in self.models.limits:
+                images += 1
+                units += max(1, params.get("steps") or self.models.limits["upscaler"].default_steps)
+            elif node.type == "image_to_video" and "svd" in self.models.limits:
+                svd = self.models.limits["svd"]
+                frames = params.get("num_frames") or svd.default_num_frames
+                images += frames
+                units += video_cost(frames, params.get("steps"), svd.default_steps)
+        return images, units
 
     async def checked(self, doc: Any) -> Workflow:
         """The workflow once it passes every check; InvalidWorkflowError listing every problem."""
@@ -280,6 +312,7 @@ class WorkflowsService:
             record = await self.get(body.workflow_id, body.version)
             doc, saved = record.workflow, {"id": record.id, "version": record.version, "name": record.name}
         workflow = await self.checked(doc)
+        self.rate.charge(self.workload(workflow)[1], "workflow")
         payload = await self.run_payload(workflow, body.use_cache, saved)
         return await self.jobs.submit_async(WorkflowRunPayload.create(**payload), ["workflow"])
 
@@ -292,25 +325,38 @@ class WorkflowsService:
             raise _saved_workflow_error(exc) from None
 
     async def get(self, workflow_id: str, version: int | None = None) -> SavedWorkflow:
-        return await self._call(self.store.get, workflow_id, version)
+        """The caller's saved workflow (any for admin); another owner's is as unknown as a missing one."""
+        saved = await self._call(self.store.get, workflow_id, version)
+        if not caller().sees(saved.owner):
+            raise NotFoundError(f"no workflow with id {workflow_id!r}", "workflow_id")
+        return saved
 
-    async def save(self, workflow_id: str, version: int, body: SavedWorkflowBody) -> SavedWorkflow:
-        """Check the workflow (InvalidWorkflowError), then write the version; 409 if it was saved meanwhile."""
+    async def save(self, workflow_id: str, version: int, body: SavedWorkflowBody,
+                   owner: str | None = None) -> SavedWorkflow:
+        """Check the workflow (InvalidWorkflowError), then write the version; 409 if it was saved meanwhile.
+        A new version keeps the workflow's owner (`owner`: the first version's)."""
+        if version > 1:
+            owner = (await self.get(workflow_id)).owner  # 404 unless the caller's
         workflow = await self.checked(body.workflow)
         saved = SavedWorkflow(id=workflow_id, name=body.name, description=body.description, version=version,
-                              created_at=int(time.time()), workflow=workflow.model_dump())
+                              created_at=int(time.time()), workflow=workflow.model_dump(), owner=owner)
         return await self._call(self.store.create, saved)
 
     async def create(self, body: SavedWorkflowBody) -> SavedWorkflow:
-        return await self.save(new_id("wf"), 1, body)
+        return await self.save(new_id("wf"), 1, body, owner=caller().owner)
 
     async def list(self, limit: int) -> list[SavedWorkflow]:
-        return await self._call(self.store.list_latest, limit)
+        who = caller()
+        return await self._call(self.store.list_latest, limit, None if who.admin else (lambda w: who.sees(w.owner)))
 
     async def delete(self, workflow_id: str) -> None:
+        await self.get(workflow_id)  # 404 unless the caller's
         await self._call(self.store.delete, workflow_id)
 
 
 def build_workflows_service(storage: Storage, jobs: JobsService, models: ModelsService, text: TextService,
-                            max_nodes: int) -> WorkflowsService:
-    return WorkflowsService(SavedWorkflowStore(storage), storage, jobs, models, text, max_nodes)
+                            max_nodes: int, max_images: int = 64) -> WorkflowsService:
+    service = WorkflowsService(SavedWorkflowStore(storage), storage, jobs, models, text, max_nodes)
+    service.max_images = max_images
+    service.readable = jobs.files.readable  # another owner's output is as unknown as a missing one
+    return service

@@ -120,6 +120,30 @@ def check_n(body: Any, max_n: int) -> None:
             raise InvalidRequestError(f"{field} must be at most {max_n}; got {value}", field)
 
 
+# vLLM request fields the public API does not take: they reach into the server (a chat template
+# from the request, processor and transfer kwargs, free-form extras) or cost far more than they
+# look (beam search, prompt logprobs). Anything not at its default here is a 400 naming the field.
+REFUSED_EXTRAS = ("chat_template", "chat_template_kwargs", "media_io_kwargs", "mm_processor_kwargs", "mm_payload",
+                  "return_mm_kwargs", "kv_transfer_params", "vllm_xargs", "use_beam_search", "prompt_logprobs",
+                  "logprob_token_ids")
+MAX_LOGPROBS = 5
+
+
+def check_extras(body: Any) -> None:
+    """vLLM's extra request fields: the ones above are refused, `priority` must stay 0 (it would let
+    a caller jump the queue), and log-probabilities are capped at MAX_LOGPROBS per token."""
+    fields = getattr(body, "model_fields_set", set())
+    for field in REFUSED_EXTRAS:
+        if field in fields and getattr(body, field, None) not in (None, False, {}, []):
+            raise InvalidRequestError(f"{field} is not accepted by this server", field)
+    if getattr(body, "priority", 0):
+        raise InvalidRequestError("priority must be 0 here", "priority")
+    for field in ("top_logprobs", "logprobs"):
+        value = getattr(body, field, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_LOGPROBS:
+            raise InvalidRequestError(f"{field} must be at most {MAX_LOGPROBS}; got {value}", field)
+
+
 def check_messages(messages: list) -> None:
     """What OpenAI refuses but vLLM's request model lets through to the chat template: no messages
     at all, an unknown role, a message without content."""

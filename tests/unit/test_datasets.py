@@ -363,7 +363,7 @@ def test_adding_job_outputs_by_job_id_captions_them_with_the_prompt(store, datas
 
 def test_delete_needs_confirmation(store, dataset_id):
     store.add_images(dataset_id, eight_images())
-    for wrong in (None, "", "dogs", "CATS"):
+    for wrong in (None, "", "dogs", "CATS", dataset_id):  # the id is in the URL already: it confirms nothing
         with pytest.raises(InvalidDatasetInputError) as err:
             store.delete(dataset_id, confirm=wrong)
         assert err.value.param == "confirm"

@@ -468,7 +468,8 @@ class FakeLoras:
 
         if not ref.startswith("corgi"):
             raise LoraNotFoundError(f"no LoRA named {ref!r}", param)
-        return SimpleNamespace(id="corgi:2", name="corgi", version=2, sha256="ab" * 32, trigger_word="sks")
+        return SimpleNamespace(id="corgi:2", name="corgi", version=2, sha256="ab" * 32, trigger_word="sks",
+                               owner=None, public=False)
 
 
 def png(width: int, height: int, mode: str = "RGB") -> bytes:
