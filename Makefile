@@ -13,7 +13,7 @@ EXTRAS ?= test,bench,llm-cpu
 LOCK ?= constraints/lock-cpu.txt
 OVERRIDES ?= constraints/cpu-overrides.txt
 
-.PHONY: serve test lint venv models browser bench clean lock
+.PHONY: serve test lint venv models browser bench clean lock web redis
 
 # The CPU torch wheel goes in first with pip (it honours pip's configured find-links and
 # PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, e.g. PyTorch's CPU index); uv then keeps it and installs
@@ -40,7 +40,17 @@ models: venv
 # At least 4 logical CPUs (as local/runner.py): the replicas mostly idle, and fine-tuning
 # needs room beside them.
 LOCAL_CPUS := $(shell $(PYTHON) -c "import os; print(max(4, os.cpu_count() or 1))")
-serve: models
+# The web UI's npm libraries (React Flow for the workflow editor): `npm ci` installs the versions
+# package-lock.json pins, and esbuild (from the same lock) bundles them into one ES module and its
+# stylesheet in web/vendor/, served with the UI. No CDN: the UI works offline once built.
+WEB_VENDOR := web/vendor/xyflow.js web/vendor/xyflow.css
+web: $(WEB_VENDOR)
+$(WEB_VENDOR) &: package.json package-lock.json web/vendor/xyflow.entry.js
+	npm ci --no-audit --no-fund --loglevel=error
+	npm run --silent build
+	@touch $(WEB_VENDOR)
+
+serve: models web
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": $(LOCAL_CPUS)}' \
 		$(VENV)/bin/serve run configs/local.yaml
 
@@ -51,16 +61,31 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; } || \
 		echo "could not install chromium: the web UI tests will skip (and fail under CI=true)"
 
+# Debian's redis-server for the two-node cluster tests (tests/cluster: the Celery broker); they skip
+# without it, and fail under CI=true.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends redis-server >/dev/null; } || \
+		echo "could not install redis-server: the cluster tests will skip (and fail under CI=true)"
+
 # The import-linter contracts in pyproject.toml (layers point one way; the model packages are
 # independent); first, so a broken layer fails before the models are built.
 lint: venv
 	$(VENV)/bin/lint-imports
 
-test: lint models browser
+test: lint models browser web redis
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: models
 	$(PY) benchmarks/bench_images.py
+
+# Every GPU figure in one command (benchmarks/gpu_check.py): full-size random-weight models on the
+# GPU, one table, artifacts/gpu-check.json, within 8 minutes. Without CUDA it says so and exits 0;
+# GPU_CHECK_ARGS=--tiny runs the same script on CPU (tests/unit/test_gpu_check.py does, in make test).
+.PHONY: gpu-check
+GPU_CHECK_ARGS ?=
+gpu-check: venv
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf var .pytest_cache

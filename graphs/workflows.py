@@ -203,12 +203,21 @@ class Workflow(BaseModel):
     description: str = ""
     nodes: list[Node]
     edges: list[Edge] = []
+    # The editor's layout (node positions, groups, comments, viewport): kept with the workflow and
+    # never read by the engine, so it is in no check and no cache key.
+    ui: dict[str, Any] | None = Field(None, description=(
+        "Editor layout, ignored by the engine: {positions: {node_id: {x, y}}, groups: [{id, title, x, y, width, "
+        "height, nodes}], comments: [{id, text, x, y}], viewport: {x, y, zoom}}. Without it an editor lays the "
+        "graph out itself."))
 
 
 def workflow_schema() -> dict[str, Any]:
-    """The workflow JSON Schema plus the node type catalogue (ports and params schemas), for clients."""
+    """The workflow JSON Schema plus the node type catalogue (ports and params schemas), for clients
+    such as the web UI's editor, which builds its palette and param forms from it."""
     return {
         "workflow": Workflow.model_json_schema(),
+        # An input of type "any" takes every port type; any other input takes only its own type.
+        "port_types": [*PortType.__args__, ANY],
         "node_types": {
             name: {
                 "description": spec.description,

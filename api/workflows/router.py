@@ -1,6 +1,7 @@
 """User workflows (node graphs over the deployments) and saved workflows.
 
     GET    /v1/workflows/schema        the workflow JSON Schema and the node type catalogue
+    GET    /v1/workflows/templates     starting workflows for the editor (api/workflows/templates.py)
     POST   /v1/workflows/validate      every problem with its node id and field, and the execution order
     POST   /v1/workflows/runs          run a workflow (inline, or a saved one by id and version) as one job: 202
     POST   /v1/workflows               save a workflow: id, version 1
@@ -27,6 +28,7 @@ from api.jobs.service import JobsService
 from api.security import JSON, require_media_type
 from api.workflows.protocol import SavedWorkflow, SavedWorkflowBody, WorkflowRunRequest
 from api.workflows.service import InvalidWorkflowError, WorkflowsService
+from api.workflows.templates import list_templates
 from deployments.errors import InvalidRequestError, parse_json
 from graphs.workflows import ValidationReport, Workflow, workflow_schema
 
@@ -97,6 +99,12 @@ def invalid_workflow(exc: InvalidWorkflowError) -> JSONResponse:
 @router.get("/v1/workflows/schema")
 async def get_schema() -> dict:
     return workflow_schema()
+
+
+@router.get("/v1/workflows/templates")
+async def get_templates(workflows: WorkflowsService = Depends(workflows_service)) -> dict:
+    """Starting workflows for the editor, each with the deployments it needs and whether they are deployed."""
+    return {"object": "list", "data": list_templates(set(workflows.models.handles))}
 
 
 @router.post("/v1/workflows/validate", response_model=ValidationReport,

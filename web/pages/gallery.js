@@ -138,6 +138,11 @@ function cardsOf(job) {
         .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))])),
       reuse
         ? el("button", { type: "button", class: "reuse", onclick: () => { location.hash = reuse; } }, "Reuse settings")
+        : null,
+      // A workflow run opens again on the editor's canvas, with its node states and outputs.
+      job.kind === "workflows.run"
+        ? el("button", { type: "button", class: "open-workflow",
+          onclick: () => { location.hash = `#/workflows?job=${encodeURIComponent(job.id)}`; } }, "Open in editor")
         : null);
   });
 }
