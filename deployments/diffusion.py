@@ -15,12 +15,13 @@ in deployments/limits.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import threading
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Any, AsyncIterator, Callable, ClassVar
+from typing import Any, AsyncIterator, Callable, ClassVar, Iterator
 
 from pydantic import BaseModel
 
@@ -57,6 +58,144 @@ def configure_torch(num_threads: int | None = None, gpu_memory_fraction: float |
         torch.cuda.set_per_process_memory_fraction(gpu_memory_fraction)
 
 
+# --- fast paths (deployments/fast_paths.py: the config switches) -----------------------------------
+
+# Regional compilation's blocks when a model class names none (`_repeated_blocks`): the transformer
+# blocks of the spatio-temporal UNet (SVD) as well as the spatial one.
+REPEATED_BLOCKS = ("BasicTransformerBlock", "TemporalBasicTransformerBlock")
+
+
+def set_sdpa_backends(attention: str) -> None:
+    """Which kernels torch's scaled_dot_product_attention may use in this process (CUDA only):
+    `flash` or `cudnn` turn the other fused kernels off and keep math as the fallback; anything
+    else leaves torch's own choice. Process-wide flags: a replica runs one model."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    wanted = {"flash": "flash", "cudnn": "cudnn"}.get(attention)
+    torch.backends.cuda.enable_flash_sdp(wanted in (None, "flash"))
+    torch.backends.cuda.enable_mem_efficient_sdp(wanted is None)
+    torch.backends.cuda.enable_cudnn_sdp(wanted in (None, "cudnn"))
+    torch.backends.cuda.enable_math_sdp(True)
+
+
+def _to_channels_last(module) -> None:
+    """Every 4-D weight and buffer (the convolutions') in channels-last layout. `Module.to(memory_format=)`
+    would refuse SVD's 5-D temporal convolutions; they keep their layout."""
+    import torch
+
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+
+
+def _compile_unet(unet, fast) -> str:
+    kwargs: dict[str, Any] = {"fullgraph": fast.compile_fullgraph, "dynamic": fast.compile_dynamic,
+                              "backend": fast.compile_backend}
+    if fast.compile_backend == "inductor" or fast.compile_mode != "default":
+        kwargs["mode"] = fast.compile_mode
+    if fast.compile == "full":
+        unet.compile(**kwargs)  # nn.Module.compile: in place, the UNet stays the same object
+        return "full"
+    # Regional compilation (https://docs.pytorch.org/tutorials/recipes/regional_compilation.html): each
+    # repeated block compiled once and its compiled code reused by every instance.
+    names = tuple(getattr(unet, "_repeated_blocks", None) or REPEATED_BLOCKS)
+    blocks = [m for m in unet.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"regional compile: no {names} block in {type(unet).__name__}")
+    for block in blocks:
+        block.compile(**kwargs)
+    return f"regional ({len(blocks)} blocks)"
+
+
+def apply_fast_paths(pipe, fast) -> dict[str, Any]:
+    """Applies the config's fast paths (a `DiffusionFastPaths`, or None) to a loaded pipeline, in
+    place. Returns what was applied, and why a switch this pipeline cannot take was skipped.
+
+    Applying again with more switches on adds them (benchmarks/gpu_check.py stacks them one by one);
+    compiling is the last step and is not undone.
+    """
+    import torch
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+
+    applied: dict[str, Any] = {}
+    if fast is None:
+        return applied
+    unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
+
+    # 1. The VAE: a replacement (e.g. the fp16-fix one), its precision, tiling and slicing.
+    if fast.vae_model and vae is not None:
+        replacement = type(vae).from_pretrained(fast.vae_model, torch_dtype=vae.dtype)
+        vae = replacement.to(vae.device)
+        pipe.register_modules(vae=vae)
+        applied["vae_model"] = fast.vae_model
+    if fast.vae_upcast is not None and vae is not None and "force_upcast" in vae.config:
+        vae.register_to_config(force_upcast=fast.vae_upcast)
+        applied["vae_upcast"] = fast.vae_upcast
+    for switch, method in (("vae_tiling", "enable_tiling"), ("vae_slicing", "enable_slicing")):
+        if getattr(fast, switch) and vae is not None:
+            try:
+                getattr(vae, method)()  # diffusers' AutoencoderMixin raises where the VAE has none
+                applied[switch] = True
+            except (AttributeError, NotImplementedError):
+                applied[switch] = f"skipped: {type(vae).__name__} has no {method.removeprefix('enable_')}"
+
+    # 2. Attention: diffusers' processors, and torch's SDPA kernels.
+    if unet is not None:
+        if fast.attention == "classic":
+            unet.set_attn_processor(AttnProcessor())
+        elif any(isinstance(p, AttnProcessor) for p in unet.attn_processors.values()):
+            unet.set_attn_processor(AttnProcessor2_0())  # back from classic (a stack of switches)
+        applied["attention"] = fast.attention
+    set_sdpa_backends(fast.attention)
+
+    # 3. Memory layout and fused projections.
+    if fast.channels_last:
+        for module in (unet, vae):
+            if module is not None:
+                _to_channels_last(module)
+        applied["channels_last"] = True
+    if fast.fuse_qkv and unet is not None and not getattr(pipe, "atelier_fused_qkv", None):
+        # As diffusers' UNet2DConditionModel.fuse_qkv_projections and StableDiffusionMixin's do it, for
+        # any UNet: every Attention's projections fused, then the fused processor. Dict copies
+        # throughout: set_attn_processor empties a dict it is given.
+        unfused = dict(unet.attn_processors)
+        added_kv = [name for name, p in unfused.items() if "Added" in type(p).__name__]
+        if added_kv:
+            applied["fuse_qkv"] = f"skipped: added KV projections ({added_kv[0]})"
+        else:
+            for module in (unet, vae) if type(vae).__name__ == "AutoencoderKL" else (unet,):
+                with torch.no_grad():
+                    for attention in module.modules():
+                        if isinstance(attention, Attention):
+                            attention.fuse_projections(fuse=True)
+                module.set_attn_processor(FusedAttnProcessor2_0())
+            pipe.atelier_fused_qkv = {"fused": dict(unet.attn_processors), "unfused": unfused}
+            applied["fuse_qkv"] = "unet and vae" if type(vae).__name__ == "AutoencoderKL" else "unet"
+
+    # 4. torch.compile, last: it traces the modules as the steps above left them.
+    if fast.compile != "off" and unet is not None and not getattr(unet, "atelier_compiled", False):
+        applied["compile"] = _compile_unet(unet, fast)
+        unet.atelier_compiled = True
+    return applied
+
+
+@contextlib.contextmanager
+def unfused_qkv(pipe, active: bool = True) -> Iterator[None]:
+    """While a LoRA is active: the UNet's attention back on its own to_q/to_k/to_v (where the
+    adapter's layers sit) instead of the fused projections, which hold only the base weights."""
+    fused = getattr(pipe, "atelier_fused_qkv", None)
+    if not active or not fused:
+        yield
+        return
+    pipe.unet.set_attn_processor(dict(fused["unfused"]))
+    try:
+        yield
+    finally:
+        pipe.unet.set_attn_processor(dict(fused["fused"]))
+
+
 class TorchThread:
     """The one thread a replica runs its torch work on: loading, every pipeline call, adapter loads.
 
@@ -81,12 +220,15 @@ class TorchThread:
 
 def start_torch(name: str, config: Any, load: Callable[[Any], Any]) -> tuple[TorchThread, Any]:
     """A replica's torch thread, with torch configured and the pipeline loaded on it:
-    `config` has `torch_num_threads` and `gpu_memory_fraction`."""
+    `config` has `torch_num_threads` and `gpu_memory_fraction`, and may have `fast_paths`, which
+    are applied to the loaded (or injected) pipeline."""
     thread = TorchThread(name)
 
     def setup():
         configure_torch(config.torch_num_threads, config.gpu_memory_fraction)
-        return load(config)
+        pipe = load(config)
+        pipe.atelier_fast_paths = apply_fast_paths(pipe, getattr(config, "fast_paths", None))
+        return pipe
 
     return thread, thread.call(setup)
 

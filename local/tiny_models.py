@@ -12,12 +12,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import torch
 
@@ -159,73 +161,246 @@ def _gemma_tokenizer(vocab_size: int = 512):
 
 
 # ---------------------------------------------------------------------------
-# Builders: one plain function per model, each re-seeding before every component
+# Architectures: each model's tiny stand-in, and the released model's real dimensions
 # ---------------------------------------------------------------------------
+#
+# "tiny" is what `make models` writes (random weights, seconds on a CPU). "full" is the released
+# model's architecture, its dimensions copied from the model's own config files on the hub (named
+# above each), written here because nothing may reach the hub: random weights at full size have the
+# real compute cost, which is how benchmarks/gpu_check.py measures speed on a GPU.
+
+Scale = Literal["tiny", "full"]
+SCALES = ("tiny", "full")
 
 
-def build_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
-    """StableDiffusionXLPipeline folder; default output 64x64. Also usable through
-    StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline.from_pipe."""
+def _clip_text_full(hidden: int, layers: int, heads: int, intermediate: int, act: str, projection_dim: int):
+    from transformers import CLIPTextConfig
+
+    # Ids as _clip_tokenizer()'s (CLIP pools at eos_token_id); the vocabulary stays CLIP's 49408.
+    return CLIPTextConfig(vocab_size=49408, bos_token_id=512, eos_token_id=513, pad_token_id=513,
+                          hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+                          num_hidden_layers=layers, layer_norm_eps=1e-05, hidden_act=act, projection_dim=projection_dim,
+                          max_position_embeddings=77)
+
+
+SDXL_UNET: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        sample_size=32,  # latent size; x2 VAE scale factor -> 64x64 default images
+        in_channels=4,  # 4-channel: the inpaint pipeline then blends latents itself
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
+        cross_attention_dim=64,  # both text encoders' hidden states concatenated (32 + 32)
+        norm_num_groups=1,
+    ),
+    # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (2.57 B parameters)
+    "full": dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_embed_type_num_heads=64,
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled text (1280)
+        cross_attention_dim=2048,  # 768 + 1280
+        norm_num_groups=32,
+    ),
+}
+SDXL_VAE: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                 latent_channels=4, sample_size=64,
+                 force_upcast=False),  # the real SDXL VAE upcasts fp16; pointless on CPU fp32
+    # stabilityai/stable-diffusion-xl-base-1.0 vae/config.json
+    "full": dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                 latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=1024,
+                 scaling_factor=0.13025, force_upcast=True),
+}
+SVD_UNET: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        sample_size=32,  # x2 VAE scale factor -> 64x64 default frames
+        in_channels=8,  # noisy latents + image latents
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32,  # = image encoder projection_dim
+        num_attention_heads=8,
+        projection_class_embeddings_input_dim=96,  # 3 added time ids (fps, motion, noise) x 32
+        addition_time_embed_dim=32,
+        num_frames=4,  # only the pipeline's default num_frames
+    ),
+    # stabilityai/stable-video-diffusion-img2vid-xt unet/config.json (1.52 B parameters)
+    "full": dict(
+        sample_size=96,
+        in_channels=8,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                          "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+                        "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=1024,
+        num_attention_heads=(5, 10, 20, 20),
+        transformer_layers_per_block=1,
+        projection_class_embeddings_input_dim=768,  # 3 added time ids x 256
+        addition_time_embed_dim=256,
+        num_frames=25,
+    ),
+}
+SVD_VAE: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D"] * 2, latent_channels=4, sample_size=64),
+    # stabilityai/stable-video-diffusion-img2vid-xt vae/config.json
+    "full": dict(block_out_channels=[128, 256, 512, 512], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D"] * 4, latent_channels=4, layers_per_block=2,
+                 sample_size=768, scaling_factor=0.18215, force_upcast=True),
+}
+# The pipeline always resizes the conditioning image to 224, so the vision encoder must take 224
+# inputs; the tiny one's patch 32 keeps that to 49 patches.
+SVD_IMAGE_ENCODER: dict[str, dict[str, Any]] = {
+    "tiny": dict(image_size=224, patch_size=32, hidden_size=32, projection_dim=32, num_hidden_layers=5,
+                 num_attention_heads=4, intermediate_size=37),
+    # stabilityai/stable-video-diffusion-img2vid-xt image_encoder/config.json (OpenCLIP ViT-H/14)
+    "full": dict(image_size=224, patch_size=14, hidden_size=1280, projection_dim=1024, num_hidden_layers=32,
+                 num_attention_heads=16, intermediate_size=5120, hidden_act="gelu", layer_norm_eps=1e-05),
+}
+UPSCALER_UNET: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        sample_size=32,
+        in_channels=7,  # 4 noisy latents + 3 low-res RGB channels
+        out_channels=4,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, False),
+        num_class_embeds=100,  # noise level conditioning
+    ),
+    # stabilityai/stable-diffusion-x4-upscaler unet/config.json
+    "full": dict(
+        sample_size=128,
+        in_channels=7,
+        out_channels=4,
+        block_out_channels=(256, 512, 512, 1024),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=1024,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        only_cross_attention=(True, True, True, False),
+        num_class_embeds=1000,
+        norm_num_groups=32,
+    ),
+}
+UPSCALER_VAE: dict[str, dict[str, Any]] = {
+    "tiny": dict(block_out_channels=[32, 32, 64],  # 3 blocks -> x4 scale factor
+                 in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+                 up_block_types=["UpDecoderBlock2D"] * 3, latent_channels=4,
+                 scaling_factor=0.08333),  # the upscaler's value; otherwise the pipeline warns and patches it
+    # stabilityai/stable-diffusion-x4-upscaler vae/config.json
+    "full": dict(block_out_channels=[128, 256, 512], in_channels=3, out_channels=3,
+                 down_block_types=["DownEncoderBlock2D"] * 3, up_block_types=["UpDecoderBlock2D"] * 3,
+                 latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.08333),
+}
+
+
+def _sdxl_text_configs(scale: Scale):
+    if scale == "tiny":
+        return _clip_text_config(projection_dim=32), _clip_text_config(projection_dim=32)
+    # stabilityai/stable-diffusion-xl-base-1.0 text_encoder/ (CLIP ViT-L/14) and text_encoder_2/ (OpenCLIP bigG/14)
+    return (_clip_text_full(768, 12, 12, 3072, "quick_gelu", 768),
+            _clip_text_full(1280, 32, 20, 5120, "gelu", 1280))
+
+
+def _upscaler_text_config(scale: Scale):
+    if scale == "tiny":
+        return _clip_text_config(projection_dim=512)
+    # stabilityai/stable-diffusion-x4-upscaler text_encoder/config.json (OpenCLIP ViT-H/14 text, 23 layers)
+    return _clip_text_full(1024, 23, 16, 4096, "gelu", 512)
+
+
+@contextlib.contextmanager
+def on_device(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built inside are created on `device` in `dtype`, initialised there: no CPU copy.
+
+    Only for modules: schedulers build their float32 tables on the CPU and stay outside."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _seeded(seed: int):
+    """Re-seed before a component, so each one's weights do not depend on what was built before it."""
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _models(device: str | torch.device | None, dtype: torch.dtype | None):
+    return on_device(device, dtype) if device is not None else contextlib.nullcontext()
+
+
+def sdxl_pipeline(scale: Scale = "tiny", seed: int = 0, device=None, dtype=None):
+    """A StableDiffusionXLPipeline with random weights, in memory. With `device` (and `dtype`) its
+    models are built there; else on the CPU in float32."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    path = Path(path)
-    with torch.random.fork_rng(devices=[]):  # don't disturb the caller's RNG
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32,  # latent size; x2 VAE scale factor -> 64x64 default images
-            in_channels=4,  # 4-channel: the inpaint pipeline then blends latents itself
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4),
-            transformer_layers_per_block=(1, 2),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text (32)
-            cross_attention_dim=64,  # both text encoders' hidden states concatenated (32 + 32)
-            norm_num_groups=1,
-        )
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=[32, 64],
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            latent_channels=4,
-            sample_size=64,
-            force_upcast=False,  # the real SDXL VAE upcasts fp16; pointless on CPU fp32
-        )
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_text_config(projection_dim=32))
-        torch.manual_seed(seed)
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(projection_dim=32))
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
-        pipe = StableDiffusionXLPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            text_encoder_2=text_encoder_2,
-            tokenizer=_clip_tokenizer(),
-            tokenizer_2=_clip_tokenizer(),
-            unet=unet,
-            scheduler=scheduler,
-        )
-        pipe.save_pretrained(path)
-    return path
+    text_config, text_config_2 = _sdxl_text_configs(scale)
+    with _models(device, dtype):
+        _seeded(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET[scale])
+        _seeded(seed)
+        vae = AutoencoderKL(**SDXL_VAE[scale])
+        _seeded(seed)
+        text_encoder = CLIPTextModel(text_config)
+        _seeded(seed)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
 
 
-def build_tiny_svd(path: str | Path, seed: int = 0) -> Path:
-    """StableVideoDiffusionPipeline folder; default 64x64, 4 frames."""
+def svd_pipeline(scale: Scale = "tiny", seed: int = 0, device=None, dtype=None):
+    """A StableVideoDiffusionPipeline with random weights, in memory (see `sdxl_pipeline`)."""
     from diffusers import (
         AutoencoderKLTemporalDecoder,
         EulerDiscreteScheduler,
@@ -234,78 +409,44 @@ def build_tiny_svd(path: str | Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    path = Path(path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNetSpatioTemporalConditionModel(
-            sample_size=32,  # x2 VAE scale factor -> 64x64 default frames
-            in_channels=8,  # noisy latents + image latents
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=2,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-            cross_attention_dim=32,  # = image encoder projection_dim
-            num_attention_heads=8,
-            projection_class_embeddings_input_dim=96,  # 3 added time ids (fps, motion, noise) x 32
-            addition_time_embed_dim=32,
-            num_frames=4,  # only the pipeline's default num_frames
-        )
-        torch.manual_seed(seed)
-        vae = AutoencoderKLTemporalDecoder(
-            block_out_channels=[32, 64],
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            latent_channels=4,
-            sample_size=64,
-        )
-        torch.manual_seed(seed)
-        # The pipeline always resizes the conditioning image to 224, so the vision encoder
-        # must take 224 inputs; patch 32 keeps that to 49 patches.
-        image_encoder = CLIPVisionModelWithProjection(
-            CLIPVisionConfig(
-                image_size=224,
-                patch_size=32,
-                hidden_size=32,
-                projection_dim=32,
-                num_hidden_layers=5,
-                num_attention_heads=4,
-                intermediate_size=37,
-            )
-        )
-        feature_extractor = CLIPImageProcessor(crop_size=224, size=224)
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            interpolation_type="linear",
-            num_train_timesteps=1000,
-            prediction_type="v_prediction",
-            sigma_max=700.0,
-            sigma_min=0.002,
-            steps_offset=1,
-            timestep_spacing="leading",
-            timestep_type="continuous",
-            use_karras_sigmas=True,
-        )
-        pipe = StableVideoDiffusionPipeline(
-            vae=vae,
-            image_encoder=image_encoder,
-            unet=unet,
-            scheduler=scheduler,
-            feature_extractor=feature_extractor,
-        )
-        # Without torchvision, transformers 5 hands back CLIPImageProcessorPil and diffusers
-        # would record that class in model_index.json; record the generic name so the folder
-        # loads with whichever backend the loading environment has.
-        pipe.register_to_config(feature_extractor=("transformers", "CLIPImageProcessor"))
-        pipe.save_pretrained(path)
-    return path
+    with _models(device, dtype):
+        _seeded(seed)
+        unet = UNetSpatioTemporalConditionModel(**SVD_UNET[scale])
+        _seeded(seed)
+        vae = AutoencoderKLTemporalDecoder(**SVD_VAE[scale])
+        _seeded(seed)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_IMAGE_ENCODER[scale]))
+    feature_extractor = CLIPImageProcessor(crop_size=224, size=224)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae,
+        image_encoder=image_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+    # Without torchvision, transformers 5 hands back CLIPImageProcessorPil and diffusers would
+    # record that class in model_index.json; record the generic name so the folder loads with
+    # whichever backend the loading environment has.
+    pipe.register_to_config(feature_extractor=("transformers", "CLIPImageProcessor"))
+    return pipe
 
 
-def build_tiny_upscaler(path: str | Path, seed: int = 0) -> Path:
-    """StableDiffusionUpscalePipeline folder: 32x32 in -> 128x128 out (x4)."""
+def upscaler_pipeline(scale: Scale = "tiny", seed: int = 0, device=None, dtype=None):
+    """A StableDiffusionUpscalePipeline with random weights, in memory (see `sdxl_pipeline`)."""
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
@@ -315,45 +456,73 @@ def build_tiny_upscaler(path: str | Path, seed: int = 0) -> Path:
     )
     from transformers import CLIPTextModel
 
+    with _models(device, dtype):
+        _seeded(seed)
+        unet = UNet2DConditionModel(**UPSCALER_UNET[scale])
+        _seeded(seed)
+        vae = AutoencoderKL(**UPSCALER_VAE[scale])
+        _seeded(seed)
+        text_encoder = CLIPTextModel(_upscaler_text_config(scale))
+    if scale == "tiny":
+        low_res_scheduler, scheduler = DDPMScheduler(), DDIMScheduler(prediction_type="v_prediction")
+    else:  # stabilityai/stable-diffusion-x4-upscaler low_res_scheduler/ and scheduler/
+        low_res_scheduler = DDPMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                                          num_train_timesteps=1000)
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                  prediction_type="v_prediction", num_train_timesteps=1000)
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_clip_tokenizer(),
+        unet=unet,
+        low_res_scheduler=low_res_scheduler,
+        scheduler=scheduler,
+        max_noise_level=350,
+    )
+
+
+PIPELINES = {"sdxl": sdxl_pipeline, "svd": svd_pipeline, "upscaler": upscaler_pipeline}
+
+
+def build_pipeline(name: str, scale: Scale, device: str | torch.device, dtype: torch.dtype, seed: int = 0):
+    """Model `name`'s pipeline with random weights at `scale`, its models built directly on `device`
+    in `dtype` (no CPU copy, no download): what benchmarks/gpu_check.py measures. The caller's RNG
+    state (CPU and CUDA) is left as it was."""
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        pipe = PIPELINES[name](scale, seed, device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---------------------------------------------------------------------------
+# Builders: one plain function per model, writing the tiny stand-in's folder
+# ---------------------------------------------------------------------------
+
+
+def build_tiny_sdxl(path: str | Path, seed: int = 0) -> Path:
+    """StableDiffusionXLPipeline folder; default output 64x64. Also usable through
+    StableDiffusionXLImg2ImgPipeline / StableDiffusionXLInpaintPipeline.from_pipe."""
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):  # don't disturb the caller's RNG
+        sdxl_pipeline("tiny", seed).save_pretrained(path)
+    return path
+
+
+def build_tiny_svd(path: str | Path, seed: int = 0) -> Path:
+    """StableVideoDiffusionPipeline folder; default 64x64, 4 frames."""
     path = Path(path)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=7,  # 4 noisy latents + 3 low-res RGB channels
-            out_channels=4,
-            block_out_channels=(32, 32, 64),
-            layers_per_block=2,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            use_linear_projection=True,
-            only_cross_attention=(True, True, False),
-            num_class_embeds=100,  # noise level conditioning
-        )
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(
-            block_out_channels=[32, 32, 64],  # 3 blocks -> x4 scale factor
-            in_channels=3,
-            out_channels=3,
-            down_block_types=["DownEncoderBlock2D"] * 3,
-            up_block_types=["UpDecoderBlock2D"] * 3,
-            latent_channels=4,
-            scaling_factor=0.08333,  # the upscaler's value; otherwise the pipeline warns and patches it
-        )
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModel(_clip_text_config(projection_dim=512))
-        pipe = StableDiffusionUpscalePipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=_clip_tokenizer(),
-            unet=unet,
-            low_res_scheduler=DDPMScheduler(),
-            scheduler=DDIMScheduler(prediction_type="v_prediction"),
-            max_noise_level=350,
-        )
-        pipe.save_pretrained(path)
+        svd_pipeline("tiny", seed).save_pretrained(path)
+    return path
+
+
+def build_tiny_upscaler(path: str | Path, seed: int = 0) -> Path:
+    """StableDiffusionUpscalePipeline folder: 32x32 in -> 128x128 out (x4)."""
+    path = Path(path)
+    with torch.random.fork_rng(devices=[]):
+        upscaler_pipeline("tiny", seed).save_pretrained(path)
     return path
 
 
@@ -391,6 +560,73 @@ def build_tiny_gemma(path: str | Path, seed: int = 0) -> Path:
     return path
 
 
+# The production language model (serve_config.yaml's llm.model_source, google/gemma-2-2b-it), as its
+# config.json gives it (2.6 B parameters); the tiny one has Gemma 2's features at build_tiny_gemma's size.
+GEMMA2: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=256,
+                 max_position_embeddings=1024),
+    "full": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                 sliding_window=4096, max_position_embeddings=8192, attn_logit_softcapping=50.0,
+                 final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-06,
+                 rope_theta=10000.0),
+}
+
+
+def _padded_tokenizer(tokenizer, vocab_size: int):
+    """`tokenizer` grown to `vocab_size` ids with filler tokens that encoding never produces and
+    decoding turns into plain text, so every id a full-size model samples decodes (detokenizing the
+    stream is part of serving's cost)."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    alphabet = sorted(c for c in vocab if len(c) == 1 and c.isascii() and c.isalpha())
+    width = 3
+    while len(alphabet) ** width < vocab_size:
+        width += 1
+    index = 0
+    next_id = max(max(vocab.values()), *(t["id"] for t in state["added_tokens"])) + 1
+    while next_id < vocab_size:
+        token, rest = "", index
+        for _ in range(width):
+            token, rest = alphabet[rest % len(alphabet)] + token, rest // len(alphabet)
+        index += 1
+        if token not in vocab:
+            vocab[token] = next_id
+            next_id += 1
+    padded = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
+        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], chat_template=GEMMA_CHAT_TEMPLATE,
+        model_max_length=tokenizer.model_max_length, padding_side="left")
+    return padded
+
+
+def write_llm_folder(path: str | Path, scale: Scale = "tiny") -> Path:
+    """A Gemma 2 model folder without weights: config.json, generation config and a locally built
+    tokenizer (grown to the vocabulary at full size). vLLM serves it with `load_format="dummy"`
+    (random weights, created on its device): no download, no weight file."""
+    from transformers import Gemma2Config, GenerationConfig
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dims = dict(GEMMA2[scale])
+    tokenizer = _gemma_tokenizer()
+    if scale == "full":
+        tokenizer = _padded_tokenizer(tokenizer, dims["vocab_size"])
+    dims.setdefault("vocab_size", len(tokenizer))
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS}
+    Gemma2Config(**dims, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"],
+                 dtype="bfloat16", architectures=["Gemma2ForCausalLM"]).save_pretrained(path)
+    GenerationConfig(bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+                     pad_token_id=ids["<pad>"]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 BUILDERS = {
     "sdxl": build_tiny_sdxl,
     "svd": build_tiny_svd,
@@ -421,6 +657,32 @@ def build_random_lora(sdxl: str | Path, folder: str | Path, seed: int, rank: int
     StableDiffusionXLPipeline.save_lora_weights(
         folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    return Path(folder)
+
+
+def save_random_unet_lora(unet, folder: str | Path, seed: int, rank: int = 16,
+                          target_modules: list[str] | None = None) -> Path:
+    """A random (non-zero) LoRA for `unet`'s architecture, saved as diffusers saves trained ones
+    (`pytorch_lora_weights.safetensors`), without touching `unet`: the tensors are made for its
+    target Linear layers' shapes on the CPU (a full-size SDXL LoRA of rank 16 is about 46 MB)."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+
+    from training.config import DEFAULT_TARGET_MODULES
+
+    targets = list(target_modules or DEFAULT_TARGET_MODULES)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    state = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            state[f"{name}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) / module.in_features ** 0.5
+            state[f"{name}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) / rank
+    if not state:
+        raise ValueError(f"no Linear layer of the UNet matches {targets}")
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+    StableDiffusionXLPipeline.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                                unet_lora_adapter_metadata=config.to_dict())
     return Path(folder)
 
 

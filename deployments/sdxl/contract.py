@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Mapping
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from deployments.errors import InvalidRequestError
+from deployments.fast_paths import DiffusionFastPaths
 from deployments.media import check_size
 from deployments.styles import StylePreset, load_styles
 
@@ -68,6 +69,8 @@ class SDXLConfig(BaseModel):
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
                                                                  "makes no progress for this long.")
+    fast_paths: DiffusionFastPaths = Field(DiffusionFastPaths(), description=(
+        "Speed switches (deployments/fast_paths.py); all off by default."))
     styles_file: str | None = None
     max_loras_per_replica: int = Field(DEFAULT_MAX_LORAS_PER_REPLICA, ge=1,
                                        description="LoRA adapters a replica keeps loaded (LRU).")

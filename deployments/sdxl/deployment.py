@@ -34,7 +34,7 @@ from ray import serve
 
 from deployments import metrics
 from deployments.batching import ContinuousBatcher
-from deployments.diffusion import DiffusionDeployment, drain_events, random_seed
+from deployments.diffusion import DiffusionDeployment, drain_events, random_seed, unfused_qkv
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.media import decode_image, encode_png
 from deployments.sdxl import contract
@@ -228,7 +228,11 @@ class SDXLDeployment(DiffusionDeployment):
     def _run_group(self, group: list[_BatchItem]) -> list[_Generated | Exception]:
         token = self.stall_watch.start()
         try:
-            with self.adapters.activated(group[0].prepared.lora, group[0].prepared.request.lora_scale):
+            lora = group[0].prepared.lora
+            # A LoRA sits on to_q/to_k/to_v: with fused QKV projections (fast_paths.fuse_qkv) its call
+            # runs on the unfused ones.
+            with self.adapters.activated(lora, group[0].prepared.request.lora_scale), \
+                    unfused_qkv(self.pipe, active=lora is not None):
                 return self._run_group_locked(group, lambda: self.stall_watch.beat(token))
         finally:
             self.stall_watch.finish(token)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.limits import MAX_SEED, pipeline_json
 from deployments.errors import InvalidRequestError
+from deployments.fast_paths import DiffusionFastPaths
 from deployments.media import check_size
 
 SIZE_MULTIPLE = 8  # the VAE's latents are 1/8 of the frame's sides
@@ -51,6 +52,8 @@ class SVDConfig(BaseModel):
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
                                                                  "makes no progress for this long.")
+    fast_paths: DiffusionFastPaths = Field(DiffusionFastPaths(), description=(
+        "Speed switches (deployments/fast_paths.py); all off by default."))
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "SVDConfig":

@@ -19,8 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.limits import MAX_SEED, pipeline_json
 from deployments.errors import InvalidRequestError
+from deployments.fast_paths import DiffusionFastPaths
 
 DEFAULT_MAX_NOISE_LEVEL = 350  # StableDiffusionUpscalePipeline's, when its model_index.json sets none
+
+
+class UpscalerFastPaths(DiffusionFastPaths):
+    vae_tiling: bool = Field(True, description="On by default here: the 4x decode is the memory peak.")
 
 
 class UpscalerConfig(BaseModel):
@@ -49,6 +54,8 @@ class UpscalerConfig(BaseModel):
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
                                                                  "makes no progress for this long.")
+    fast_paths: UpscalerFastPaths = Field(UpscalerFastPaths(), description=(
+        "Speed switches (deployments/fast_paths.py); all off by default, except VAE tiling."))
 
     @model_validator(mode="after")
     def _check_tiles(self) -> "UpscalerConfig":

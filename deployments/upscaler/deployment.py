@@ -107,9 +107,7 @@ class UpscalerDeployment(DiffusionDeployment):
     pipeline_class = "StableDiffusionUpscalePipeline"
 
     def __init__(self, config: UpscalerConfig | dict, pipeline_factory: Callable[[UpscalerConfig], Any] | None = None):
-        super().__init__(config, pipeline_factory)
-        if hasattr(self.pipe.vae, "enable_tiling"):
-            self.pipe.vae.enable_tiling()  # the 4x decode is the memory peak
+        super().__init__(config, pipeline_factory)  # VAE tiling (the 4x decode's memory peak): fast_paths
         # The VAE's factor is the upscale factor; the pipeline also rounds inputs down to a
         # multiple of it, so inputs and tiles are padded to one to keep the output exactly 4x.
         self.limits = UpscalerLimits.from_config(self.config, scale=self.pipe.vae_scale_factor,
