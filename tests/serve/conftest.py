@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import httpx
 import pytest
@@ -28,3 +29,24 @@ def atelier(tmp_path_factory) -> LocalServeApp:
 def client(atelier) -> httpx.Client:
     with httpx.Client(base_url=atelier.base_url, timeout=120) as http:
         yield http
+
+
+CHROMIUM = os.environ.get("ATELIER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+# As root and on a closed network: no sandbox, and none of Chromium's background fetches.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM:
+        message = "no chromium: `make test` installs Debian's chromium package"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

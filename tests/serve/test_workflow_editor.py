@@ -9,8 +9,6 @@ is a network log, not a script error, and is let through).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,25 +16,7 @@ import pytest
 pytestmark = pytest.mark.serve
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui" / "workflow_editor"
-CHROMIUM = os.environ.get("ATELIER_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 EXPECTED_NETWORK_LOG = "Failed to load resource: the server responded with a status of 4"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM:
-        message = "no chromium: `make test` installs Debian's chromium package"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 def _watch(page, errors: list[str]) -> None:

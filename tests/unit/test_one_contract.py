@@ -45,6 +45,7 @@ from deployments.upscaler import contract as upscaler_contract
 from deployments.upscaler.contract import UpscaleMedia, UpscaleRequest, UpscalerLimits
 from deployments.upscaler.deployment import UpscalerDeployment
 from local.tiny_models import ensure_tiny_models
+from tests.keyed_app import Unreachable  # a model handle the API must not reach
 
 REPO = Path(__file__).resolve().parents[2]
 BASE_URL = "http://testserver/"
@@ -65,16 +66,6 @@ DEPLOYMENT_CLS = {"sdxl": SDXLDeployment, "svd": SVDDeployment, "upscaler": Upsc
 
 
 # --- the app, built once per module ---------------------------------------------------------------
-
-
-class Unreachable:
-    """A model handle the API must not reach: a bad input is refused before any call."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __getattr__(self, attr: str):
-        raise AssertionError(f"the API reached the {self.name} deployment ({attr}) with a bad input")
 
 
 class FakeQueue:
