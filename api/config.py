@@ -12,6 +12,7 @@ from api.ratelimit import RateLimitConfig
 from api.security import DEFAULT_ALLOWED_HOSTS, DEFAULT_CSP
 from deployments.llm.contract import GemmaConfig
 from graphs.job_runner import JobQueueConfig
+from storage.sources import CollectConfig
 from storage.url_import import DatasetImportConfig
 
 
@@ -26,6 +27,10 @@ class IngressConfig(BaseModel):
     readiness_timeout_s: float = Field(5.0, gt=0)
     dataset_import: DatasetImportConfig = Field(
         DatasetImportConfig(), description="URL/prefix import limits and the private-host allow-list.")
+    collect: CollectConfig = Field(
+        default_factory=CollectConfig,
+        description="Unsplash and Pexels for POST /v1/collect/search: base URLs, download hosts, the environment "
+                    "variables holding the keys (UNSPLASH_ACCESS_KEY, PEXELS_API_KEY by default).")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
     auth: AuthConfig = Field(AuthConfig(), description="API keys (SHA-256 hashes), their scopes, and the mode.")
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")

@@ -16,6 +16,8 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.task_consumer import instantiate_adapter_from_config
 
 from api.auth import PUBLIC, READ_ONLY, RequireScope
+from api.collect.router import router as collect_router
+from api.collect.service import CollectService, build_collect_service
 from api.config import IngressConfig
 from api.datasets.router import router as datasets_router
 from api.datasets.service import DatasetsService, build_datasets_service
@@ -30,7 +32,13 @@ from api.jobs.service import JobsService
 from api.models.router import probes_router
 from api.models.router import router as models_router
 from api.models.service import ModelsService
+from api.presets.router import router as presets_router
+from api.presets.service import PresetsService
+from api.prompts.router import router as prompts_router
+from api.prompts.service import PromptsService
 from api.ratelimit import RateLimiter
+from api.stats.router import router as stats_router
+from api.stats.service import StatsService
 from api.text.router import router as text_router
 from api.text.service import TextService
 from api.upscale.router import router as upscale_router
@@ -43,6 +51,7 @@ from api.workflows.service import WorkflowsService, build_workflows_service
 from deployments.llm.contract import RefineSettings
 from storage.fs import Storage
 from storage.jobs import JobStore
+from storage.presets import PresetStore
 from storage.registry import LoraRegistry
 
 ROUTERS: list[tuple[APIRouter, RequireScope]] = [
@@ -57,8 +66,12 @@ ROUTERS: list[tuple[APIRouter, RequireScope]] = [
     (videos_router, RequireScope("generate")),
     (upscale_router, RequireScope("generate")),
     (datasets_router, RequireScope("train")),
+    (collect_router, RequireScope("train")),  # GETs: read; searching and collecting: train
     (fine_tuning_router, RequireScope("train")),
     (workflows_router, RequireScope("generate")),
+    (stats_router, READ_ONLY),
+    (prompts_router, READ_ONLY),
+    (presets_router, RequireScope("generate")),
 ]
 
 
@@ -73,8 +86,12 @@ class Services:
     videos: VideosService
     upscale: UpscaleService
     datasets: DatasetsService
+    collect: CollectService
     fine_tuning: FineTuningService
     workflows: WorkflowsService
+    stats: StatsService
+    prompts: PromptsService
+    presets: PresetsService
     rate: RateLimiter
 
 
@@ -94,12 +111,17 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s)
     text = TextService(handles.get("llm"), limits.get("llm"), config.llm.refine if config.llm else RefineSettings(),
                        models, **({"max_n": config.llm.max_n} if config.llm else {}))
+    styles = getattr(limits["sdxl"], "styles", None) or {}  # the built-in style presets
+    presets = PresetsService(PresetStore(storage), styles)
     images = ImagesService(handles["sdxl"], models, text, jobs, files, storage, config.max_upload_pixels)
+    images.presets = presets  # a request's `style` may name the caller's own preset
     for kind in SDXL_JOB_KINDS:  # a replay meets today's SDXL limits (the datasets service registers imports)
         jobs.replay_checks[kind] = images.recheck_replay
     videos = VideosService(models, images, text, jobs, store, files, uploads, storage)
+    videos.presets = presets
     upscale = UpscaleService(models, text, jobs, files, uploads)
     datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes)
+    collect = build_collect_service(storage, config.collect, datasets, jobs, config.dataset_import)
     fine_tuning = build_fine_tuning_service(storage, config.fine_tuning, limits["sdxl"], config.storage_root,
                                             config.storage_options)
     workflows = build_workflows_service(storage, jobs, models, text, config.max_workflow_nodes,
@@ -107,5 +129,6 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     for service in (text, images, videos, upscale, workflows):  # each charges its requests' cost to the key
         service.rate = rate
     return Services(files=files, uploads=uploads, jobs=jobs, models=models, text=text, images=images,
-                    videos=videos, upscale=upscale, datasets=datasets, fine_tuning=fine_tuning, workflows=workflows,
-                    rate=rate)
+                    videos=videos, upscale=upscale, datasets=datasets, collect=collect, fine_tuning=fine_tuning, workflows=workflows,
+                    stats=StatsService(store),
+                    prompts=PromptsService(styles=sorted(styles)), presets=presets, rate=rate)

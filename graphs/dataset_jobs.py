@@ -20,16 +20,20 @@ from deployments.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from graphs.payloads import DatasetImportPayload
+from graphs.payloads import DatasetCollectPayload, DatasetImportPayload
 from storage.datasets import (
     DatasetBusyError,
+    DatasetConflictError,
     DatasetError,
     DatasetExistsError,
     DatasetNotFoundError,
     DatasetStore,
     DatasetTooLargeError,
+    Rejection,
+    UrlItem,
     check_prefix_allowed,
 )
+from storage.sources import host_allowed, ping_download
 from storage.url_import import UrlRefusedError
 
 REPORTED = 100  # names listed in the job result; the counts are always complete
@@ -44,6 +48,8 @@ def dataset_error(exc: DatasetError) -> AtelierError:
         return ConflictError(exc.message, exc.param)
     if isinstance(exc, DatasetTooLargeError):
         return PayloadTooLargeError(exc.message, exc.param)
+    if isinstance(exc, DatasetConflictError):
+        return ConflictError(exc.message, exc.param)
     if isinstance(exc, DatasetBusyError):
         return OverloadedError(exc.message, exc.param, retry_after=1)
     return InvalidRequestError(exc.message, exc.param)
@@ -99,4 +105,85 @@ def dataset_import(ctx, handles: dict[str, Any]) -> None:
         "rejected": len(result.rejected),
         "duplicate_names": result.duplicates[:REPORTED],
         "rejections": [r.model_dump() for r in result.rejected[:REPORTED]],
+    }
+
+
+def _attribution(item) -> dict[str, Any]:
+    """What the manifest keeps about a collected image (the credits export reads it)."""
+    return {"source": item.source, "source_id": item.source_id, "title": item.description,
+            "photographer": item.photographer, "photographer_url": item.photographer_url,
+            "page_url": item.page_url, "license_url": item.license_url, "download_url": item.download_url}
+
+
+def dataset_collect(ctx, handles: dict[str, Any]) -> None:
+    """Job kind ``datasets.collect``: download search results into a new dataset version.
+
+    1. Each result's download URL must be on its source's download hosts (the recorded config);
+       one that is not is rejected by name. The rest are fetched through the safe URL importer
+       (storage.url_import: SSRF checks, limits, deadlines), deduped by content hash, and land
+       as one version with their attribution in the manifest.
+    2. After the commit, each Unsplash photo that landed has its ``download_location`` called (the
+       API's guidelines), with the key from this process's environment. A ping that fails is
+       reported in the result, never fails the import.
+
+    Progress is one step per result; a cancel stops between (and during) fetches and commits nothing.
+    """
+    payload: DatasetCollectPayload = ctx.payload
+    config = payload.import_config
+    store = DatasetStore(ctx.store.storage, max_image_bytes=config.max_bytes, max_pixels=config.max_pixels)
+    tags = list(payload.tags or [])
+
+    def progress(done: int, total: int) -> None:
+        ctx.step(done, total)
+        ctx.check_cancelled()
+
+    ctx.record.stages = ["collect"]
+    ctx.start_stage("collect")
+    ctx.check_cancelled()
+    fetchable, refused = [], []
+    for item in payload.items:
+        source = payload.sources.get(item.source)
+        if source is None or not host_allowed(item.download_url, source.download_hosts):
+            refused.append((item.id, f"refused: {item.download_url!r} is not on {item.source}'s download hosts"))
+            continue
+        fetchable.append(UrlItem(url=item.download_url, filename=item.id, caption=item.description, tags=tags,
+                                 source=item.source, license=item.license, attribution=_attribution(item)))
+    try:
+        if fetchable:
+            result = store.add_from_url_items(payload.dataset_id, fetchable, config, progress=progress,
+                                              poll=ctx.check_cancelled)
+        else:
+            result = store.writer(payload.dataset_id).commit()
+    except DatasetError as exc:
+        raise dataset_error(exc) from None
+    except UrlRefusedError as exc:
+        raise InvalidRequestError(str(exc), "result_ids") from None
+    for name, reason in refused:
+        result.rejected.append(Rejection(filename=name, reason=reason))
+
+    # 2. the Unsplash download pings, for what landed
+    failed_names = set(result.duplicates) | {r.filename for r in result.rejected}
+    pings, ping_errors = 0, []
+    for item in payload.items:
+        if item.id in failed_names or not item.download_location or item.source not in payload.sources:
+            continue
+        if item.source != "unsplash":
+            continue
+        problem = ping_download(payload.sources[item.source], item.download_location, payload.app_name)
+        if problem is None:
+            pings += 1
+        else:
+            ping_errors.append({"filename": item.id, "reason": problem})
+
+    ctx.record.result = {
+        "dataset_id": result.dataset_id,
+        "version": result.version,
+        "added": result.added,
+        "images": result.images,
+        "duplicates": len(result.duplicates),
+        "rejected": len(result.rejected),
+        "duplicate_names": result.duplicates[:REPORTED],
+        "rejections": [r.model_dump() for r in result.rejected[:REPORTED]],
+        "download_pings": pings,
+        "download_ping_errors": ping_errors[:REPORTED],
     }

@@ -8,6 +8,7 @@
     videos.text_to_video      TextToVideoPayload       video summary + {"sdxl", "refine", "upscale", "svd", "upscale_video"}
     workflows.run             WorkflowRunPayload       {"workflow", "use_cache", "refine", "loras", "saved"}
     datasets.import           DatasetImportPayload     {"dataset_id", one source, "captions", "tags", "license", "config"}
+    datasets.collect          DatasetCollectPayload    {"dataset_id", "items", "tags", "sources", "config"}
 
 Every payload may also carry `replay_of` (the job it replays). `JobPayload` is their union,
 discriminated by `kind`.
@@ -39,11 +40,13 @@ from deployments.svd.contract import SVDRequest
 from deployments.upscaler.contract import UpscaleRequest
 from graphs.workflows import Workflow
 from storage.jobs import JobRecord
+from storage.sources import SourceConfig, SourceResult
 from storage.url_import import DatasetImportConfig
 
 __all__ = [
     "JOB_KINDS",
     "PAYLOAD_TYPES",
+    "DatasetCollectPayload",
     "DatasetImportPayload",
     "ImageEditPayload",
     "ImageGenerationPayload",
@@ -299,6 +302,25 @@ class DatasetImportPayload(JobPayloadBase):
         return self.config or DatasetImportConfig()
 
 
+class DatasetCollectPayload(JobPayloadBase):
+    """Search results to download into a dataset (`items`: each as the source returned it to the
+    owner, attribution included), `tags` for all, `sources`: each source's config at submit time
+    (its download hosts, API base URL and the name of its key's variable: never a key), and
+    `config`: the URL importer's limits and allow-list."""
+
+    kind: Literal["datasets.collect"] = "datasets.collect"
+    dataset_id: str
+    items: list[SourceResult]
+    tags: list[str] | None = None
+    sources: dict[str, SourceConfig] = Field(default_factory=dict)
+    app_name: str = "atelier"
+    config: DatasetImportConfig | None = None
+
+    @property
+    def import_config(self) -> DatasetImportConfig:
+        return self.config or DatasetImportConfig()
+
+
 JobPayload = Annotated[
     Union[
         ImageGenerationPayload,
@@ -309,6 +331,7 @@ JobPayload = Annotated[
         TextToVideoPayload,
         WorkflowRunPayload,
         DatasetImportPayload,
+        DatasetCollectPayload,
     ],
     Field(discriminator="kind"),
 ]
@@ -318,7 +341,8 @@ _ADAPTER: TypeAdapter[JobPayload] = TypeAdapter(JobPayload)
 PAYLOAD_TYPES: dict[str, type[JobPayloadBase]] = {
     cls.model_fields["kind"].default: cls
     for cls in (ImageGenerationPayload, ImageEditPayload, ImageUpscalePayload, TextToImageHDPayload,
-                ImageToVideoPayload, TextToVideoPayload, WorkflowRunPayload, DatasetImportPayload)
+                ImageToVideoPayload, TextToVideoPayload, WorkflowRunPayload, DatasetImportPayload,
+                DatasetCollectPayload)
 }
 JOB_KINDS: tuple[str, ...] = tuple(PAYLOAD_TYPES)
 VIDEO_KINDS: tuple[str, ...] = ("videos.image_to_video", "videos.text_to_video")

@@ -74,6 +74,10 @@ __all__ = [
     "InvalidDatasetInputError",
     "DatasetTooLargeError",
     "DatasetBusyError",
+    "DatasetConflictError",
+    "EditResult",
+    "UrlItem",
+    "credits_csv",
     "ImageItem",
     "Rejection",
     "AddResult",
@@ -122,6 +126,10 @@ MANIFEST_SCHEMA = pa.schema([
     ("sha256", pa.string()),
     ("filename", pa.string()),
     ("size_bytes", pa.int64()),
+    # JSON: who made the image and where it came from (collected images: source, photographer,
+    # profile and page URLs, licence URL); null for images without one. Manifests written before
+    # this column existed read with it null (DatasetStore.manifest).
+    ("attribution", pa.string()),
 ])
 
 
@@ -157,6 +165,10 @@ class DatasetBusyError(DatasetError):
     """Could not claim a new version after many attempts (a storm of concurrent adds)."""
 
 
+class DatasetConflictError(DatasetError):
+    """An edit of a version that is no longer the latest; the API answers 409."""
+
+
 # --- models ----------------------------------------------------------------------------------
 
 
@@ -170,6 +182,21 @@ class ImageItem:
     tags: list[str] = field(default_factory=list)
     source: str = "upload"
     license: str | None = None
+    attribution: dict[str, Any] | None = None
+
+
+@dataclass
+class UrlItem:
+    """One image to fetch (see :meth:`DatasetStore.add_from_url_items`); ``filename`` names it in
+    the result (duplicates, rejections) and the manifest."""
+
+    url: str
+    filename: str
+    caption: str = ""
+    tags: list[str] = field(default_factory=list)
+    source: str = "url"
+    license: str | None = None
+    attribution: dict[str, Any] | None = None
 
 
 class Rejection(BaseModel):
@@ -184,6 +211,16 @@ class AddResult(BaseModel):
     images: int = Field(description="Images in that version.")
     duplicates: list[str] = Field(default_factory=list, description="Names skipped as already present (same sha256).")
     rejected: list[Rejection] = Field(default_factory=list)
+
+
+class EditResult(BaseModel):
+    dataset_id: str
+    version: int = Field(description="The new version.")
+    base_version: int = Field(description="The version the edit was made on.")
+    images: int
+    removed: int
+    captions_changed: int
+    tags_changed: int
 
 
 class VersionInfo(BaseModel):
@@ -736,7 +773,11 @@ class DatasetStore:
             data = self.storage.get_bytes(self.manifest_key(dataset_id, version))
         except ObjectNotFoundError:
             raise DatasetNotFoundError(f"dataset {dataset_id!r} has no version {version}", "version") from None
-        return pq.read_table(pa.BufferReader(data))
+        table = pq.read_table(pa.BufferReader(data))
+        for column in MANIFEST_SCHEMA:  # a manifest from before a column was added: null there
+            if column.name not in table.column_names:
+                table = table.append_column(column, pa.nulls(table.num_rows, column.type))
+        return table
 
     def _latest(self, dataset_id: str) -> tuple[int, pa.Table]:
         versions = self.versions(dataset_id)
@@ -866,6 +907,84 @@ class DatasetStore:
         fetch_urls(list(urls), config, on_result, poll)
         return writer.commit()
 
+    def add_from_url_items(self, dataset_id: str, items: list[UrlItem], config: Any = None, *,
+                           progress: Callable[[int, int], None] | None = None,
+                           poll: Callable[[], None] | None = None) -> AddResult:
+        """Like :meth:`add_from_urls`, with each image's name, caption, tags, source, licence and
+        attribution given (collected images); rejections and duplicates are named by ``filename``."""
+        config = DatasetImportConfig.model_validate(config or {})
+        config = config.model_copy(update={"max_pixels": min(config.max_pixels, self.max_pixels)})
+        writer = self.writer(dataset_id)
+        done = 0
+
+        def on_result(index: int, result) -> None:
+            nonlocal done
+            item = items[index]
+            if result.ok:
+                writer.add(ImageItem(filename=item.filename, data=result.data, caption=item.caption,
+                                     tags=list(item.tags), source=item.source, license=item.license,
+                                     attribution=item.attribution))
+            else:
+                writer.reject(item.filename, f"{result.status}: {result.reason}")
+            done += 1
+            if progress is not None:
+                progress(done, len(items))
+
+        fetch_urls([item.url for item in items], config, on_result, poll)
+        return writer.commit()
+
+    # -- curation ---------------------------------------------------------------------------
+
+    def edit(self, dataset_id: str, version: int, *, remove: Iterable[str] = (),
+             captions: Mapping[str, str] | None = None, tags: Mapping[str, list[str]] | None = None) -> EditResult:
+        """A new version: ``version``'s rows less ``remove``, with ``captions``/``tags`` replaced;
+        images are named by sha256. ``version`` must be the latest (DatasetConflictError, also when
+        another writer claims the next version first); earlier versions and files stay as they are."""
+        remove, captions, tags = set(remove), dict(captions or {}), dict(tags or {})
+        latest, base = self._latest(dataset_id)
+        if version != latest:
+            raise DatasetConflictError(f"version {version} is not the latest ({latest}); edit the latest version",
+                                       "version")
+        if not (remove or captions or tags):
+            raise InvalidDatasetInputError("the edit changes nothing: give remove, captions or tags", "remove")
+        shas = set(base.column("sha256").to_pylist())
+        for what, names in (("remove", remove), ("captions", captions), ("tags", tags)):
+            unknown = sorted(set(names) - shas)
+            if unknown:
+                raise InvalidDatasetInputError(f"{what}: version {version} has no image {unknown[0]!r}", what)
+        for sha, caption in captions.items():
+            if not isinstance(caption, str) or len(caption) > MAX_CAPTION_LENGTH:
+                raise InvalidDatasetInputError(f"captions.{sha}: a caption is text of at most {MAX_CAPTION_LENGTH} "
+                                               "characters", f"captions.{sha}")
+        for sha, values in tags.items():
+            if (not isinstance(values, list) or len(values) > MAX_TAGS
+                    or any(not isinstance(t, str) or not t or len(t) > MAX_TAG_LENGTH for t in values)):
+                raise InvalidDatasetInputError(f"tags.{sha}: at most {MAX_TAGS} non-empty strings of at most "
+                                               f"{MAX_TAG_LENGTH} characters", f"tags.{sha}")
+        rows, changed_captions, changed_tags = [], 0, 0
+        for row in base.to_pylist():
+            sha = row["sha256"]
+            if sha in remove:
+                continue
+            if sha in captions and captions[sha] != row["caption"]:
+                row["caption"], changed_captions = captions[sha], changed_captions + 1
+            if sha in tags and list(tags[sha]) != list(row["tags"] or []):
+                row["tags"], changed_tags = list(tags[sha]), changed_tags + 1
+            rows.append(row)
+        table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+        summary = {"dataset_id": dataset_id, "version": version + 1, "added": 0, "removed": len(remove),
+                   "edited": changed_captions + changed_tags, "base_version": version,
+                   "total_bytes": sum(table.column("size_bytes").to_pylist()), "created_at": time.time()}
+        table = table.replace_schema_metadata({_META_KEY: json.dumps(summary).encode()})
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        if not self.storage.put_if_absent(self.manifest_key(dataset_id, version + 1), buffer.getvalue(),
+                                          "application/vnd.apache.parquet"):
+            raise DatasetConflictError(f"version {version} is no longer the latest: another change was made "
+                                       "meanwhile; reload and edit again", "version")
+        return EditResult(dataset_id=dataset_id, version=version + 1, base_version=version, images=table.num_rows,
+                          removed=len(remove), captions_changed=changed_captions, tags_changed=changed_tags)
+
     def add_outputs(self, dataset_id: str, keys: Iterable[str], captions: Mapping[str, str] | None = None, *,
                     tags: list[str] | None = None, license: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> AddResult:
@@ -967,7 +1086,8 @@ class DatasetWriter:
         return name, "added", {"key": key, "width": width, "height": height, "caption": item.caption,
                                "tags": list(item.tags), "source": item.source,
                                "license": item.license or self.info.license, "sha256": sha,
-                               "filename": name, "size_bytes": len(data)}
+                               "filename": name, "size_bytes": len(data),
+                               "attribution": json.dumps(item.attribution) if item.attribution else None}
 
     def _record(self, name: str, outcome: str, detail: Any) -> str:
         with self._lock:
@@ -1112,3 +1232,28 @@ def _read_confined(path: str, confine: str, size: int) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
         return f.read(size)
+
+
+CREDIT_COLUMNS = ("image_id", "filename", "source", "title", "photographer", "photographer_url", "page_url",
+                  "license", "license_url", "key")
+
+
+def credits_csv(table: pa.Table) -> str:
+    """A CSV of credits, one row per image of a manifest: who made it, where it came from and its
+    licence (attribution fields are empty for images that have none)."""
+    import csv
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(CREDIT_COLUMNS)
+    for row in table.to_pylist():
+        try:
+            credit = json.loads(row.get("attribution") or "{}")
+        except ValueError:
+            credit = {}
+        values = [row["sha256"], row["filename"], credit.get("source") or row["source"], credit.get("title", ""),
+                  credit.get("photographer", ""), credit.get("photographer_url", ""), credit.get("page_url", ""),
+                  row["license"], credit.get("license_url", ""), row["key"]]
+        # a cell a spreadsheet would run as a formula is quoted as text
+        writer.writerow(["'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@") else v for v in values])
+    return out.getvalue()

@@ -9,6 +9,7 @@ import * as edit from "./pages/edit.js";
 import * as video from "./pages/video.js";
 import * as gallery from "./pages/gallery.js";
 import * as datasets from "./pages/datasets.js";
+import * as collect from "./pages/collect.js";
 import * as workflows from "./pages/workflows.js";
 
 const PAGES = {
@@ -16,6 +17,7 @@ const PAGES = {
   edit: { module: edit, title: "Edit" },
   video: { module: video, title: "Video" },
   gallery: { module: gallery, title: "Gallery" },
+  collect: { module: collect, title: "Collect" },
   datasets: { module: datasets, title: "Datasets and training" },
   workflows: { module: workflows, title: "Workflows" },
 };

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,3 +48,39 @@ class DatasetImportRequest(BaseModel):
     captions: dict[str, str] = Field(default_factory=dict, description="URL or output key -> caption.")
     tags: list[str] = Field(default_factory=list, max_length=100)
     license: str | None = Field(None, max_length=200)
+
+
+class DatasetImage(BaseModel):
+    id: str = Field(description="The image's sha256: what edits name.")
+    key: str
+    url: str
+    thumbnail_url: str
+    width: int
+    height: int
+    caption: str
+    tags: list[str]
+    source: str
+    license: str
+    filename: str
+    size_bytes: int
+    attribution: dict[str, Any] | None = None
+
+
+class DatasetImageList(BaseModel):
+    object: Literal["list"] = "list"
+    dataset_id: str
+    version: int
+    latest_version: int
+    total: int
+    offset: int
+    limit: int
+    data: list[DatasetImage]
+
+
+class DatasetEditRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1, description="The version edited: must be the latest (else 409).")
+    remove: list[str] = Field(default_factory=list, max_length=10_000, description="Image ids to remove.")
+    captions: dict[str, str] = Field(default_factory=dict, description="Image id -> new caption.")
+    tags: dict[str, list[str]] = Field(default_factory=dict, description="Image id -> new tags (replacing them).")

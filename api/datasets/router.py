@@ -6,6 +6,9 @@
     POST   /v1/datasets/{id}/images      multipart: files (images, same-stem .txt, .zip), captions? -> AddResult
     POST   /v1/datasets/{id}/imports     {"urls"|"prefix"|"job_ids"|"output_keys", ...} -> 202 job
     DELETE /v1/datasets/{id}?confirm=<name>
+    GET    /v1/datasets/{id}/images?version=&offset=&limit=   a version's images, paged, with attribution
+    POST   /v1/datasets/{id}/edits       {"version", "remove"?, "captions"?, "tags"?} -> a new version (409 if stale)
+    GET    /v1/datasets/{id}/credits?version=                 text/csv: who made each image, and its licence
 
 The work is DatasetsService's (api/datasets/service.py); this module parses and answers.
 """
@@ -14,9 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
-from api.datasets.protocol import DatasetCreateRequest, DatasetDeleted, DatasetImportRequest, DatasetList, DatasetView
+from api.datasets.protocol import (
+    DatasetCreateRequest,
+    DatasetDeleted,
+    DatasetEditRequest,
+    DatasetImageList,
+    DatasetImportRequest,
+    DatasetList,
+    DatasetView,
+)
 from api.datasets.service import DatasetsService
 from api.errors_protocol import ErrorResponse
 from api.jobs.protocol import JobView
@@ -24,7 +35,7 @@ from api.jobs.router import accepted, base_url, jobs_service
 from api.jobs.service import JobsService
 from api.uploads import Uploads
 from deployments.errors import InvalidRequestError, PayloadTooLargeError, parse_json
-from storage.datasets import AddResult
+from storage.datasets import AddResult, EditResult
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"],
                    responses={400: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
@@ -124,6 +135,29 @@ async def import_images(dataset_id: str, body: DatasetImportRequest, request: Re
                         datasets: DatasetsService = Depends(datasets_service),
                         jobs: JobsService = Depends(jobs_service)):
     return accepted(jobs, await datasets.submit_import(dataset_id, body), request)
+
+
+@router.get("/{dataset_id}/images", response_model=DatasetImageList)
+async def list_images(dataset_id: str, request: Request,
+                      version: int | None = Query(None, ge=0, description="Default: the latest."),
+                      offset: int = Query(0, ge=0), limit: int = Query(50, ge=1, le=500),
+                      datasets: DatasetsService = Depends(datasets_service)) -> DatasetImageList:
+    return await datasets.images(dataset_id, version, offset, limit, base_url(request))
+
+
+@router.post("/{dataset_id}/edits", response_model=EditResult, responses={409: {"model": ErrorResponse}})
+async def edit_images(dataset_id: str, body: DatasetEditRequest,
+                      datasets: DatasetsService = Depends(datasets_service)) -> EditResult:
+    return await datasets.edit(dataset_id, body)
+
+
+@router.get("/{dataset_id}/credits", response_class=Response,
+            responses={200: {"content": {"text/csv": {}}, "description": "One row per image."}})
+async def credits(dataset_id: str, version: int | None = Query(None, ge=0, description="Default: the latest."),
+                  datasets: DatasetsService = Depends(datasets_service)) -> Response:
+    chosen, text = await datasets.credits(dataset_id, version)
+    return Response(text, media_type="text/csv; charset=utf-8", headers={
+        "Content-Disposition": f'attachment; filename="{dataset_id}-v{chosen}-credits.csv"'})
 
 
 @router.delete("/{dataset_id}", response_model=DatasetDeleted)

@@ -9,18 +9,36 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from api.auth import PermissionDeniedError, caller
-from api.datasets.protocol import DatasetCreateRequest, DatasetDeleted, DatasetImportRequest, DatasetList, DatasetView
+from api.datasets.protocol import (
+    DatasetCreateRequest,
+    DatasetDeleted,
+    DatasetEditRequest,
+    DatasetImage,
+    DatasetImageList,
+    DatasetImportRequest,
+    DatasetList,
+    DatasetView,
+)
 from api.files.service import FilesService
 from api.jobs.service import JobsService
 from deployments.errors import InvalidRequestError, NotFoundError
 from graphs.dataset_jobs import dataset_error
 from graphs.payloads import DatasetImportPayload
-from storage.datasets import AddResult, DatasetError, DatasetInfo, DatasetStore, check_prefix_allowed
+from storage.datasets import (
+    AddResult,
+    DatasetError,
+    DatasetInfo,
+    DatasetStore,
+    EditResult,
+    check_prefix_allowed,
+    credits_csv,
+)
 from storage.fs import InvalidKeyError, Storage, validate_key
 from storage.jobs import JobRecord
 from storage.keys import OUTPUTS_PREFIX, validate_id
@@ -118,6 +136,58 @@ class DatasetsService:
         await self.check_exists(dataset_id)
         await _call(self.store.delete, dataset_id, confirm)
         return DatasetDeleted(id=dataset_id)
+
+    # --- curation ---------------------------------------------------------------------------------
+
+    def _version(self, dataset_id: str, version: int | None) -> tuple[int, int]:
+        """(the version asked for, or the latest; the latest)."""
+        versions = self.store.versions(dataset_id)
+        latest = versions[-1] if versions else 0
+        return (latest if version is None else version), latest
+
+    async def images(self, dataset_id: str, version: int | None, offset: int, limit: int,
+                     base_url: str) -> DatasetImageList:
+        """A version's images (default: the latest), paged, with captions, tags and attribution."""
+        who = caller()
+
+        def load() -> DatasetImageList:
+            self.readable(dataset_id, who)
+            chosen, latest = self._version(dataset_id, version)
+            table = self.store.manifest(dataset_id, chosen)
+            rows = table.slice(offset, limit).to_pylist()
+            data = []
+            for row in rows:
+                url = self.files.url_for(row["key"], base_url)
+                try:
+                    attribution = json.loads(row["attribution"]) if row.get("attribution") else None
+                except ValueError:
+                    attribution = None
+                data.append(DatasetImage(id=row["sha256"], key=row["key"], url=url, thumbnail_url=url,
+                                         width=row["width"], height=row["height"], caption=row["caption"] or "",
+                                         tags=list(row["tags"] or []), source=row["source"] or "",
+                                         license=row["license"] or "", filename=row["filename"] or "",
+                                         size_bytes=row["size_bytes"] or 0, attribution=attribution))
+            return DatasetImageList(dataset_id=dataset_id, version=chosen, latest_version=latest,
+                                    total=table.num_rows, offset=offset, limit=limit, data=data)
+
+        return await _call(load)
+
+    async def edit(self, dataset_id: str, body: DatasetEditRequest) -> EditResult:
+        """Remove images and replace captions or tags, as a new version of the latest one."""
+        await self.check_exists(dataset_id)
+        return await _call(self.store.edit, dataset_id, body.version, remove=body.remove, captions=body.captions,
+                           tags=body.tags)
+
+    async def credits(self, dataset_id: str, version: int | None) -> tuple[int, str]:
+        """(version, CSV of credits) for a version (default: the latest)."""
+        who = caller()
+
+        def load() -> tuple[int, str]:
+            self.readable(dataset_id, who)
+            chosen, _ = self._version(dataset_id, version)
+            return chosen, credits_csv(self.store.manifest(dataset_id, chosen))
+
+        return await _call(load)
 
     # --- imports ----------------------------------------------------------------------------------
 

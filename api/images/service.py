@@ -12,6 +12,7 @@ from api.files.service import FilesService
 from api.images.protocol import ImageData, ImageGenerationRequest, ImagesResponse
 from api.jobs.service import JobsService
 from api.models.service import ModelsService
+from api.presets.service import PresetsService
 from api.ratelimit import NO_RATE_LIMITS, RateLimiter, image_cost
 from api.text.service import TextService
 from deployments.errors import InvalidRequestError
@@ -33,6 +34,7 @@ SDXL_JOB_KINDS = tuple(cls.model_fields["kind"].default for cls in (ImageGenerat
 
 class ImagesService:
     rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+    presets: "PresetsService | None" = None  # the caller's own style presets (build_services sets them)
 
     def __init__(self, sdxl: DeploymentHandle, models: ModelsService, text: TextService, jobs: JobsService,
                  files: FilesService, storage: Storage, max_upload_pixels: int):
@@ -52,6 +54,13 @@ class ImagesService:
                            default_size: tuple[int, int] | None = None) -> SDXLRequest:
         """The SDXL request for an Images body, checked against SDXL's contract, so jobs never fail
         on bad input; a named LoRA must be registered."""
+        preset = await self.presets.user_style(body.style) if self.presets else None
+        if preset is not None:  # the caller's own preset, applied here (the model knows only the built-ins)
+            body = body.model_copy(update={
+                "prompt": preset.apply(body.prompt), "style": None,
+                "negative_prompt": ", ".join(p for p in (preset.negative_prompt, body.negative_prompt) if p) or None,
+                "steps": body.steps or preset.steps, "size": body.size or (preset.size if not default_size else None),
+                "guidance_scale": body.guidance_scale if body.guidance_scale is not None else preset.guidance_scale})
         if body.size is not None:
             width, height = parse_size(body.size)
         else:

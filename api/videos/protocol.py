@@ -40,6 +40,8 @@ class VideoCreateRequest(BaseModel):
     image_steps: int | None = Field(None, ge=1, description="SDXL denoising steps.")
     negative_prompt: str | None = Field(None, max_length=4000)
     style: str | None = None
+    preset: str | None = Field(None, description="A video preset of yours (GET /v1/presets?kind=video): its "
+                                                 "seconds, fps, motion, noise, size and steps, where not given here.")
     refine: bool = Field(False, description="text-to-video: rewrite the prompt with Gemma first.")
     # upscaling
     upscale: bool = Field(False, description="text-to-video: x4 the still before animating it; "

@@ -21,6 +21,7 @@ from api.images.protocol import ImageGenerationRequest
 from api.images.service import ImagesService
 from api.jobs.service import JobsService
 from api.models.service import ModelsService
+from api.presets.service import PresetsService
 from api.ratelimit import NO_RATE_LIMITS, RateLimiter, video_cost
 from api.text.service import TextService
 from api.uploads import Uploads
@@ -72,6 +73,7 @@ def _output(record: JobRecord, role: str) -> JobOutput | None:
 
 class VideosService:
     rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+    presets: "PresetsService | None" = None  # the caller's video presets (build_services sets them)
 
     def __init__(self, models: ModelsService, images: ImagesService, text: TextService, jobs: JobsService,
                  store: JobStore, files: FilesService, uploads: Uploads, storage: Storage,
@@ -91,6 +93,12 @@ class VideosService:
     async def create(self, body: VideoCreateRequest, upload: bytes | None, base_url: str) -> VideoObject:
         """Check the request against every model it needs, then enqueue one job for all its stages.
         `upload`: the `input_reference` file of a multipart request."""
+        preset = await self.presets.video_preset(body.preset) if self.presets else None
+        if preset is not None:  # the preset's settings, where the request does not give its own
+            given = body.model_fields_set
+            body = body.model_copy(update={field: getattr(preset, field) for field in
+                                           ("seconds", "fps", "motion_bucket_id", "noise_aug_strength", "size", "steps")
+                                           if field not in given and getattr(preset, field) is not None})
         # 1. The video model's limits: frames, rate, size, steps.
         svd: SVDLimits = self.models.limits_of("svd")
         width, height = parse_size(body.size) if body.size else (svd.default_width, svd.default_height)

@@ -12,6 +12,7 @@ from deployments.llm.contract import RefineRequest, RefineSettings, build_refine
 from deployments.sdxl.contract import SDXLRequest
 from deployments.styles import StylePreset
 from graphs.payloads import (
+    DatasetCollectPayload,
     JOB_KINDS,
     DatasetImportPayload,
     ImageEditPayload,
@@ -32,6 +33,7 @@ from graphs.payloads import (
 from storage.fs import Storage
 from storage.jobs import JobRecord, JobStore
 from storage.keys import job_key
+from storage.sources import CollectConfig, SourceResult
 from storage.url_import import DatasetImportConfig
 
 
@@ -66,6 +68,13 @@ WORKFLOW = {"name": "corgis", "description": "", "nodes": [
               {"source": "r", "source_port": "prompt", "target": "t", "target_port": "prompt"},
               {"source": "t", "source_port": "images", "target": "o", "target_port": "value"}]}
 
+# a search result as the collect API records it (storage.sources.SourceResult, dumped whole)
+COLLECTED = SourceResult(id="unsplash:abc", source="unsplash", source_id="abc", thumbnail_url="https://images.unsplash.com/t",
+                         full_url="https://images.unsplash.com/f", download_url="https://images.unsplash.com/r",
+                         width=640, height=480, description="a beach", photographer="Ann", license="Unsplash License",
+                         license_url="https://unsplash.com/license",
+                         download_location="https://api.unsplash.com/photos/abc/download").model_dump(mode="json")
+
 STORED: list[tuple[str, dict, type]] = [
     ("images.generations", {"sdxl": sdxl_section(seed=5), "refine": None}, ImageGenerationPayload),
     ("images.generations", {"sdxl": sdxl_section(lora="fox:3", style="film"), "refine": REFINE},
@@ -95,6 +104,10 @@ STORED: list[tuple[str, dict, type]] = [
     ("datasets.import", {"dataset_id": "ds_1", "job_ids": ["job_1"], "captions": {}, "tags": [], "license": "cc0",
                          "config": DatasetImportConfig(allowed_prefixes=["s3://b/x/"]).model_dump(mode="json")},
      DatasetImportPayload),
+    ("datasets.collect", {"dataset_id": "ds_1", "items": [COLLECTED], "tags": ["beach"],
+                          "sources": {"unsplash": CollectConfig().unsplash.model_dump(mode="json")},
+                          "app_name": "atelier", "config": DatasetImportConfig().model_dump(mode="json")},
+     DatasetCollectPayload),
 ]
 
 # Records written before some fields existed, or by hand (tests, tools): what is absent stays absent.

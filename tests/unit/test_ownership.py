@@ -132,6 +132,10 @@ def alice_things(client: TestClient, services, storage) -> dict[str, Any]:
         "alice-style", LoraManifest(base_model="m", rank=2, training_run="alice-style"),
         safetensors_bytes(["unet.down_blocks.0.attn1.to_q.lora.down.weight"]), owner="alice")
     ids["lora"] = lora.id
+    preset = client.post("/v1/presets", headers=bearer("alice"),
+                         json={"name": "alice-preset", "prompt": "alice-style-template {prompt}"})
+    assert preset.status_code == 201, preset.text
+    ids["preset"] = "alice-preset"
     ids["fine_tuning"] = "ftjob-alice0000000000000001"
     services.fine_tuning.store.put({
         "id": ids["fine_tuning"], "created_at": time.time(), "owner": "alice", "metadata": {"who": "alice-meta"},
@@ -144,7 +148,7 @@ def alice_things(client: TestClient, services, storage) -> dict[str, Any]:
 def markers(ids: dict[str, Any]) -> list[str]:
     """What must never appear in an answer to bob: every id, key and name of alice's, and her prompt."""
     return [*(str(v) for v in ids.values()), "alice-faces", "alice-flow", "alice-style", "alice-meta",
-            SECRET_PROMPT]
+            "alice-style-template", SECRET_PROMPT]
 
 
 def path_values(ids: dict[str, Any]) -> dict[str, list[str]]:
@@ -157,6 +161,7 @@ def path_values(ids: dict[str, Any]) -> dict[str, list[str]]:
         "/v1/fine_tuning/jobs/": [ids["fine_tuning"]],
         "/v1/workflows/": [ids["workflow"]],
         "/v1/models/": [ids["lora"]],
+        "/v1/presets/": [ids["preset"]],
     }
 
 
@@ -164,6 +169,9 @@ def path_values(ids: dict[str, Any]) -> dict[str, list[str]]:
 BODIES: dict[tuple[str, str], dict] = {
     ("PUT", "/v1/workflows/{workflow_id}"): {"name": "bob-flow", "workflow": workflow("bob")},
     ("POST", "/v1/datasets/{dataset_id}/imports"): {"urls": ["https://images.example.com/b.png"]},
+    ("POST", "/v1/datasets/{dataset_id}/collect"): {"result_ids": ["unsplash:bobs-pick"]},
+    ("POST", "/v1/datasets/{dataset_id}/edits"): {"version": 1, "remove": ["0" * 64]},
+    ("PUT", "/v1/presets/{name}"): {"name": "alice-preset", "prompt": "bob {prompt}"},
 }
 
 

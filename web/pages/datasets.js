@@ -1,7 +1,7 @@
 // Datasets (create, upload images, browse) and LoRA training runs (POST /v1/fine_tuning/jobs,
 // polled every 2 s with its events: status, step and a loss chart).
 
-import { api } from "../api.js";
+import { api, getKey } from "../api.js";
 import {
   $, alertBox, clearError, el, field, formatTime, loadModels, numberOf, revokeBlobs, setMedia, showError,
 } from "../ui.js";
@@ -54,7 +54,18 @@ export function init(section) {
     el("div", { class: "panel-head" }, el("h2", {}, "Training runs"),
       el("button", { type: "button", onclick: loadRuns }, "Refresh")),
     el("div", { class: "table-wrap" }, el("table", { id: "ft-jobs" })));
-  section.append(el("div", { class: "layout" }, el("div", { class: "stack" }, list, create, upload),
+  const browser = el("div", { class: "panel", id: "ds-browser", hidden: true },
+    el("div", { class: "panel-head" }, el("h2", { id: "ds-browser-title" }, "Images"),
+      el("span", {},
+        el("button", { type: "button", id: "ds-credits", onclick: downloadCredits }, "Download credits"), " ",
+        el("button", { type: "button", onclick: () => { $("#ds-browser").hidden = true; } }, "Close"))),
+    el("p", { id: "ds-browser-status", class: "muted", role: "status" }),
+    alertBox("ds-browser-error"),
+    el("ul", { id: "ds-images", class: "ds-images" }),
+    el("div", { class: "actions" },
+      el("button", { type: "button", id: "ds-prev", onclick: () => browse(browsing.id, browsing.offset - PAGE) }, "Previous"),
+      el("button", { type: "button", id: "ds-next", onclick: () => browse(browsing.id, browsing.offset + PAGE) }, "Next")));
+  section.append(el("div", { class: "layout" }, el("div", { class: "stack" }, list, browser, create, upload),
     el("div", { class: "stack" }, train, runs)));
 }
 
@@ -101,9 +112,91 @@ function datasetCard(d) {
   return el("article", { class: "ds-card" },
     thumbs,
     el("div", {},
-      el("h3", {}, d.name),
+      el("h3", {}, d.name, " ", el("button", { type: "button", class: "small", dataset: { browse: d.id },
+        onclick: () => browse(d.id, 0) }, "Images")),
       el("p", { class: "muted" }, `${d.id} · version ${d.latest_version || "—"} · ${d.images} image${d.images === 1 ? "" : "s"}` +
         `${d.trigger_word ? ` · trigger “${d.trigger_word}”` : ""}`)));
+}
+
+// --- browsing and curating one dataset's images -----------------------------------------------
+
+const PAGE = 24;
+const browsing = { id: null, offset: 0, version: 0 };
+
+/** Show the latest version's images from `offset`: captions edit inline, images can be removed. */
+async function browse(id, offset) {
+  const error = $("#ds-browser-error");
+  clearError(error);
+  browsing.id = id;
+  browsing.offset = Math.max(0, offset);
+  $("#ds-browser").hidden = false;
+  try {
+    const page = await api("GET", `/v1/datasets/${encodeURIComponent(id)}/images`,
+      { query: { offset: browsing.offset, limit: PAGE } });
+    browsing.version = page.version;
+    $("#ds-browser-title").textContent = `Images of ${id}, version ${page.version}`;
+    $("#ds-browser-status").textContent = page.total
+      ? `${browsing.offset + 1}–${browsing.offset + page.data.length} of ${page.total}` : "No images yet.";
+    $("#ds-prev").disabled = browsing.offset === 0;
+    $("#ds-next").disabled = browsing.offset + PAGE >= page.total;
+    const list = $("#ds-images");
+    revokeBlobs(list);
+    list.replaceChildren(...page.data.map(imageItem));
+  } catch (err) {
+    showError(error, err);
+  }
+}
+
+function imageItem(image) {
+  const img = el("img", { alt: image.caption || image.filename, loading: "lazy", width: 96, height: 96 });
+  setMedia(img, image.thumbnail_url);
+  const credit = image.attribution?.photographer
+    ? el("small", { class: "muted" }, "Photo by ", el("a", { href: image.attribution.photographer_url || image.attribution.page_url,
+      target: "_blank", rel: "noopener" }, image.attribution.photographer), ` (${image.source}, ${image.license})`)
+    : el("small", { class: "muted" }, `${image.source} · ${image.license}`);
+  const caption = el("textarea", { rows: 2, maxlength: "10000", "aria-label": `Caption of ${image.filename}`,
+    dataset: { image: image.id }, class: "ds-caption" }, image.caption);
+  caption.addEventListener("change", () => edit({ captions: { [image.id]: caption.value } },
+    `Caption saved`));
+  return el("li", { class: "ds-image" }, img,
+    el("div", {}, caption, credit, image.tags.length ? el("small", {}, ` · tags: ${image.tags.join(", ")}`) : null,
+      el("div", {}, el("button", { type: "button", class: "small", dataset: { remove: image.id },
+        onclick: () => edit({ remove: [image.id] }, "Image removed") }, "Remove"))));
+}
+
+async function edit(change, done) {
+  const error = $("#ds-browser-error");
+  clearError(error);
+  try {
+    const r = await api("POST", `/v1/datasets/${encodeURIComponent(browsing.id)}/edits`,
+      { json: { version: browsing.version, ...change } });
+    browsing.version = r.version;
+    await browse(browsing.id, browsing.offset);
+    $("#ds-browser-status").textContent = `${done}: version ${r.version} has ${r.images} image${r.images === 1 ? "" : "s"}.`;
+    loadDatasets();
+  } catch (err) {
+    showError(error, err);
+  }
+}
+
+/** The credits CSV, fetched with the key and saved through a blob link. */
+async function downloadCredits() {
+  const error = $("#ds-browser-error");
+  clearError(error);
+  try {
+    const key = getKey();
+    const response = await fetch(`/v1/datasets/${encodeURIComponent(browsing.id)}/credits?version=${browsing.version}`,
+      { headers: key ? { Authorization: `Bearer ${key}` } : {} });
+    if (!response.ok) throw new Error(`The server answered ${response.status}`);
+    const url = URL.createObjectURL(await response.blob());
+    const link = el("a", { href: url, download: `${browsing.id}-v${browsing.version}-credits.csv` });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 1000);
+  } catch (err) {
+    showError(error, err);
+  }
 }
 
 async function createDataset(event) {
