@@ -13,7 +13,7 @@ EXTRAS ?= test,bench,llm-cpu
 LOCK ?= constraints/lock-cpu.txt
 OVERRIDES ?= constraints/cpu-overrides.txt
 
-.PHONY: serve test lint venv models browser bench clean lock web redis
+.PHONY: serve test test-cluster lint venv models browser bench clean lock web redis
 
 # The CPU torch wheel goes in first with pip (it honours pip's configured find-links and
 # PIP_INDEX_URL/PIP_EXTRA_INDEX_URL, e.g. PyTorch's CPU index); uv then keeps it and installs
@@ -50,7 +50,10 @@ $(WEB_VENDOR) &: package.json package-lock.json web/vendor/xyflow.entry.js
 	npm run --silent build
 	@touch $(WEB_VENDOR)
 
+# A sample dataset (storage/sample_dataset.py: 32 captioned shapes made in code; adding it again adds
+# nothing), so a new user can train a LoRA from the UI without bringing images.
 serve: models web
+	$(PY) -m storage.sample_dataset --root var/storage >/dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": $(LOCAL_CPUS)}' \
 		$(VENV)/bin/serve run configs/local.yaml
 
@@ -75,6 +78,10 @@ lint: venv
 
 test: lint models browser web redis
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 $(PY) -m pytest $(PYTEST_ARGS)
+
+# The two-node Ray cluster suite (tests/cluster): not in `make test` yet, it takes 15-26 minutes here.
+test-cluster: lint models redis
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 ATELIER_CLUSTER_TESTS=1 $(PY) -m pytest tests/cluster $(PYTEST_ARGS)
 
 bench: models
 	$(PY) benchmarks/bench_images.py

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from vllm.exceptions import VLLMClientError
@@ -90,8 +91,8 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
         return await _atelier_error(request, vllm_invalid_request(cause))
     if isinstance(cause, BackPressureError):
         return await _backpressure(request, cause)
-    if isinstance(cause, DeploymentUnavailableError):
-        return await _unavailable(request, cause)
+    if isinstance(cause, (DeploymentUnavailableError, RayActorError)):  # RayActorError: the replica died mid-call
+        return await _unavailable(request, cause)                           # (its node lost); Serve replaces it
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "server_error", "internal error; it has been logged", None)
 

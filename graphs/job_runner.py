@@ -72,6 +72,54 @@ class JobQueueConfig(BaseModel):
         )
 
 
+class JobQueueAutoscalingPolicy:
+    """Ray's async-inference policy (queue length in the broker + Serve requests, against
+    `target_ongoing_requests` per replica), with `${VARS}` in the broker URL expanded.
+
+    Jobs reach `JobRunnerDeployment` through the queue, not through Serve, so Serve's default policy
+    sees no load and never scales it. The config names this class in the deployment's
+    `autoscaling_config.policy` with `policy_kwargs` {broker_url, queue_name, poll_interval_s}.
+    The Serve controller (on the head node) runs it, so the URL expands from the head node's
+    environment (`ray start`'s), as the replicas' queue URLs expand from theirs. Only brokers that
+    Ray's policy can measure count (Redis, RabbitMQ); with the SQLite broker the default policy stays.
+
+    Ray's class is imported here, not at module level: its broker client needs `tornado` (not a
+    dependency of ray[serve]), and only the controller running this policy needs it.
+    """
+
+    def __init__(self, broker_url: str, queue_name: str, **kwargs: Any):
+        from ray.serve.async_inference_autoscaling_policy import AsyncInferenceAutoscalingPolicy
+
+        self._policy = AsyncInferenceAutoscalingPolicy(
+            broker_url=os.path.expandvars(broker_url), queue_name=queue_name, **kwargs)
+
+    def __call__(self, ctx):
+        return self._policy(ctx)
+
+
+def check_broker(broker_url: str, timeout_s: float = 5.0) -> None:
+    """Refuse to start a replica whose Redis broker cannot be reached, naming the URL.
+
+    Celery retries a broker connection forever (`broker_connection_retry_on_startup`), so a wrong
+    host would leave a replica that looks healthy and runs nothing; failing here puts the reason
+    in `serve status`. Only Redis URLs are checked (the SQLite broker is a local file).
+    """
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        client.ping()
+    except Exception as exc:
+        safe = redis.connection.parse_url(broker_url)
+        where = f"{safe.get('host', '?')}:{safe.get('port', 6379)}"
+        raise RuntimeError(f"the job queue's Redis broker at {where} is unreachable "
+                           f"(queue.broker_url): {type(exc).__name__}: {exc}") from None
+    finally:
+        client.close()
+
+
 def apply_polling_interval(broker_url: str, seconds: float | None) -> None:
     """How often this process's consumer polls a SQLite (SQLAlchemy) broker.
 
@@ -195,6 +243,7 @@ class JobRunnerDeployment:
     def __init__(self, queue: JobQueueConfig | dict, storage_root: str, storage_options: dict | None = None,
                  **handles: Any):
         self.queue = JobQueueConfig.model_validate(queue)
+        check_broker(os.path.expandvars(self.queue.broker_url))
         # before task_consumer's initialize_callable starts the Celery worker, which connects then
         apply_polling_interval(os.path.expandvars(self.queue.broker_url), self.queue.polling_interval_s)
         self.store = JobStore(Storage(storage_root, storage_options))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -10,6 +11,11 @@ from storage import Storage
 from tests.s3_server import S3Server
 
 S3_BUCKET = "atelier-test"
+
+# The two-node cluster suite (tests/cluster: two Ray nodes, Redis, S3, serve deploy, node loss,
+# autoscaling, training across nodes) takes 15-26 minutes on this 2-core machine, which would
+# take `make test` past its budget; `make test-cluster` runs it (ATELIER_CLUSTER_TESTS=1).
+collect_ignore = [] if os.environ.get("ATELIER_CLUSTER_TESTS") else ["cluster"]
 
 
 @pytest.fixture(scope="session")

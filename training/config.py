@@ -108,6 +108,12 @@ class TrainConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0)
     data_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data task reading and preparing images.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts to recover from (-1: forever).")
+    min_workers: int | None = Field(
+        None, ge=1, description="Elastic training (Ray Train's ScalingConfig(num_workers=(min, max))): the run "
+                                "starts or goes on with as few as this many workers when a node is lost, and "
+                                "grows back to num_workers when capacity returns. None: a fixed num_workers.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement of the workers' bundles: SPREAD puts them on different nodes where it can.")
     checkpoint_every_steps: int = Field(100, ge=1)
     checkpoints_to_keep: int = Field(2, ge=1)
 

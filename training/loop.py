@@ -44,6 +44,7 @@ import re
 import tempfile
 import time
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
@@ -105,6 +106,23 @@ def _ray_storage(storage: Storage) -> tuple[str, Any]:
     return f"{storage.root.removeprefix('s3://')}/training", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(storage.fs))
 
 
+# The code's root on this node: the checkout, or this node's copy of a job's working_dir.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shipped_in_working_dir(path: str) -> bool:
+    """A relative path inside this job's runtime_env working_dir: every worker, on whichever node,
+    has its own copy of that folder as its cwd, so the path stays relative (an absolute path would
+    name this node's copy, which other nodes do not have)."""
+    if os.path.isabs(path):
+        return False
+    try:  # a Ray job's driver: the job's runtime_env, as the job supervisor hands it over
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
 def _fail_at_from_env() -> tuple[int, int] | None:
     value = os.environ.get(FAIL_AT_ENV)
     if not value:
@@ -130,7 +148,9 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> TrainResult:
     config = load_config(config)
     plan = check_inputs(config)
     storage = Storage(config.storage_root, config.storage_options)
-    base_model = os.path.abspath(config.base_model) if os.path.isdir(config.base_model) else config.base_model
+    base_model = config.base_model
+    if os.path.isdir(base_model) and not _shipped_in_working_dir(base_model):
+        base_model = os.path.abspath(base_model)
     config = config.model_copy(update={"storage_root": storage.root, "base_model": base_model})
     status = StatusWriter(storage, config.name, plan.run_name, state="preparing", error=None,
                           total_steps=plan.total_steps)
@@ -159,8 +179,9 @@ def train(config: TrainConfig | dict | str | os.PathLike) -> TrainResult:
             _train_loop,
             train_loop_config={"config": config.model_dump(mode="json"), "plan": plan.model_dump(mode="json"),
                                "storage_options": ray.put(config.storage_options), "fail_at": _fail_at_from_env()},
-            scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                         resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=(config.min_workers, config.num_workers) if config.min_workers else config.num_workers,
+                use_gpu=config.use_gpu, resources_per_worker=resources, placement_strategy=config.placement_strategy),
             run_config=RunConfig(
                 name=plan.run_name, storage_path=storage_path, storage_filesystem=filesystem,
                 failure_config=FailureConfig(max_failures=config.max_failures),
@@ -546,7 +567,12 @@ def _worker_config(loop_config: dict) -> TrainConfig:
 
     config = TrainConfig.model_validate(loop_config["config"])
     ref = loop_config.get("storage_options")
-    return config.model_copy(update={"storage_options": dict(ray.get(ref)) if ref is not None else {}})
+    update = {"storage_options": dict(ray.get(ref)) if ref is not None else {}}
+    # A relative base model was shipped in the job's working_dir: Ray Train moves a worker's cwd to
+    # its run folder, so it resolves against this node's copy of the code (where this file is).
+    if not os.path.isabs(config.base_model) and (CODE_ROOT / config.base_model).is_dir():
+        update["base_model"] = str(CODE_ROOT / config.base_model)
+    return config.model_copy(update=update)
 
 
 def _train_loop(loop_config: dict) -> dict | None:
