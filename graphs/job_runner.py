@@ -273,6 +273,12 @@ class JobRunnerDeployment:
             self.report_queue_depth()
             return {"job_id": job_id, "status": "cancelled"}
         ctx.save(status="in_progress", attempts=record.attempts + 1, started_at=record.started_at or time.time())
+        if self.store.is_cancel_requested(job_id):
+            # A cancel that came between the check above and the write (the ingress saw the job still
+            # queued and marked it cancelled; our write replaced that): honour it before any work.
+            ctx.save(status="cancelled", finished_at=time.time())
+            self.report_queue_depth()
+            return {"job_id": job_id, "status": "cancelled"}
 
         beat = threading.Event()
         threading.Thread(target=self._heartbeat, args=(ctx, beat), daemon=True).start()

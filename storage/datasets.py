@@ -1121,6 +1121,7 @@ class DatasetWriter:
             pq.write_table(table, buffer, compression="zstd")
             if self.store.storage.put_if_absent(DatasetStore.manifest_key(self.info.id, version),
                               buffer.getvalue(), "application/vnd.apache.parquet"):
+                self._check_not_deleted()
                 return self._result(version, len(new_rows), table.num_rows, duplicates)
             # another add claimed this version: rebase on the newest and try the next number
             self.store._read_info(self.info.id)  # raises if the dataset was deleted meanwhile
@@ -1128,6 +1129,15 @@ class DatasetWriter:
             time.sleep(0.005 * (_attempt % 10))
         raise DatasetBusyError(f"could not claim a new version of {self.info.id!r} after "
                                f"{MAX_CLAIM_ATTEMPTS} attempts; retry", "dataset_id")
+
+    def _check_not_deleted(self) -> None:
+        """A dataset deleted while this add ran (its info goes first): what the add wrote under it
+        (images, the manifest) goes too, and the add fails, so nothing is left behind unlisted."""
+        if self.store.storage.exists(DatasetStore._info_key(self.info.id)):
+            return
+        self.store.storage.delete_prefix(dataset_prefix(self.info.id))
+        raise DatasetNotFoundError(f"dataset {self.info.id!r} was deleted while images were being added; "
+                                   "nothing was kept", "dataset_id")
 
     def _result(self, version: int, added: int, images: int, duplicates: list[str]) -> AddResult:
         return AddResult(dataset_id=self.info.id, version=version, added=added, images=images,

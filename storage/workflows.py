@@ -98,6 +98,12 @@ class SavedWorkflowStore:
         if not self.storage.put_if_absent(self.key(saved.id, saved.version), data, "application/json"):
             raise SavedWorkflowExistsError(f"workflow {saved.id} version {saved.version} was saved meanwhile; "
                                            "retry", "workflow_id")
+        if saved.version > 1 and not self.storage.exists(self.key(saved.id, 1)):
+            # deleted while this version was being saved (delete removes version 1 first): the new
+            # version must not bring the workflow back on its own
+            self.storage.delete(self.key(saved.id, saved.version))
+            raise SavedWorkflowNotFoundError(f"workflow {saved.id} was deleted while this version was saved",
+                                             "workflow_id")
         return saved
 
     def list_latest(self, limit: int, visible: Callable[[SavedWorkflow], bool] | None = None) -> list[SavedWorkflow]:

@@ -591,3 +591,16 @@ def test_import_job_from_a_prefix_reports_progress_and_cancels(store, dataset_id
     with pytest.raises(Exception) as err:
         dataset_import(JobContext(jobs, outside), {})
     assert getattr(err.value, "param", None) == "prefix"
+
+
+def test_an_add_racing_a_delete_leaves_nothing_behind(store, dataset_id):
+    """Issue 18, finding 12 (races): a dataset deleted while images are being added. The delete
+    goes first (info, then files, then the name); the add's images and manifest, written after,
+    used to stay under the deleted id, listed nowhere. Now the add fails and removes them."""
+    writer = store.writer(dataset_id)
+    writer.add_many(eight_images(seed=5))  # images uploaded, manifest not yet written
+    store.delete(dataset_id, confirm="cats")
+    with pytest.raises(DatasetNotFoundError):
+        writer.commit()
+    assert store.storage.list(f"datasets/{dataset_id}/") == []
+    assert dataset_id not in [d.id for d in store.list()]

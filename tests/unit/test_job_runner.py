@@ -367,3 +367,25 @@ def test_a_cancel_reaches_a_call_that_sends_no_events():
     with pytest.raises(JobCancelledError):
         drain_stream(stream, lambda step, total: None, check_cancelled, cancel_poll_s=0.02)
     assert stream.cancelled.is_set()
+
+
+def test_a_cancel_racing_the_start_of_a_queued_job_wins(runner, monkeypatch):
+    """Issue 18, finding 12 (races): the ingress cancels a job that is still queued at the moment the
+    runner starts it. The runner checked the marker (none yet), the ingress then wrote it and set
+    the record to cancelled, and the runner's `in_progress` write replaced that, so the job ran
+    (and a quick one ended `completed` after its client was told `cancelled`). Now the runner looks
+    again after its write and ends it cancelled before any work."""
+    ran = []
+    record = with_pipeline(runner, lambda ctx, handles: ran.append(ctx.id))
+    checks = iter([False, True])  # the marker is absent at the first check, there at the second
+    real = runner.store.is_cancel_requested
+
+    def racing(job_id):
+        seen = next(checks, None)
+        if seen:
+            runner.store.request_cancel(job_id)  # the cancel lands now, between the two checks
+        return real(job_id) if seen is None else seen
+
+    monkeypatch.setattr(runner.store, "is_cancel_requested", racing)
+    assert runner.run_job(record.id)["status"] == "cancelled"
+    assert not ran and runner.store.get(record.id).status == "cancelled"

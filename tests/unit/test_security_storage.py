@@ -463,3 +463,24 @@ def test_deleting_a_video_keeps_the_input_its_replay_shares(tmp_path):
     assert app.storage.exists(source), "the replay's input went with the original video"
     assert run(app.videos.delete(replay.id)).deleted
     assert not app.storage.exists(source)  # the last video that named it took it along
+
+
+def test_a_workflow_version_saved_while_the_workflow_is_deleted_does_not_bring_it_back(tmp_path):
+    """Issue 18, finding 12 (races): a save of version N+1 racing a delete. The delete removes every
+    version it listed; the save's new file, written after, used to leave a workflow with only that
+    version. Now the save sees version 1 gone, removes its own file and says the workflow is gone."""
+    from storage.fs import Storage
+    from storage.workflows import SavedWorkflow, SavedWorkflowNotFoundError, SavedWorkflowStore
+
+    store = SavedWorkflowStore(Storage(str(tmp_path / "root")))
+
+    def version(n: int) -> SavedWorkflow:
+        return SavedWorkflow(id="wf_1", name="w", description="", version=n, created_at=0, workflow={"nodes": []})
+
+    store.create(version(1))
+    store.create(version(2))
+    store.delete("wf_1")  # the delete lands while version 3 is being saved
+    with pytest.raises(SavedWorkflowNotFoundError):
+        store.create(version(3))
+    assert store.versions("wf_1") == []
+    assert store.list_latest(10) == []
