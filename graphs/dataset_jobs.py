@@ -39,6 +39,20 @@ from storage.url_import import UrlRefusedError
 REPORTED = 100  # names listed in the job result; the counts are always complete
 
 
+def import_summary(result) -> dict:
+    """What an import job records of the version it wrote (counts, and the first REPORTED names)."""
+    return {
+        "dataset_id": result.dataset_id,
+        "version": result.version,
+        "added": result.added,
+        "images": result.images,
+        "duplicates": len(result.duplicates),
+        "rejected": len(result.rejected),
+        "duplicate_names": result.duplicates[:REPORTED],
+        "rejections": [r.model_dump() for r in result.rejected[:REPORTED]],
+    }
+
+
 def dataset_error(exc: DatasetError) -> AtelierError:
     """The API's error for a dataset store's error, with its ``param`` (the import job and
     the datasets API both raise these)."""
@@ -96,16 +110,7 @@ def dataset_import(ctx, handles: dict[str, Any]) -> None:
     except UrlRefusedError as exc:
         raise InvalidRequestError(str(exc), "urls") from None
 
-    ctx.record.result = {
-        "dataset_id": result.dataset_id,
-        "version": result.version,
-        "added": result.added,
-        "images": result.images,
-        "duplicates": len(result.duplicates),
-        "rejected": len(result.rejected),
-        "duplicate_names": result.duplicates[:REPORTED],
-        "rejections": [r.model_dump() for r in result.rejected[:REPORTED]],
-    }
+    ctx.record.result = import_summary(result)
 
 
 def _attribution(item) -> dict[str, Any]:
@@ -176,14 +181,7 @@ def dataset_collect(ctx, handles: dict[str, Any]) -> None:
             ping_errors.append({"filename": item.id, "reason": problem})
 
     ctx.record.result = {
-        "dataset_id": result.dataset_id,
-        "version": result.version,
-        "added": result.added,
-        "images": result.images,
-        "duplicates": len(result.duplicates),
-        "rejected": len(result.rejected),
-        "duplicate_names": result.duplicates[:REPORTED],
-        "rejections": [r.model_dump() for r in result.rejected[:REPORTED]],
+        **import_summary(result),
         "download_pings": pings,
         "download_ping_errors": ping_errors[:REPORTED],
     }
