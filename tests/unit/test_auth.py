@@ -32,7 +32,8 @@ def expected_scopes(method: str, path: str) -> tuple[str, ...]:
     one of these scopes lets the call through."""
     if method in ("GET", "HEAD"):
         return ("read",)
-    if path.startswith(("/v1/datasets", "/v1/fine_tuning")) or (method == "DELETE" and path.startswith("/v1/models/")):
+    if path.startswith(("/v1/datasets", "/v1/fine_tuning", "/v1/collect")) or (
+            method == "DELETE" and path.startswith("/v1/models/")):
         return ("train",)  # deleting a LoRA version: its owner's `train` key
     if re.fullmatch(r"/v1/jobs/x/(cancel|replay)", path):
         return ("generate", "train")  # and then the scope of the job's own kind (test_security_http.py)
