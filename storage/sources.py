@@ -239,9 +239,17 @@ class Source:
     def _auth(self, key: str) -> dict[str, str]:
         raise NotImplementedError
 
+    search_path = ""  # the API's search endpoint
+
     def _search_request(self, query: str, page: int, per_page: int, orientation: str | None,
                         color: str | None) -> tuple[str, dict[str, Any]]:
-        raise NotImplementedError
+        """Both APIs take the same search parameters; orientation names differ (`orientations`)."""
+        params: dict[str, Any] = {"query": query, "page": page, "per_page": per_page}
+        if orientation:
+            params["orientation"] = self.orientations[orientation]
+        if color:
+            params["color"] = color
+        return self.search_path, params
 
     def _normalise(self, data: dict[str, Any], page: int, per_page: int) -> tuple[list[SourceResult], int, int | None]:
         raise NotImplementedError
@@ -324,16 +332,10 @@ class UnsplashSource(Source):
     colors = ("black_and_white", "black", "white", "yellow", "orange", "red", "purple", "magenta", "green",
               "teal", "blue")
 
+    search_path = "/search/photos"
+
     def _auth(self, key: str) -> dict[str, str]:
         return {"Authorization": f"Client-ID {key}", "Accept-Version": "v1"}
-
-    def _search_request(self, query, page, per_page, orientation, color):
-        params = {"query": query, "page": page, "per_page": per_page}
-        if orientation:
-            params["orientation"] = self.orientations[orientation]
-        if color:
-            params["color"] = color
-        return "/search/photos", params
 
     def _normalise(self, data, page, per_page):
         results = []
@@ -363,16 +365,10 @@ class PexelsSource(Source):
     colors = ("red", "orange", "yellow", "green", "turquoise", "blue", "violet", "pink", "brown", "black", "gray",
               "white")
 
+    search_path = "/v1/search"
+
     def _auth(self, key: str) -> dict[str, str]:
         return {"Authorization": key}
-
-    def _search_request(self, query, page, per_page, orientation, color):
-        params = {"query": query, "page": page, "per_page": per_page}
-        if orientation:
-            params["orientation"] = self.orientations[orientation]
-        if color:
-            params["color"] = color
-        return "/v1/search", params
 
     def _normalise(self, data, page, per_page):
         results = []
