@@ -101,21 +101,22 @@ class DatasetsService:
         info, keys = await _call(load)
         return self._view(info, base_url, keys)
 
-    def readable(self, dataset_id: str, who=None) -> None:
-        """404 unless the caller owns the dataset, it is public, or the caller is admin."""
+    def readable(self, dataset_id: str, who=None) -> tuple[str | None, bool]:
+        """(owner, public) of a dataset the caller may read (its own, a public one, or any for admin);
+        404 otherwise, as for a dataset that does not exist."""
         who = who or caller()
         try:
             owner, public = self.store.owner_of(dataset_id)
         except DatasetError:
-            owner, public, who = None, False, None
-        if who is None or not who.sees(owner, public):
+            raise NotFoundError(f"no dataset with id {dataset_id!r}", "dataset_id") from None
+        if not who.sees(owner, public):
             raise NotFoundError(f"no dataset with id {dataset_id!r}", "dataset_id")
+        return owner, public
 
     def writable(self, dataset_id: str, who=None) -> None:
         """404 unless the caller may see the dataset; 403 if it may see but not change it (public)."""
         who = who or caller()
-        self.readable(dataset_id, who)
-        owner, _ = self.store.owner_of(dataset_id)
+        owner, _ = self.readable(dataset_id, who)
         if not who.owns(owner):
             raise PermissionDeniedError(f"dataset {dataset_id} is public but not yours: only its owner changes it",
                                         "dataset_id")

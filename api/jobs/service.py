@@ -116,20 +116,13 @@ class JobsService:
 
     def get(self, job_id: str) -> JobRecord:
         """The caller's job (any job for admin); another owner's is as unknown as a missing one."""
-        return self.visible_record(job_id, what="job", param="job_id")
-
-    def visible_record(self, job_id: str, what: str, param: str) -> JobRecord:
         try:
             record = self.jobs.get_with_cancel(job_id)
         except JobNotFoundError:
             record = None
         if record is None or not caller().sees(record.owner):
-            raise NotFoundError(f"no {what} with id {job_id!r}", param)
+            raise NotFoundError(f"no job with id {job_id!r}", "job_id")
         return record
-
-    @staticmethod
-    def visible(record: JobRecord) -> bool:
-        return caller().sees(record.owner)
 
     def view(self, record: JobRecord, base_url: str) -> JobView:
         data = record.model_dump(mode="json")
