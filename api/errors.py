@@ -46,7 +46,7 @@ async def _atelier_error(request: Request, exc: Exception) -> JSONResponse:
     exc = getattr(exc, "cause", exc)  # a RayTaskError wraps what the replica raised
     if exc.status_code < 500 or exc.status_code == 503:
         metrics.rejected(exc.error_type)
-    return error_response(exc.status_code, exc.error_type, exc.message, exc.param, exc.headers)
+    return JSONResponse(exc.to_body(), status_code=exc.status_code, headers=exc.headers or None)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError | ValidationError) -> JSONResponse:
