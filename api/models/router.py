@@ -1,8 +1,8 @@
-"""GET /healthz, GET /readyz, GET /v1/models, GET and DELETE /v1/models/{id}."""
+"""GET /healthz, GET /readyz, GET /v1/models, POST /v1/models (LoRA import), GET and DELETE /v1/models/{id}."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 
 from api.errors import error_response
 from api.errors_protocol import ErrorResponse
@@ -35,6 +35,23 @@ async def readyz(models: ModelsService = Depends(models_service)):
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(models: ModelsService = Depends(models_service)) -> ModelList:
     return await models.list()
+
+
+@router.post("/v1/models", response_model=ModelCard, status_code=201,
+             responses={400: {"model": ErrorResponse}, 409: {"model": ErrorResponse}, 413: {"model": ErrorResponse}})
+async def import_model(
+    request: Request,
+    file: UploadFile = File(..., description="A LoRA for the deployed SDXL, .safetensors, diffusers or kohya format."),
+    name: str = Form(..., description="Registered name; a name the caller owns gets a new version."),
+    trigger_word: str | None = Form(None),
+    description: str = Form("", max_length=2000),
+    public: bool = Form(False, description="Usable (read-only) by every key."),
+    models: ModelsService = Depends(models_service),
+) -> ModelCard:
+    """Import an external LoRA: converted through diffusers' loaders, checked against the base
+    model's layers, registered with a manifest that records its source. Usable at once."""
+    data = await request.app.state.uploads.read(file, "file")
+    return await models.import_lora(data, name, file.filename, trigger_word, description, public)
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: {"model": ErrorResponse}})

@@ -9,7 +9,7 @@ from ray.serve.handle import DeploymentHandle
 
 from api.auth import PermissionDeniedError, caller
 from api.models.protocol import ModelCard, ModelList
-from deployments.errors import AtelierError, InvalidRequestError
+from deployments.errors import AtelierError, ConflictError, InvalidRequestError
 from deployments.llm.contract import GemmaLimits
 from deployments.sdxl.contract import SDXLLimits
 from deployments.styles import StylePreset
@@ -116,6 +116,48 @@ class ModelsService:
                                         "model")
         await asyncio.to_thread(self.loras.delete, name, version)
         return {"id": record.id, "object": "model", "deleted": True}
+
+    async def import_lora(self, data: bytes, name: str, filename: str | None, trigger_word: str | None = None,
+                          description: str = "", public: bool = False) -> ModelCard:
+        """Register an external LoRA file as the next version of `name` (the first, unless the caller
+        owns the name already). The SDXL deployment converts it (diffusers or kohya format, through
+        diffusers' loader) and checks it against the base model's layers; the manifest records where
+        it came from."""
+        import hashlib
+
+        from storage.registry import LoraExistsError, MAX_WEIGHTS_BYTES, _valid_name
+
+        try:
+            _valid_name(name)
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(exc.message, "name") from None
+        if len(data) > MAX_WEIGHTS_BYTES:
+            raise InvalidRequestError(f"file is over {MAX_WEIGHTS_BYTES} bytes", "file")
+        if trigger_word is not None and not trigger_word.strip():
+            trigger_word = None
+        owner = caller().owner
+        try:
+            await asyncio.to_thread(self.loras.check_owner, name, owner)
+        except LoraRegistryError as exc:
+            raise ConflictError(exc.message, "name") from None
+        imported = await self.handle("sdxl").import_lora.remote(data)
+        manifest = {
+            "base_model": self.sdxl.source, "method": "lora", "trigger_word": trigger_word, "rank": imported.rank,
+            "alpha": imported.alpha, "target_modules": imported.target_modules,
+            "train_text_encoder": imported.train_text_encoder, "description": description,
+            "source": {"kind": "import", "format": imported.source_format, "filename": filename,
+                       "sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data),
+                       "layers": imported.layers},
+        }
+        new_version = await asyncio.to_thread(self.loras.exists, name)
+        try:
+            record = await asyncio.to_thread(self.loras.register, name, manifest, imported.weights,
+                                             new_version, owner, public)
+        except LoraExistsError as exc:
+            raise ConflictError(exc.message, "name") from None
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(exc.message, exc.param or "file") from None
+        return self.lora_card(record)
 
     def style_preset(self, name: str | None) -> StylePreset | None:
         if name is None:

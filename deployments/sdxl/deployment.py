@@ -40,7 +40,7 @@ from deployments.media import decode_image, encode_png
 from deployments.sdxl import contract
 from deployments.sdxl.contract import (DEFAULT_MAX_LORAS_PER_REPLICA, SDXLConfig, SDXLImage, SDXLLimits,
                                        SDXLProgress, SDXLRequest, SDXLResponse)
-from deployments.sdxl.lora import LoadedLora, SDXLAdapters, instance_loader
+from deployments.sdxl.lora import ImportedLora, LoadedLora, SDXLAdapters, instance_loader
 from storage.keys import output_key
 from storage.registry import LoraRegistry
 
@@ -129,6 +129,11 @@ class SDXLDeployment(DiffusionDeployment):
     def loaded_loras(self) -> list[str]:
         """name:version of the adapters this replica holds (an evicted one may stay until its requests end)."""
         return self.adapters.loaded()
+
+    async def import_lora(self, data: bytes) -> ImportedLora:
+        """An external LoRA file checked against this model's layers and converted to the format the
+        registry holds (POST /v1/models); nothing stays loaded."""
+        return await self.adapters.convert_import(data)
 
     @serve.multiplexed(max_num_models_per_replica=DEFAULT_MAX_LORAS_PER_REPLICA)
     async def get_lora(self, lora_id: str) -> LoadedLora:

@@ -267,3 +267,91 @@ class SDXLAdapters:
             for n in names:
                 self._pending_delete.discard(n)
                 logger.info("deleted LoRA adapter %s (%s)", n, self._adapters.pop(n).record.id)
+
+    # --- importing an external adapter ----------------------------------------------------------
+
+    async def convert_import(self, data: bytes) -> ImportedLora:
+        """An external LoRA file (diffusers/peft or kohya format) checked against this pipeline's
+        layers and rewritten as diffusers saves trained adapters; on the torch thread."""
+        return await self._run(self._convert_import, data)
+
+    def _convert_import(self, data: bytes) -> ImportedLora:
+        """diffusers' own loader does the conversion (`load_lora_weights` reads kohya and older
+        formats): the file is loaded into the base pipeline as a temporary adapter, which fails on a
+        layer whose shape differs; what was injected is read back per component with peft and saved
+        with `save_lora_weights`, then the temporary adapter is deleted. A file some of whose layers
+        match nothing in the model is refused (diffusers would only warn and drop them)."""
+        import tempfile
+        import uuid
+
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
+
+        # 1. Read the file and count its LoRA layers (one "down"/"A" matrix each).
+        try:
+            raw = load_safetensors(data)
+        except (SafetensorError, ValueError, RuntimeError) as exc:
+            raise InvalidRequestError(f"file is not a safetensors file: {exc}", "file") from None
+        downs = [k for k in raw if re.search(r"(lora_down|lora\.down|lora_A|down_proj|lora_linear_layer\.down)"
+                                             r"(\.[^.]+)?\.weight$", k)]
+        if not downs:
+            raise InvalidRequestError("file holds no LoRA layers (no lora_down / lora_A weights)", "file")
+        kind = "kohya" if any(k.startswith(("lora_unet_", "lora_te")) for k in raw) else "diffusers"
+
+        # 2. Load it as a temporary adapter, read back what landed, delete it.
+        name = f"import_{uuid.uuid4().hex[:12]}"
+        components = {"unet": self.pipe.unet, "text_encoder": getattr(self.pipe, "text_encoder", None),
+                      "text_encoder_2": getattr(self.pipe, "text_encoder_2", None)}
+        layers: dict[str, dict] = {}
+        configs: dict[str, dict] = {}
+        with self.pipe_lock:
+            self._delete_pending_locked()
+            try:
+                self.pipe.load_lora_weights(dict(raw), adapter_name=name)
+                for component, model in components.items():
+                    if model is not None and name in (getattr(model, "peft_config", None) or {}):
+                        layers[component] = get_peft_model_state_dict(model, adapter_name=name)
+                        configs[component] = model.peft_config[name].to_dict()
+            except (ValueError, KeyError, RuntimeError, AttributeError) as exc:
+                detail = " ".join(str(exc).split("\n")[:2])[:400]  # torch lists every mismatched layer
+                raise InvalidRequestError(f"file does not fit model {self.model_name!r}: {detail}", "file") from None
+            finally:
+                try:
+                    self.pipe.delete_adapters(name)
+                except Exception:  # nothing (or only part) was injected
+                    pass
+        loaded = sum(1 for state in layers.values() for k in state if ".lora_A." in k)
+        if loaded < len(downs):
+            raise InvalidRequestError(
+                f"file has {len(downs)} LoRA layers but only {loaded} match a layer of model {self.model_name!r}; "
+                f"it was made for another base model", "file")
+
+        # 3. Save in the format the registry holds (as training saves it).
+        from diffusers import StableDiffusionXLPipeline
+
+        with tempfile.TemporaryDirectory() as folder:
+            StableDiffusionXLPipeline.save_lora_weights(
+                folder, **{f"{c}_lora_layers": convert_state_dict_to_diffusers(s) for c, s in layers.items()},
+                **{f"{c}_lora_adapter_metadata": m for c, m in configs.items()})
+            with open(f"{folder}/pytorch_lora_weights.safetensors", "rb") as f:
+                converted = f.read()
+        unet = configs.get("unet") or next(iter(configs.values()))
+        return ImportedLora(weights=converted, source_format=kind, rank=int(unet.get("r") or 1),
+                            alpha=unet.get("lora_alpha"), layers=loaded,
+                            target_modules=sorted(unet.get("target_modules") or []),
+                            train_text_encoder=any(c != "unet" for c in layers))
+
+
+@dataclass
+class ImportedLora:
+    """An external adapter after `SDXLAdapters.convert_import`: diffusers-format weights and what they hold."""
+
+    weights: bytes
+    source_format: str  # "diffusers" or "kohya"
+    rank: int
+    alpha: float | None
+    layers: int
+    target_modules: list[str]
+    train_text_encoder: bool

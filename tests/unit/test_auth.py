@@ -33,8 +33,8 @@ def expected_scopes(method: str, path: str) -> tuple[str, ...]:
     if method in ("GET", "HEAD"):
         return ("read",)
     if path.startswith(("/v1/datasets", "/v1/fine_tuning", "/v1/collect")) or (
-            method == "DELETE" and path.startswith("/v1/models/")):
-        return ("train",)  # deleting a LoRA version: its owner's `train` key
+            method == "DELETE" and path.startswith("/v1/models/")) or (method == "POST" and path == "/v1/models"):
+        return ("train",)  # importing a LoRA, deleting a LoRA version: its owner's `train` key
     if re.fullmatch(r"/v1/jobs/x/(cancel|replay)", path):
         return ("generate", "train")  # and then the scope of the job's own kind (test_security_http.py)
     return ("generate",)

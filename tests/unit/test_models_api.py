@@ -67,3 +67,59 @@ def test_deleting_a_lora_version_leaves_the_others_and_is_its_owners(app):
     assert gone.status_code == 400 and gone.json()["error"]["param"] == "lora"
     assert client.post("/v1/images/generations?async=true", headers=bearer("ann"),
                        json={"prompt": "x", "steps": 2, "lora": "ink:2"}).status_code == 202
+
+
+class _Remote:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        async def call():
+            return self.fn(*args)
+        return call()
+
+
+class FakeSDXL:
+    """The SDXL deployment's import_lora, as a converted adapter (the conversion itself: test_lora_import.py)."""
+
+    def __init__(self):
+        from deployments.sdxl.lora import ImportedLora
+        self.received: list[bytes] = []
+        self.import_lora = _Remote(lambda data: self.received.append(data) or ImportedLora(
+            weights=WEIGHTS, source_format="kohya", rank=4, alpha=2.0, layers=1, target_modules=["to_q"],
+            train_text_encoder=False))
+
+
+def test_importing_a_lora_registers_it_with_its_source(app):
+    client, fake = app.client, FakeSDXL()
+    app.services.models.handles["sdxl"] = fake
+    upload = {"file": ("ink-kohya.safetensors", b"raw-bytes", "application/octet-stream")}
+    made = client.post("/v1/models", headers=bearer("ben"), files=upload,
+                       data={"name": "pencil", "trigger_word": "pnc", "description": "from a file"})
+    assert made.status_code == 201, made.text
+    card = made.json()
+    assert card["id"] == "pencil:1" and card["kind"] == "lora" and fake.received == [b"raw-bytes"]
+    meta = card["metadata"]
+    assert meta["trigger_word"] == "pnc" and meta["rank"] == 4 and meta["alpha"] == 2.0
+    assert meta["source"]["format"] == "kohya" and meta["source"]["filename"] == "ink-kohya.safetensors"
+    assert meta["source"]["size_bytes"] == len(b"raw-bytes") and len(meta["source"]["sha256"]) == 64
+    assert client.get("/v1/models/pencil", headers=bearer("ben")).json()["id"] == "pencil:1"
+    assert client.get("/v1/models/pencil", headers=bearer("ann")).status_code == 404  # ben's, private
+    again = client.post("/v1/models", headers=bearer("ben"), files=upload, data={"name": "pencil"})
+    assert again.status_code == 201 and again.json()["id"] == "pencil:2"  # the owner's name: a new version
+    taken = client.post("/v1/models", headers=bearer("ann"), files=upload, data={"name": "pencil"})
+    assert taken.status_code == 409 and taken.json()["error"]["param"] == "name"
+    assert client.post("/v1/models", headers=bearer("viewer"), files=upload,
+                       data={"name": "x"}).status_code == 403  # read scope
+
+
+def test_bad_imports_name_the_field(app):
+    client = app.client
+    app.services.models.handles["sdxl"] = FakeSDXL()
+    upload = {"file": ("a.safetensors", b"raw", "application/octet-stream")}
+    no_file = client.post("/v1/models", headers=bearer("ann"), data={"name": "x"})
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    no_name = client.post("/v1/models", headers=bearer("ann"), files=upload)
+    assert no_name.status_code == 400 and no_name.json()["error"]["param"] == "name"
+    bad_name = client.post("/v1/models", headers=bearer("ann"), files=upload, data={"name": "../etc"})
+    assert bad_name.status_code == 400 and bad_name.json()["error"]["param"] == "name"
