@@ -6,8 +6,8 @@
 
 On an NVIDIA GPU it builds the released models' architectures with random weights directly on the
 device (local/tiny_models.py: SDXL base 1.0, SVD-XT, the x4 upscaler, a LoRA on SDXL's UNet, and the
-production language model, Gemma 2 2B, which vLLM creates with `load_format="dummy"`), then measures,
-each part timed and its peak memory recorded:
+production language model, Gemma 3 4B with its vision tower, which vLLM creates with
+`load_format="dummy"`), then measures, each part timed and its peak memory recorded:
 
 - sdxl:           1024², 30 steps through the SDXL deployment: latency at batch 1 and images/s at the
                   best batch, fast paths off (today's defaults: float16, VAE upcast) and on (what won
@@ -663,8 +663,12 @@ def llm_config(check: Check, folder: Path) -> dict:
 
     plan = check.plan
     if check.cuda:
+        serve = yaml.safe_load((REPO / "serve_config.yaml").read_text())["applications"][0]["args"]["llm"]
+        # vLLM sizes the vision encoder's profiling run and cache by the image limit: production's.
+        images = serve.get("engine_kwargs", {}).get("limit_mm_per_prompt", {"image": 4})
         return {"model_id": "gemma", "model_source": str(folder), "max_model_len": plan.llm_max_model_len,
-                "engine_kwargs": {"dtype": "bfloat16", "load_format": "dummy", "gpu_memory_utilization": 0.45},
+                "engine_kwargs": {"dtype": "bfloat16", "load_format": "dummy", "gpu_memory_utilization": 0.45,
+                                  "limit_mm_per_prompt": images},
                 "placement_group_config": {"bundles": [{"GPU": 1, "CPU": 1}]},
                 "deployment_config": {"max_ongoing_requests": 128, "ray_actor_options": {"num_cpus": 1}}}
     local = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())["applications"][0]["args"]["llm"]
@@ -752,7 +756,7 @@ def run_llm(check: Check, out: dict) -> None:
     from local.tiny_models import write_llm_folder
 
     plan = check.plan
-    folder = write_llm_folder(check.scratch / "gemma2", plan.scale)
+    folder = write_llm_folder(check.scratch / "gemma3", plan.scale)
     config = GemmaConfig.model_validate(llm_config(check, folder))
     started = time.perf_counter()
     start_ray(check)
@@ -777,7 +781,7 @@ def run_llm(check: Check, out: dict) -> None:
             out[f"c{concurrency}_atelier_ttft_ms"] = atelier["ttft_p50_ms"]
             out[f"c{concurrency}_engine_ttft_ms"] = engine["ttft_p50_ms"]
             out[f"c{concurrency}_atelier_vs_engine"] = round(atelier["tokens_per_s"] / engine["tokens_per_s"], 3)
-        out.update(model="Gemma 2 2B architecture" if check.cuda else "tiny Gemma 2", max_tokens=plan.llm_max_tokens,
+        out.update(model="Gemma 3 4B architecture" if check.cuda else "tiny Gemma 3", max_tokens=plan.llm_max_tokens,
                    engine_kwargs=config.engine_kwargs,
                    baseline="the same vLLM AsyncLLM engine, called directly inside the Serve replica")
         if check.cuda:

@@ -27,6 +27,10 @@ MODEL_NAMES = ("sdxl", "svd", "upscaler", "gemma")
 
 # Written last into a finished folder; a folder without it is treated as half-built.
 COMPLETE_MARKER = ".complete"
+# A builder whose output changed bumps its recipe here (the marker records it; absent means 1), so
+# `make models` on an existing checkout rebuilds the folder. gemma: 1 was a text-only Gemma, 2 is
+# Gemma 3 with its vision tower.
+RECIPES = {"gemma": 2}
 
 # Shared by every CLIP text encoder below: 256 byte chars x 2 (+ "</w>") + 2 specials.
 CLIP_VOCAB_SIZE = 514
@@ -88,18 +92,36 @@ def _clip_text_config(projection_dim: int):
 
 
 GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Gemma 3's image markers: the chat template writes <start_of_image> where an image goes, and the
+# processor (transformers' and vLLM's) expands it to "\n\n<start_of_image>" + <image_soft_token> x
+# mm_tokens_per_image + "<end_of_image>\n\n".
+GEMMA_IMAGE_SPECIALS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+# Gemma's SentencePiece vocabulary has runs of newlines as single tokens, and vLLM's gemma3_mm looks
+# these four up by text (it merges the "\n\n" around an image with its neighbours, as the tokenizer
+# would). A byte-level BPE has no such entries, so they are added tokens here.
+GEMMA_NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 
-# Gemma's own template, except that a system message is folded into the first user turn
-# (as Gemma 2/3 do) instead of raising, since OpenAI-style clients often send one.
+# Gemma 3's own template (image content parts become <start_of_image>), except that a system
+# message, a string or text parts, is folded into the first user turn without the role alternation
+# check, since OpenAI-style clients often send one.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
     "{% if messages and messages[0]['role'] == 'system' %}"
-    "{% set system = messages[0]['content'] | trim + '\n\n' %}{% set messages = messages[1:] %}"
-    "{% else %}{% set system = '' %}{% endif %}"
+    "{% if messages[0]['content'] is string %}{% set ns.system = messages[0]['content'] | trim %}"
+    "{% else %}{% for item in messages[0]['content'] %}{% if item['type'] == 'text' %}"
+    "{% set ns.system = ns.system + item['text'] | trim %}{% endif %}{% endfor %}{% endif %}"
+    "{% set ns.system = ns.system + '\n\n' %}{% set messages = messages[1:] %}"
+    "{% endif %}"
     "{% for message in messages %}"
     "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
-    "{% set content = (system if loop.first else '') + message['content'] | trim %}"
-    "{{ '<start_of_turn>' + role + '\n' + content + '<end_of_turn>\n' }}"
+    "{{ '<start_of_turn>' + role + '\n' + (ns.system if loop.first else '') }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<start_of_image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
@@ -126,8 +148,7 @@ _GEMMA_CORPUS = [
 
 
 def _gemma_tokenizer(vocab_size: int = 512):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     # Byte-level, so any input text (and any byte the model emits) round-trips.
@@ -136,7 +157,8 @@ def _gemma_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=1,
-        special_tokens=GEMMA_SPECIALS,  # ids 0..5, in Gemma's order (pad=0, eos=1, bos=2)
+        # ids 0..8: Gemma's order (pad=0, eos=1, bos=2), then the turn and image markers
+        special_tokens=GEMMA_SPECIALS + GEMMA_IMAGE_SPECIALS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -147,15 +169,25 @@ def _gemma_tokenizer(vocab_size: int = 512):
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos_id)]
     )
+    tok.add_tokens([AddedToken(text, normalized=False, special=False) for text in GEMMA_NEWLINES])
+    return _gemma_fast_tokenizer(tok, model_max_length=1024)
+
+
+def _gemma_fast_tokenizer(tok, model_max_length: int):
+    from transformers import PreTrainedTokenizerFast
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<bos>",
         eos_token="<eos>",
         pad_token="<pad>",
         unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+        additional_special_tokens=GEMMA_SPECIALS[4:] + GEMMA_IMAGE_SPECIALS,
+        # Gemma3Processor reads these three by name (tokenizer.image_token, ...), as vLLM does.
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
         chat_template=GEMMA_CHAT_TEMPLATE,
-        model_max_length=1024,
+        model_max_length=model_max_length,
         padding_side="left",  # decoder-only: batch generation needs left padding
     )
 
@@ -527,50 +559,61 @@ def build_tiny_upscaler(path: str | Path, seed: int = 0) -> Path:
 
 
 def build_tiny_gemma(path: str | Path, seed: int = 0) -> Path:
-    """Gemma causal LM + tokenizer + generation config, saved as float32."""
-    from transformers import GemmaConfig, GemmaForCausalLM, GenerationConfig
+    """Gemma 3 with its SigLIP vision tower (Gemma3ForConditionalGeneration), its processor (64x64
+    images, 16 tokens each) and generation config, saved as float32 in the released checkpoints'
+    layout."""
+    from transformers import Gemma3ForConditionalGeneration
 
     path = Path(path)
-    tokenizer = _gemma_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS}
-    config = GemmaConfig(
-        vocab_size=len(tokenizer),  # must equal the tokenizer, or vLLM/HF index out of range
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,  # vLLM's CPU attention wants a regular head size
-        max_position_embeddings=1024,
-        pad_token_id=ids["<pad>"],
-        eos_token_id=ids["<eos>"],
-        bos_token_id=ids["<bos>"],
-        dtype="float32",
-    )
+    config, processor, generation_config = gemma3_parts("tiny", dtype="float32")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GemmaForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<bos>"],
-        eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],  # chat turns end with <end_of_turn>
-        pad_token_id=ids["<pad>"],
-    )
+        model = Gemma3ForConditionalGeneration(config)
+        # transformers initialises the image-to-text projection at zero (training starts there), which
+        # would leave the model blind: random, like every other weight, so images change the output.
+        model.model.multi_modal_projector.mm_input_projection_weight.data.normal_(0, config.initializer_range)
+    model.generation_config = generation_config
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    _vision_keys_as_released(path / "model.safetensors")
+    processor.save_pretrained(path)  # the tokenizer, the image processor and the chat template
     return path
 
 
-# The production language model (serve_config.yaml's llm.model_source, google/gemma-2-2b-it), as its
-# config.json gives it (2.6 B parameters); the tiny one has Gemma 2's features at build_tiny_gemma's size.
-GEMMA2: dict[str, dict[str, Any]] = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=256,
-                 max_position_embeddings=1024),
-    "full": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
-                 num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
-                 sliding_window=4096, max_position_embeddings=8192, attn_logit_softcapping=50.0,
-                 final_logit_softcapping=30.0, hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-06,
-                 rope_theta=10000.0),
+def _vision_keys_as_released(weights: Path) -> None:
+    """transformers 5 saves the vision tower's weights as `vision_tower.embeddings...`, while the
+    released checkpoints, and vLLM's loader (its SiglipVisionModel holds a `vision_model`), name them
+    `vision_tower.vision_model.embeddings...`; transformers loads either. Rewritten in place."""
+    from safetensors.torch import load_file, save_file
+
+    prefix, released = "vision_tower.", "vision_tower.vision_model."
+    state = load_file(weights)
+    state = {released + key[len(prefix):] if key.startswith(prefix) and not key.startswith(released) else key: tensor
+             for key, tensor in state.items()}
+    save_file(state, weights, metadata={"format": "pt"})
+
+
+# The production language model (serve_config.yaml's llm.model_source, google/gemma-3-4b-it), as its
+# config.json and processor config give it (4.3 B parameters: the Gemma 3 text model and a SigLIP
+# so400m vision tower); the tiny one has the same features at a size a CPU runs in seconds.
+GEMMA3: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=64,  # vLLM's CPU attention wants a regular head size
+                  query_pre_attn_scalar=64, sliding_window=256, max_position_embeddings=1024,
+                  layer_types=["sliding_attention", "full_attention"]),  # both kinds of layer
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                    image_size=64, patch_size=8),  # 8x8 patches, pooled to 4x4 = 16 tokens
+        mm_tokens_per_image=16),
+    "full": dict(
+        text=dict(vocab_size=262_208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                  sliding_window=1024, max_position_embeddings=131_072, rms_norm_eps=1e-06,
+                  hidden_activation="gelu_pytorch_tanh",  # five sliding-window layers to one global
+                  rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                                   "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=896, patch_size=14, layer_norm_eps=1e-06, hidden_act="gelu_pytorch_tanh"),
+        mm_tokens_per_image=256),  # 64x64 patches, pooled to 16x16
 }
 
 
@@ -579,7 +622,6 @@ def _padded_tokenizer(tokenizer, vocab_size: int):
     decoding turns into plain text, so every id a full-size model samples decodes (detokenizing the
     stream is part of serving's cost)."""
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = state["model"]["vocab"]
@@ -588,8 +630,10 @@ def _padded_tokenizer(tokenizer, vocab_size: int):
     while len(alphabet) ** width < vocab_size:
         width += 1
     index = 0
-    next_id = max(max(vocab.values()), *(t["id"] for t in state["added_tokens"])) + 1
-    while next_id < vocab_size:
+    # Added tokens outside the model's vocabulary (the newlines) take the ids after it when loaded.
+    extra = sum(1 for t in state["added_tokens"] if t["content"] not in vocab)
+    next_id = max(vocab.values()) + 1
+    while next_id < vocab_size - extra:
         token, rest = "", index
         for _ in range(width):
             token, rest = alphabet[rest % len(alphabet)] + token, rest // len(alphabet)
@@ -597,33 +641,55 @@ def _padded_tokenizer(tokenizer, vocab_size: int):
         if token not in vocab:
             vocab[token] = next_id
             next_id += 1
-    padded = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(state)),
-        bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"], chat_template=GEMMA_CHAT_TEMPLATE,
-        model_max_length=tokenizer.model_max_length, padding_side="left")
-    return padded
+    return _gemma_fast_tokenizer(Tokenizer.from_str(json.dumps(state)), model_max_length=tokenizer.model_max_length)
+
+
+def gemma3_parts(scale: Scale = "tiny", dtype: str = "bfloat16"):
+    """Gemma 3 at `scale`: (Gemma3Config, Gemma3Processor, GenerationConfig), the processor with the
+    locally built tokenizer (grown to the real vocabulary at full size) and the chat template."""
+    from transformers import Gemma3Config, Gemma3ImageProcessorPil, Gemma3Processor, GenerationConfig
+
+    dims = GEMMA3[scale]
+    tokenizer = _gemma_tokenizer()
+    if scale == "full":
+        tokenizer = _padded_tokenizer(tokenizer, dims["text"]["vocab_size"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS + GEMMA_IMAGE_SPECIALS}
+    special_ids = dict(pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
+    config = Gemma3Config(
+        # vocab_size must equal the tokenizer's, or vLLM/HF index out of range
+        text_config={"vocab_size": len(tokenizer), **dims["text"], **special_ids},
+        vision_config={**dims["vision"], "vision_use_head": False},
+        mm_tokens_per_image=dims["mm_tokens_per_image"],
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=ids["<image_soft_token>"],
+        **special_ids,
+        dtype=dtype,
+        architectures=["Gemma3ForConditionalGeneration"],
+    )
+    size = dims["vision"]["image_size"]
+    # The released preprocessor config: a square resize, [-1, 1] pixels, no pan-and-scan. Saved as
+    # "Gemma3ImageProcessor", so transformers loads its torchvision backend where torchvision is.
+    image_processor = Gemma3ImageProcessorPil(size={"height": size, "width": size}, do_pan_and_scan=False,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                chat_template=GEMMA_CHAT_TEMPLATE, image_seq_length=dims["mm_tokens_per_image"])
+    generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
+                                         # chat turns end with <end_of_turn>
+                                         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]])
+    return config, processor, generation_config
 
 
 def write_llm_folder(path: str | Path, scale: Scale = "tiny") -> Path:
-    """A Gemma 2 model folder without weights: config.json, generation config and a locally built
-    tokenizer (grown to the vocabulary at full size). vLLM serves it with `load_format="dummy"`
-    (random weights, created on its device): no download, no weight file."""
-    from transformers import Gemma2Config, GenerationConfig
-
+    """A Gemma 3 model folder without weights: config.json, generation config and processor (the
+    locally built tokenizer, grown to the vocabulary at full size). vLLM serves it with
+    `load_format="dummy"` (random weights, created on its device): no download, no weight file."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    dims = dict(GEMMA2[scale])
-    tokenizer = _gemma_tokenizer()
-    if scale == "full":
-        tokenizer = _padded_tokenizer(tokenizer, dims["vocab_size"])
-    dims.setdefault("vocab_size", len(tokenizer))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in GEMMA_SPECIALS}
-    Gemma2Config(**dims, pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"],
-                 dtype="bfloat16", architectures=["Gemma2ForCausalLM"]).save_pretrained(path)
-    GenerationConfig(bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
-                     pad_token_id=ids["<pad>"]).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    config, processor, generation_config = gemma3_parts(scale)
+    config.save_pretrained(path)
+    generation_config.save_pretrained(path)
+    processor.save_pretrained(path)
     return path
 
 
@@ -686,17 +752,22 @@ def save_random_unet_lora(unet, folder: str | Path, seed: int, rank: int = 16,
     return Path(folder)
 
 
+def _marker(name: str, seed: int) -> dict:
+    return {"model": name, "seed": seed, **({"recipe": RECIPES[name]} if name in RECIPES else {})}
+
+
 def is_complete(folder: str | Path, seed: int | None = None) -> bool:
-    """True if `folder` was finished by this module (and, if given, with this seed)."""
+    """True if `folder` was finished by this module with its model's current recipe (and, if given,
+    with this seed)."""
     marker = Path(folder) / COMPLETE_MARKER
     if not marker.is_file():
         return False
-    if seed is None:
-        return True
     try:
-        return json.loads(marker.read_text()).get("seed") == seed
+        info = json.loads(marker.read_text())
+        recipe = info.get("recipe", 1) == RECIPES.get(info.get("model", Path(folder).name), 1)
+        return recipe and (seed is None or info.get("seed") == seed)
     except (ValueError, AttributeError):
-        return False
+        return seed is None
 
 
 def build_model(name: str, root: str | Path, seed: int = 0, force: bool = False) -> tuple[Path, bool]:
@@ -714,7 +785,7 @@ def build_model(name: str, root: str | Path, seed: int = 0, force: bool = False)
     tmp = root / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         BUILDERS[name](tmp, seed=seed)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps({"model": name, "seed": seed}) + "\n")
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(_marker(name, seed)) + "\n")
         if final.exists():
             # Stale (no marker), other seed, or forced: move it aside, then swap in.
             trash = root / f".{name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"

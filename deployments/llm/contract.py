@@ -22,6 +22,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.errors import AtelierError, InvalidRequestError
+from deployments.llm.vision import JudgeSettings
 from deployments.styles import Prompt, StylePreset
 
 
@@ -36,7 +37,7 @@ class GemmaConfig(BaseModel):
     """What ops set in the `llm:` args; everything else is `ray.serve.llm.LLMConfig`'s."""
 
     model_id: str = Field("gemma", description="The name clients pass as `model`.")
-    model_source: str = Field(description="Folder or hub id, e.g. google/gemma-2-2b-it.")
+    model_source: str = Field(description="Folder or hub id, e.g. google/gemma-3-4b-it (Gemma 3, which sees images).")
     max_model_len: int = Field(8192, ge=16)
     max_n: int = Field(8, ge=1, le=128, description="The most choices one request may ask for (`n`, and vLLM's "
                                                    "`best_of`); each is a whole generation. vLLM alone allows 16384.")
@@ -52,6 +53,10 @@ class GemmaConfig(BaseModel):
                     "interval, holding what arrived meanwhile (deployments/llm/server.py). 0 sends each "
                     "chunk as its own message; None keeps Ray's Batcher, whose first chunk waits 50 ms.")
     refine: RefineSettings = RefineSettings()
+    judge: JudgeSettings = Field(JudgeSettings(), description="Bounds of a judgement (POST /v1/images/judge, best-of-n).")
+    max_images: int = Field(4, ge=0, le=64, description="Image parts one chat request may carry (POST "
+                                                        "/v1/chat/completions); the engine's limit_mm_per_prompt "
+                                                        "must allow as many.")
 
     def llm_config(self):
         from ray.serve.llm import LLMConfig
@@ -202,13 +207,17 @@ def refine_schema(settings: RefineSettings) -> dict:
 
 
 def build_refine_chat(request: RefineRequest, model_id: str, settings: RefineSettings,
-                      style: StylePreset | None = None, trigger_word: str | None = None) -> dict:
-    """The OpenAI chat request body (a dict, so both the ingress and jobs can send it)."""
+                      style: StylePreset | None = None, trigger_word: str | None = None,
+                      instruction: str | None = None) -> dict:
+    """The OpenAI chat request body (a dict, so both the ingress and jobs can send it).
+    `instruction` is asked on top (a QA loop's judge feedback: vision.revision_instruction)."""
     asks = [f"Request: {request.prompt}"]
     if style is not None:
         asks.append(f"Write it for this style: {style.apply('the subject')}.")
     if trigger_word:
         asks.append(f"The prompt must contain the word {trigger_word!r}.")
+    if instruction:
+        asks.append(instruction)
     body: dict[str, Any] = {
         "model": model_id,
         "messages": [{"role": "system", "content": REFINE_SYSTEM}, {"role": "user", "content": "\n".join(asks)}],

@@ -210,8 +210,24 @@ def test_every_model_section_validates_and_fits_its_resources(path):
     if path == "serve_config.yaml":
         assert args.svd.model == "stabilityai/stable-video-diffusion-img2vid-xt"
         assert args.upscaler.model == "stabilityai/stable-diffusion-x4-upscaler"
-        assert args.llm.model_source.startswith("google/gemma")
+        assert args.llm.model_source == "google/gemma-3-4b-it"
         assert gpu_total > 0.9
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_the_language_model_is_gemma_3_and_takes_the_images_a_request_may_carry(path):
+    """Both configs serve Gemma 3 (multimodal): vLLM's image limit covers what the API lets one chat
+    request carry, and the context holds that many images (mm_tokens_per_image each, plus the
+    "\n\n<start_of_image>" and "<end_of_image>\n\n" around them) with room to spare."""
+    from local.tiny_models import GEMMA3
+
+    llm = AtelierArgs.model_validate(app_args(path)).llm
+    images = llm.engine_kwargs["limit_mm_per_prompt"]["image"]
+    assert images >= getattr(llm, "max_images", 1) >= 1
+    local = path == "configs/local.yaml"
+    assert llm.model_source == ("models/tiny/gemma" if local else "google/gemma-3-4b-it")
+    tokens_per_image = GEMMA3["tiny" if local else "full"]["mm_tokens_per_image"]  # 16, and the 4B's 256
+    assert images * (tokens_per_image + 4) <= llm.max_model_len // 2
 
 
 MODEL_DEPLOYMENTS = ("SDXLDeployment", "SVDDeployment", "UpscalerDeployment")

@@ -45,17 +45,29 @@ def test_full_size_pipelines_take_the_released_sizes(full):
     assert 470e6 < count(full["upscaler"].unet) < 480e6  # the x4 upscaler's UNet: 473 M
 
 
-def test_the_language_model_folder_is_gemma_2_2b_without_weights(tmp_path):
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+def test_the_language_model_folder_is_gemma_3_4b_without_weights(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, Gemma3Config, Gemma3ForConditionalGeneration
 
-    folder = write_llm_folder(tmp_path / "gemma2", "full")
+    folder = write_llm_folder(tmp_path / "gemma3", "full")
     assert not list(folder.glob("*.safetensors"))  # vLLM makes the weights (load_format dummy)
-    config = Gemma2Config.from_pretrained(folder)
+    config = Gemma3Config.from_pretrained(folder)
     with torch.device("meta"):
-        model = Gemma2ForCausalLM(config)
-    assert count(model) == 2_614_341_888  # google/gemma-2-2b-it
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    assert len(tokenizer) == config.vocab_size == 256_000
-    assert isinstance(tokenizer.decode([255_999, 70_000, 5]), str)  # every id the model can sample decodes
+        model = Gemma3ForConditionalGeneration(config)
+    assert count(model) == 4_300_079_472  # google/gemma-3-4b-it
+    assert count(model.model.vision_tower) == 416_866_032  # SigLIP so400m/14 at 896, without its head
+    text = config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.sliding_window) == (2560, 34, 1024)
+    assert text.layer_types.count("full_attention") == 34 // 6  # five sliding-window layers to one global
+    assert text.rope_parameters["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}
+    assert text.rope_parameters["sliding_attention"]["rope_theta"] == 10_000.0
+    processor = AutoProcessor.from_pretrained(folder)
+    tokenizer = processor.tokenizer
+    assert len(tokenizer) == text.vocab_size == 262_208
+    assert len(set(tokenizer.get_vocab().values())) == 262_208  # no id twice, none missing
+    assert isinstance(tokenizer.decode([262_207, 255_999, 70_000, 5]), str)  # every id the model can sample decodes
     assert tokenizer.decode(tokenizer("a fox who paints").input_ids, skip_special_tokens=True) == "a fox who paints"
-    assert json.loads((folder / "config.json").read_text())["architectures"] == ["Gemma2ForCausalLM"]
+    inputs = processor(text="<start_of_image>What is this?", images=[Image.new("RGB", (300, 200))], return_tensors="pt")
+    assert tuple(inputs.pixel_values.shape) == (1, 3, 896, 896)
+    assert int((inputs.input_ids == config.image_token_index).sum()) == config.mm_tokens_per_image == 256
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]

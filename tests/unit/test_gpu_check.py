@@ -85,6 +85,7 @@ def test_tiny_run_writes_every_section_with_positive_figures_and_decoded_media(t
     assert upscaler["tiles"] > 1  # the tiled path
 
     llm = result["sections"]["llm"]
+    assert llm["model"] == "tiny Gemma 3"  # the production architecture's features: vision tower and all
     for c in (1, 16):
         for path in ("atelier", "engine"):
             run = llm[f"c{c}"][path]
