@@ -11,6 +11,7 @@ from api.fine_tuning.service import FineTuningConfig
 from api.ratelimit import RateLimitConfig
 from api.security import DEFAULT_ALLOWED_HOSTS, DEFAULT_CSP
 from deployments.llm.contract import GemmaConfig
+from deployments.llm.vision import ModerationSettings
 from graphs.job_runner import JobQueueConfig
 from storage.sources import CollectConfig
 from storage.url_import import DatasetImportConfig
@@ -33,9 +34,18 @@ class IngressConfig(BaseModel):
                     "variables holding the keys (UNSPLASH_ACCESS_KEY, PEXELS_API_KEY by default).")
     llm: GemmaConfig | None = Field(None, description="The deployed Gemma, if any (filled in by the app builder).")
     auth: AuthConfig = Field(AuthConfig(), description="API keys (SHA-256 hashes), their scopes, and the mode.")
+    moderation: ModerationSettings = Field(
+        ModerationSettings(), description="The language model checks each prompt before any generation, and "
+                                          "each generated image before it is stored, against these policy "
+                                          "categories; a refusal is a 400 with code content_policy_violation. "
+                                          "Off by default; needs the `llm` section.")
     max_workflow_nodes: int = Field(200, ge=1, le=500, description="Nodes a user workflow may have.")
     max_workflow_images: int = Field(64, ge=1, le=10_000, description="Images (and video frames) one workflow run may "
                                                                      "ask for, over all its model nodes.")
+    max_best_of: int = Field(8, ge=1, le=64, description="The most candidates `best_of` may ask for (images API and "
+                                                         "the text_to_image node); each is generated and judged.")
+    max_qa_rounds: int = Field(5, ge=1, le=50, description="The most rounds a qa_loop node may run (generate, judge, "
+                                                           "refine the prompt).")
     rate_limits: RateLimitConfig = Field(RateLimitConfig(), description="Per-key request and cost budgets (429 + "
                                                                        "Retry-After past them) and active-job caps.")
     sse_max_lifetime_s: float = Field(600.0, gt=0, description="An event stream ends after this long; clients "

@@ -39,6 +39,7 @@ from api.prompts.service import PromptsService
 from api.ratelimit import RateLimiter
 from api.stats.router import router as stats_router
 from api.stats.service import StatsService
+from api.text.images import ImageInputs
 from api.text.router import router as text_router
 from api.text.service import TextService
 from api.upscale.router import router as upscale_router
@@ -46,9 +47,12 @@ from api.upscale.service import UpscaleService
 from api.uploads import Uploads
 from api.videos.router import router as videos_router
 from api.videos.service import VideosService
+from api.vision.router import router as vision_router
+from api.vision.service import VisionService
 from api.workflows.router import router as workflows_router
 from api.workflows.service import WorkflowsService, build_workflows_service
 from deployments.llm.contract import RefineSettings
+from deployments.llm.vision import JudgeSettings
 from storage.fs import Storage
 from storage.jobs import JobStore
 from storage.presets import PresetStore
@@ -63,6 +67,7 @@ ROUTERS: list[tuple[APIRouter, RequireScope]] = [
     (jobs_router, RequireScope("generate", "train")),
     (files_router, READ_ONLY),
     (text_router, RequireScope("generate")),
+    (vision_router, RequireScope("generate")),
     (videos_router, RequireScope("generate")),
     (upscale_router, RequireScope("generate")),
     (datasets_router, RequireScope("train")),
@@ -82,6 +87,7 @@ class Services:
     jobs: JobsService
     models: ModelsService
     text: TextService
+    vision: VisionService
     images: ImagesService
     videos: VideosService
     upscale: UpscaleService
@@ -109,26 +115,39 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     jobs = JobsService(store, queue, config.queue, files, config.sse_poll_s, rate=rate,
                        sse_max_lifetime_s=config.sse_max_lifetime_s, sse_max_per_key=config.sse_max_per_key)
     models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s)
-    text = TextService(handles.get("llm"), limits.get("llm"), config.llm.refine if config.llm else RefineSettings(),
-                       models, **({"max_n": config.llm.max_n} if config.llm else {}))
+    llm = config.llm
+    if config.moderation.enabled and "llm" not in handles:  # fail closed: a policy that cannot be checked
+        raise ValueError("moderation is enabled but no language model (llm) is deployed to check it")
+    # Images a request brings (chat image parts, the judge's): within the upload limits, owner-checked.
+    image_inputs = ImageInputs(storage, files.readable, config.max_upload_bytes, config.max_upload_pixels,
+                               llm.max_images if llm else 0)
+    text = TextService(handles.get("llm"), limits.get("llm"), llm.refine if llm else RefineSettings(),
+                       models, **({"max_n": llm.max_n} if llm else {}), images=image_inputs)
+    vision = VisionService(text, image_inputs, storage, llm.judge if llm else JudgeSettings(), config.moderation)
     styles = getattr(limits["sdxl"], "styles", None) or {}  # the built-in style presets
     presets = PresetsService(PresetStore(storage), styles)
     images = ImagesService(handles["sdxl"], models, text, jobs, files, storage, config.max_upload_pixels)
     images.presets = presets  # a request's `style` may name the caller's own preset
+    images.vision = vision  # prompts and outputs moderated
+    images.max_best_of = config.max_best_of
     for kind in SDXL_JOB_KINDS:  # a replay meets today's SDXL limits (the datasets service registers imports)
         jobs.replay_checks[kind] = images.recheck_replay
     videos = VideosService(models, images, text, jobs, store, files, uploads, storage)
     videos.presets = presets
+    videos.vision = vision
     upscale = UpscaleService(models, text, jobs, files, uploads)
-    datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes)
+    datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes,
+                                      limits.get("llm"))  # the LLM captions datasets
     collect = build_collect_service(storage, config.collect, datasets, jobs, config.dataset_import)
     fine_tuning = build_fine_tuning_service(storage, config.fine_tuning, limits["sdxl"], config.storage_root,
                                             config.storage_options)
     workflows = build_workflows_service(storage, jobs, models, text, config.max_workflow_nodes,
                                         config.max_workflow_images)
-    for service in (text, images, videos, upscale, workflows):  # each charges its requests' cost to the key
+    workflows.vision = vision
+    workflows.max_best_of, workflows.max_qa_rounds = config.max_best_of, config.max_qa_rounds
+    for service in (text, vision, images, videos, upscale, workflows):  # each charges its requests' cost to the key
         service.rate = rate
-    return Services(files=files, uploads=uploads, jobs=jobs, models=models, text=text, images=images,
+    return Services(files=files, uploads=uploads, jobs=jobs, models=models, text=text, vision=vision, images=images,
                     videos=videos, upscale=upscale, datasets=datasets, collect=collect, fine_tuning=fine_tuning, workflows=workflows,
                     stats=StatsService(store),
                     prompts=PromptsService(styles=sorted(styles)), presets=presets, rate=rate)

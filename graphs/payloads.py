@@ -1,15 +1,17 @@
 """Typed job payloads: what each job kind's record holds in `JobRecord.request`, one model per kind.
 
-    images.generations        ImageGenerationPayload   {"sdxl", "refine"}                        [refine] → generate
+    images.generations        ImageGenerationPayload   {"sdxl", "refine", "best_of"}             [refine] → generate → [judge]
     images.edits              ImageEditPayload         {"sdxl"} (image_key, mask_key set)        generate
     images.upscale            ImageUpscalePayload      {"upscale"} (image_key set)               upscale
     images.text_to_image_hd   TextToImageHDPayload     {"sdxl", "refine", "upscale"}             [refine] → generate → upscale
     videos.image_to_video     ImageToVideoPayload      video summary + {"svd", "upscale_video"}  video → [upscale_video]
     videos.text_to_video      TextToVideoPayload       video summary + {"sdxl", "refine", "upscale", "svd", "upscale_video"}
-    workflows.run             WorkflowRunPayload       {"workflow", "use_cache", "refine", "loras", "saved"}
+    workflows.run             WorkflowRunPayload       {"workflow", "use_cache", "refine", "judge", "loras", "saved"}
     datasets.import           DatasetImportPayload     {"dataset_id", one source, "captions", "tags", "license", "config"}
     datasets.collect          DatasetCollectPayload    {"dataset_id", "items", "tags", "sources", "config"}
+    datasets.captions         DatasetCaptionsPayload   {"dataset_id", "version", "overwrite", "trigger_word", "model", "settings", "max_images"}
 
+A video longer than one SVD clip also holds `chain` (SVDChain: how its clips are made), last.
 Every payload may also carry `replay_of` (the job it replays). `JobPayload` is their union,
 discriminated by `kind`.
 
@@ -34,9 +36,10 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, model_validator
 
 from deployments.llm.contract import RefineRequest, RefineSettings
+from deployments.llm.vision import CaptionSettings, JudgeSettings, ModerationSettings
 from deployments.sdxl.contract import SDXLRequest
 from deployments.styles import StylePreset
-from deployments.svd.contract import SVDRequest
+from deployments.svd.contract import SVDChain, SVDRequest
 from deployments.upscaler.contract import UpscaleRequest
 from graphs.workflows import Workflow
 from storage.jobs import JobRecord
@@ -46,15 +49,19 @@ from storage.url_import import DatasetImportConfig
 __all__ = [
     "JOB_KINDS",
     "PAYLOAD_TYPES",
+    "DatasetCaptionsPayload",
     "DatasetCollectPayload",
     "DatasetImportPayload",
     "ImageEditPayload",
     "ImageGenerationPayload",
     "ImageToVideoPayload",
     "ImageUpscalePayload",
+    "BestOfSpec",
+    "JudgeSpec",
     "JobPayload",
     "JobPayloadBase",
     "LoraPin",
+    "ModerationSpec",
     "RefineSpec",
     "SavedWorkflowRef",
     "TextToImageHDPayload",
@@ -189,6 +196,35 @@ class WorkflowRefineContext(BaseModel):
     trigger_word: str | None = None
 
 
+class JudgeSpec(BaseModel):
+    """What a job's judge needs to talk to the LLM (the model's name and source, the judgement's
+    bounds from config `llm.judge`), pinned at submit time."""
+
+    model_config = ConfigDict(extra="allow")  # kept whole, like the payload
+
+    model: str
+    source: str | None = None
+    settings: JudgeSettings = Field(default_factory=JudgeSettings)
+
+
+class BestOfSpec(JudgeSpec):
+    """Best-of-n: `candidates` images are generated and judged against the prompt; the top `n`
+    (the SDXL section's n) are the job's outputs, every candidate stays in its result."""
+
+    candidates: int = Field(ge=1)
+    criteria: str | None = None
+
+
+class ModerationSpec(BaseModel):
+    """What a job needs to look at its generated images before storing them (config `moderation`,
+    at submit time): the LLM's name and the policy. Present only when output checks are on."""
+
+    model_config = ConfigDict(extra="allow")  # kept whole, like the payload
+
+    model: str
+    settings: ModerationSettings
+
+
 class LoraPin(BaseModel):
     """A LoRA a workflow uses, pinned to a version, with its weights' sha256 (lineage)."""
 
@@ -215,10 +251,12 @@ class SavedWorkflowRef(BaseModel):
 class _SDXLJob(JobPayloadBase):
     sdxl: SDXLRequest
     refine: RefineSpec | None = None
+    moderation: ModerationSpec | None = None
 
 
 class ImageGenerationPayload(_SDXLJob):
     kind: Literal["images.generations"] = "images.generations"
+    best_of: BestOfSpec | None = None
 
 
 class ImageEditPayload(_SDXLJob):
@@ -253,6 +291,8 @@ class _VideoJob(JobPayloadBase):
     seed: int | None = None
     upscale_video: UpscaleRequest | None = None
     svd: SVDRequest
+    chain: SVDChain | None = Field(None, description="Only on a video longer than one clip: how its clips "
+                                                     "are made (svd.num_frames is the whole video's).")
 
 
 class ImageToVideoPayload(_VideoJob):
@@ -278,6 +318,7 @@ class WorkflowRunPayload(JobPayloadBase):
     workflow: Workflow
     use_cache: bool = True
     refine: dict[str, WorkflowRefineContext] = Field(default_factory=dict)
+    judge: JudgeSpec | None = Field(None, description="For judge and qa_loop nodes and text_to_image's best_of.")
     loras: dict[str, LoraPin] = Field(default_factory=dict)
     saved: SavedWorkflowRef | None = None
 
@@ -321,6 +362,23 @@ class DatasetCollectPayload(JobPayloadBase):
         return self.config or DatasetImportConfig()
 
 
+class DatasetCaptionsPayload(JobPayloadBase):
+    """Caption the images of `version` (the latest at submit time unless asked) with the language model
+    `model`, under `settings` (style or instruction, token budget, temperature), into a new version.
+    `overwrite` false keeps every non-empty caption; `trigger_word` (the request's, else the dataset's
+    at submit time; None for none) goes first in each new caption; `max_images` caps the images asked
+    about in one run (the rest are left for the next)."""
+
+    kind: Literal["datasets.captions"] = "datasets.captions"
+    dataset_id: str
+    version: int = Field(ge=1)
+    overwrite: bool = False
+    trigger_word: str | None = None
+    model: str
+    settings: CaptionSettings = Field(default_factory=CaptionSettings)
+    max_images: int | None = Field(None, ge=1)
+
+
 JobPayload = Annotated[
     Union[
         ImageGenerationPayload,
@@ -332,6 +390,7 @@ JobPayload = Annotated[
         WorkflowRunPayload,
         DatasetImportPayload,
         DatasetCollectPayload,
+        DatasetCaptionsPayload,
     ],
     Field(discriminator="kind"),
 ]
@@ -342,7 +401,7 @@ PAYLOAD_TYPES: dict[str, type[JobPayloadBase]] = {
     cls.model_fields["kind"].default: cls
     for cls in (ImageGenerationPayload, ImageEditPayload, ImageUpscalePayload, TextToImageHDPayload,
                 ImageToVideoPayload, TextToVideoPayload, WorkflowRunPayload, DatasetImportPayload,
-                DatasetCollectPayload)
+                DatasetCollectPayload, DatasetCaptionsPayload)
 }
 JOB_KINDS: tuple[str, ...] = tuple(PAYLOAD_TYPES)
 VIDEO_KINDS: tuple[str, ...] = ("videos.image_to_video", "videos.text_to_video")

@@ -18,14 +18,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from deployments.errors import AtelierError, JobCancelledError
-from deployments.llm.contract import RefineRequest, build_refine_chat, refined_from_response
+from deployments.llm.contract import RefinedPrompt, RefineRequest, build_refine_chat, refined_from_response
+from deployments.llm.vision import Judgement, rank, revision_instruction
 from deployments.media import parse_size
 from deployments.sdxl.contract import SDXLRequest, routed
 from deployments.svd.contract import SVDRequest
 from deployments.upscaler.contract import UpscaleRequest
-from graphs.payloads import WorkflowRunPayload, section
-from graphs.pipelines import drain_stream, lora_lineage
-from graphs.workflows import NODE_TYPES, NodeContext, Workflow, run_workflow
+from graphs import vision as graph_vision
+from graphs.payloads import JudgeSpec, WorkflowRefineContext, WorkflowRunPayload, section
+from graphs.pipelines import drain_stream, generate_candidates, lora_lineage, store_generated
+from graphs.workflows import NODE_TYPES, NodeContext, Workflow, deployments_of, run_workflow
 from storage.fs import ObjectNotFoundError, Storage
 from storage.jobs import JobOutput
 from storage.keys import owner_tag
@@ -75,9 +77,17 @@ def _size(value: str | None) -> dict:
     return {"width": width, "height": height}
 
 
-def node_runners(handles: dict[str, Any], job_id: str,
-                 spec: WorkflowRunPayload) -> dict[str, Callable[[NodeContext], dict]]:
-    """The runners of the model node types, bound to this job's handles."""
+def _judge(handles: dict[str, Any], spec: JudgeSpec | None, images: list[bytes], prompt: str,
+           criteria: str | None) -> list[Judgement]:
+    if spec is None:  # run_payload pins it for every run with a judging node
+        raise WorkflowFailedError("this run has no judge context (its payload predates judging nodes)")
+    return graph_vision.judge_images(handles["llm"], images, prompt, spec.model, spec.settings, criteria)
+
+
+def node_runners(handles: dict[str, Any], job_id: str, spec: WorkflowRunPayload,
+                 storage: Storage | None = None) -> dict[str, Callable[[NodeContext], dict]]:
+    """The runners of the model node types, bound to this job's handles (and its storage, where
+    judged images are read and best-of candidates and QA rounds stored)."""
 
     def output_id(node: NodeContext) -> str:
         return f"{job_id}.{node.node_id}"
@@ -92,11 +102,103 @@ def node_runners(handles: dict[str, Any], job_id: str,
                 lora_scale=getattr(p, "lora_scale", 1.0), strength=getattr(p, "strength", 0.8),
                 image_key=node.inputs.get("image"), mask_key=node.inputs.get("mask"), job_id=job_id, store=True,
                 output_id=output_id(node), **_size(p.size))
+            if getattr(p, "best_of", None) is not None:
+                return best_of(node, request)
             stream = routed(handles["sdxl"], request).options(stream=True).generate_stream.remote(request)
             response = _drain(node, stream)
             return {"images": [image.key for image in response.images]}
 
         return run
+
+    def best_of(node: NodeContext, request: SDXLRequest) -> dict:
+        """text_to_image with best_of: the images API's best-of-n (graphs/pipelines.py), as a node:
+        the candidates judged against the prompt, the top n out, every candidate in the node's info."""
+        p = node.params
+        request.store = False  # the PNGs are judged, then stored
+        response = generate_candidates(None, handles["sdxl"], request, p.best_of,
+                                       on_step=lambda step, total: node.progress(0.9 * step / max(total, 1)),
+                                       check_cancelled=node.check_cancelled)
+        judged = _judge(handles, spec.judge, [image.png for image in response.images], request.prompt, p.criteria)
+        node.check_cancelled()
+        store_generated(storage, output_id(node), response.images)
+        order = rank(judged)
+        ranks = {index: position for position, index in enumerate(order)}
+        node.report({"candidates": [
+            {"index": i, "image": image.key, "seed": image.seed, "rank": ranks[i], "chosen": ranks[i] < p.n,
+             **judged[i].model_dump()} for i, image in enumerate(response.images)]})
+        return {"images": [response.images[i].key for i in order[:p.n]]}
+
+    def judge(node: NodeContext) -> dict:
+        """Every input image judged against the prompt; out: the images best first (the top n when
+        n is set) and every image's judgement, best first."""
+        keys = node.inputs["images"]
+        images = [storage.get_bytes(key) for key in keys]
+        node.progress(0.1)
+        judged = _judge(handles, spec.judge, images, node.inputs["prompt"], node.params.criteria)
+        order = rank(judged)
+        scores = [{"image": keys[i], "index": i, "rank": position, **judged[i].model_dump()}
+                  for position, i in enumerate(order)]
+        node.report({"judged": scores})
+        return {"images": [keys[i] for i in order[:node.params.n or len(order)]], "scores": scores}
+
+    def ask_refine(context: WorkflowRefineContext, request: RefineRequest,
+                   instruction: str | None = None) -> RefinedPrompt:
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+        chat = build_refine_chat(request, context.model, context.settings, context.style, context.trigger_word,
+                                 instruction)
+        stream = handles["llm"].options(stream=True).chat.remote(ChatCompletionRequest.model_validate(chat), None)
+        try:
+            first = next(iter(stream))
+        finally:
+            stream.cancel()
+        first = first[0] if isinstance(first, list) else first
+        return refined_from_response(first, request, context.trigger_word)
+
+    def qa_loop(node: NodeContext) -> dict:
+        """generate → judge → refine the prompt with the judge's reasons → generate again, until the
+        score reaches the threshold or the rounds run out. Each round (prompt, seed, image, score,
+        reasons, defects) is reported as it ends; out: the best round's image and prompt, and every round."""
+        p = node.params
+        asked = node.inputs["prompt"]  # what every round is judged against
+        negative_in = node.inputs.get("negative_prompt")
+        prompt, negative, refine_note = asked, negative_in, None
+        rounds: list[dict] = []
+        stopped = "max_rounds"
+        for r in range(p.max_rounds):
+            def at(phase: float, r: int = r) -> None:
+                node.progress((r + phase) / p.max_rounds)
+
+            seed = p.seed + r if p.seed is not None else None  # pinned at submit: a replay runs the same rounds
+            request = SDXLRequest(mode="text_to_image", prompt=prompt, negative_prompt=negative, n=1, steps=p.steps,
+                                  guidance_scale=p.guidance_scale, seed=seed, style=p.style, lora=p.lora,
+                                  lora_scale=p.lora_scale, job_id=job_id, store=False, **_size(p.size))
+            stream = routed(handles["sdxl"], request).options(stream=True).generate_stream.remote(request)
+            image = drain_stream(stream, lambda step, total: at(0.7 * step / max(total, 1)),
+                                 node.check_cancelled).images[0]
+            at(0.75)
+            judgement = _judge(handles, spec.judge, [image.png], asked, p.criteria)[0]
+            store_generated(storage, output_id(node), [image], first_index=r)
+            rounds.append({"round": r + 1, "prompt": prompt, "negative_prompt": negative, "seed": image.seed,
+                           "image": image.key, **judgement.model_dump(), **(refine_note or {})})
+            node.report({"rounds": rounds, "threshold": p.threshold, "max_rounds": p.max_rounds})
+            node.check_cancelled()
+            if judgement.score >= p.threshold:
+                stopped = "threshold"
+                break
+            if r + 1 == p.max_rounds:
+                break
+            at(0.85)
+            refined = ask_refine(spec.refine[node.node_id],
+                                 RefineRequest(prompt=prompt, style=p.style, lora=p.lora, seed=seed),
+                                 revision_instruction(judgement, p.threshold))
+            prompt = refined.prompt
+            negative = ", ".join(x for x in (refined.negative_prompt, negative_in) if x) or None
+            refine_note = {"refined": refined.refined, **({"refine_warning": refined.warning} if refined.warning else {})}
+            node.check_cancelled()
+        best = max(rounds, key=lambda item: (item["score"], -item["round"]))  # ties: the earlier round
+        node.report({"stopped": stopped, "best_round": best["round"]})
+        return {"image": best["image"], "prompt": best["prompt"], "rounds": rounds}
 
     def upscale(node: NodeContext) -> dict:
         p = node.params
@@ -116,37 +218,28 @@ def node_runners(handles: dict[str, Any], job_id: str,
         return {"video": response.video_key}
 
     def refine(node: NodeContext) -> dict:
-        from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
-        context = spec.refine[node.node_id]
         request = RefineRequest(prompt=node.inputs["prompt"], style=node.params.style, lora=node.params.lora,
                                 seed=node.params.seed)  # pinned by the ingress: a replay samples the same text
-        chat = build_refine_chat(request, context.model, context.settings, context.style, context.trigger_word)
-        stream = handles["llm"].options(stream=True).chat.remote(ChatCompletionRequest.model_validate(chat), None)
-        try:
-            first = next(iter(stream))
-        finally:
-            stream.cancel()
-        first = first[0] if isinstance(first, list) else first
-        refined = refined_from_response(first, request, context.trigger_word)
+        refined = ask_refine(spec.refine[node.node_id], request)
         return {"prompt": refined.prompt, "negative_prompt": refined.negative_prompt}
 
     return {"text_to_image": diffusion("text_to_image"), "image_to_image": diffusion("image_to_image"),
-            "inpaint": diffusion("inpaint"), "upscale": upscale, "image_to_video": image_to_video, "refine": refine}
+            "inpaint": diffusion("inpaint"), "upscale": upscale, "image_to_video": image_to_video, "refine": refine,
+            "judge": judge, "qa_loop": qa_loop}
 
 
 def model_ids(handles: dict[str, Any], workflow: Workflow, spec: WorkflowRunPayload) -> dict[str, str]:
     """The model behind each deployment this workflow uses (its folder or hub id), for cache keys
     and lineage. Asked of the deployments when the job runs: the ingress caches what they said at
     its start, which a redeploy of one model leaves stale."""
-    needed = sorted({NODE_TYPES[node.type].deployment for node in workflow.nodes} - {None})
+    needed = sorted({name for node in workflow.nodes for name in deployments_of(node)})
     # Ask every deployment at once; the answers are awaited together below.
     pending = {name: handles[name].describe.remote() for name in needed if name != "llm" and name in handles}
     ids: dict[str, str] = {}
     if "llm" in needed:
         # vLLM's server has no describe(); the ingress pins the LLM from its own config, which
         # changes (and restarts the ingress) whenever the LLM is redeployed.
-        context = next(iter(spec.refine.values()), None)
+        context = next(iter(spec.refine.values()), None) or spec.judge
         if context is not None and (model := context.source or context.model):
             ids["llm"] = str(model)
     for name, response in pending.items():
@@ -209,7 +302,7 @@ def workflow_run(ctx, handles: dict[str, Any]) -> None:
         return False
 
     models = model_ids(handles, workflow, spec)
-    result = run_workflow(workflow, {**node_runners(handles, ctx.id, spec)}, on_update=on_update,
+    result = run_workflow(workflow, {**node_runners(handles, ctx.id, spec, ctx.store.storage)}, on_update=on_update,
                           is_cancelled=is_cancelled, cache=StorageWorkflowCache(ctx.store.storage, ctx.record.owner),
                           use_cache=spec.use_cache, model_ids=models)
     nodes = {node_id: state.model_dump(mode="json") for node_id, state in result.nodes.items()}

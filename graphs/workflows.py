@@ -1,9 +1,9 @@
 """User workflow graphs: the JSON format, validation, and a concurrent executor.
 
 A workflow is a DAG of typed nodes joined by edges between named ports. This module is pure Python
-(pydantic, stdlib threads, storage's key rules): the model calls are injected as `NodeRunner`s, so
-the graph logic is testable without Ray and the ingress can wire runners to whichever deployments
-it has.
+(pydantic, stdlib threads, storage's key rules, the LLM contract's judge checks): the model calls
+are injected as `NodeRunner`s, so the graph logic is testable without Ray and the ingress can wire
+runners to whichever deployments it has.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Annotated, Any, Callable, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from deployments.errors import InvalidRequestError
+from deployments.llm.vision import check_threshold
 from storage.fs import InvalidKeyError, validate_key
 from storage.keys import OUTPUTS_PREFIX
 
@@ -28,7 +30,9 @@ log = logging.getLogger(__name__)
 MAX_SEED = 2**32 - 1
 MAX_NODES = 500  # the hard cap; apps configure a lower one (recursion in cycle search is bounded by it)
 
-PortType = Literal["text", "image", "images", "video", "mask"]
+# "scores": judgements, best first ([{image, score, reasons, defects, matches_prompt}, ...]; a QA
+# loop's rounds), shown by an output node; no model node takes them.
+PortType = Literal["text", "image", "images", "video", "mask", "scores"]
 ANY: Literal["any"] = "any"  # an input port that accepts every port type (the `output` node)
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +49,24 @@ ImageCount = Literal[1, 2, 4, 8]
 class NodeParams(BaseModel):
     # A typo in a param name must be an error, not silently ignored.
     model_config = ConfigDict(extra="forbid")
+
+    def uses(self) -> dict[str, str]:
+        """Deployments these params ask for besides the node type's own: param -> deployment."""
+        return {}
+
+
+# A judgement's score is 1 to 10; the checks are the LLM contract's (deployments/llm/vision.py),
+# the ones the images API runs. The caps (max_best_of, max_qa_rounds) are config: the workflows
+# service checks them against the running app.
+Criteria = Annotated[str, Field(max_length=4000, description="What else the judge should look for.")] | None
+
+
+def _threshold(value: float) -> float:
+    try:
+        check_threshold(value)
+    except InvalidRequestError as exc:
+        raise ValueError(exc.message) from None
+    return value
 
 
 class PromptParams(NodeParams):
@@ -87,6 +109,12 @@ class TextToImageParams(_DiffusionParams):
     style: str | None = None
     lora: str | None = Field(None, max_length=300)
     lora_scale: float = Field(1.0, ge=0, le=4)
+    best_of: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Generate this many candidates, judge them with the LLM, keep the top n (ranked).")
+    criteria: Criteria = None
+
+    def uses(self) -> dict[str, str]:
+        return {"best_of": "llm"} if self.best_of is not None else {}
 
 
 class ImageToImageParams(_DiffusionParams):
@@ -107,6 +135,27 @@ class ImageToVideoParams(NodeParams):
     size: Size = None
     steps: Steps = None
     seed: Seed = None
+
+
+class JudgeParams(NodeParams):
+    criteria: Criteria = None
+    n: Annotated[int, Field(ge=1)] | None = Field(None, description="Keep the top n images; empty keeps all, ranked.")
+
+
+class QALoopParams(NodeParams):
+    """generate → judge → refine the prompt with the judge's reasons → generate again, until the
+    score reaches `threshold` or after `max_rounds`. Round r (from 0) uses seed + r."""
+
+    threshold: Annotated[float, AfterValidator(_threshold)] = Field(7.0, description="Stop at this score (1 to 10).")
+    max_rounds: int = Field(3, ge=1, description="Rounds at most (the app caps it: max_qa_rounds).")
+    criteria: Criteria = None
+    size: Size = None
+    steps: Steps = None
+    guidance_scale: Guidance = None
+    seed: Seed = None
+    style: str | None = None
+    lora: str | None = Field(None, max_length=300)
+    lora_scale: float = Field(1.0, ge=0, le=4)
 
 
 class SelectParams(NodeParams):
@@ -135,6 +184,7 @@ class NodeSpec(BaseModel):
     outputs: dict[str, PortType] = {}
     params: type[BaseModel]
     deployment: str | None = None  # "sdxl", "llm", "upscaler", "svd"; None for built-ins
+    uses: tuple[str, ...] = ()  # other deployments every node of this type calls (a QA loop's LLM)
 
 
 def _in(type_: str, required: bool = True) -> PortSpec:
@@ -164,6 +214,15 @@ NODE_TYPES: dict[str, NodeSpec] = {
                         params=UpscaleParams, deployment="upscaler"),
     "image_to_video": NodeSpec(description="Animate an image into a short video.", inputs={"image": _in("image")},
                                outputs={"video": "video"}, params=ImageToVideoParams, deployment="svd"),
+    "judge": NodeSpec(description="Score images against their prompt with the LLM; ranked best first, with "
+                                  "scores, reasons and defects.",
+                      inputs={"images": _in("images"), "prompt": _in("text")},
+                      outputs={"images": "images", "scores": "scores"}, params=JudgeParams, deployment="llm"),
+    "qa_loop": NodeSpec(description="Generate, judge, and rewrite the prompt with the judge's reasons until the "
+                                    "score reaches the threshold or the rounds run out; every round is recorded.",
+                        inputs={"prompt": _in("text"), "negative_prompt": _in("text", False)},
+                        outputs={"image": "image", "prompt": "text", "rounds": "scores"},
+                        params=QALoopParams, deployment="sdxl", uses=("llm",)),
     "select": NodeSpec(description="Pick one image out of a list.", inputs={"images": _in("images")},
                        outputs={"image": "image"}, params=SelectParams),
     "output": NodeSpec(description="A result of the workflow.", inputs={"value": _in(ANY)}, params=OutputParams),
@@ -222,6 +281,7 @@ def workflow_schema() -> dict[str, Any]:
             name: {
                 "description": spec.description,
                 "deployment": spec.deployment,
+                "uses": list(spec.uses),
                 "inputs": {p: s.model_dump() for p, s in spec.inputs.items()},
                 "outputs": dict(spec.outputs),
                 "params": spec.params.model_json_schema(),
@@ -383,15 +443,20 @@ def validate_workflow(
         if spec is None:
             error(node.id, "type", f"unknown node type {node.type!r}; known types: {', '.join(NODE_TYPES)}")
             continue
-        if available_deployments is not None and spec.deployment and spec.deployment not in available_deployments:
-            error(node.id, "type", f"node type {node.type} needs the {spec.deployment} deployment, "
-                                   "which this application does not deploy")
+        for deployment in (d for d in (spec.deployment, *spec.uses) if d):
+            if available_deployments is not None and deployment not in available_deployments:
+                error(node.id, "type", f"node type {node.type} needs the {deployment} deployment, "
+                                       "which this application does not deploy")
         try:
             params = spec.params.model_validate(node.params)
         except ValidationError as exc:
             for err in exc.errors():
                 error(node.id, _loc(("params", *err["loc"])), err["msg"])
             continue
+        for param, deployment in params.uses().items():  # type: ignore[attr-defined]
+            if available_deployments is not None and deployment not in available_deployments:
+                error(node.id, f"params.{param}", f"{param} needs the {deployment} deployment, which this "
+                                                  "application does not deploy")
         if node.type == "output":
             name = params.name or node.id  # type: ignore[attr-defined]
             if name in output_names:
@@ -492,6 +557,7 @@ class NodeState(BaseModel):
     finished_at: float | None = None
     cache_key: str | None = None
     progress_updates: int = 0  # progress reports the runner made (steps streamed from its deployment)
+    info: dict[str, Any] | None = None  # what the runner reported as it ran (a QA loop's rounds, candidates)
 
 
 class WorkflowResult(BaseModel):
@@ -504,12 +570,15 @@ class NodeContext:
     """What a runner gets: the node, its validated params, its input values, and progress/cancel hooks."""
 
     def __init__(self, node: Node, params: BaseModel, inputs: dict[str, Any],
-                 progress: Callable[[float], None], check_cancelled: Callable[[], None]) -> None:
+                 progress: Callable[[float], None], check_cancelled: Callable[[], None],
+                 report: Callable[[dict[str, Any]], None] = lambda info: None) -> None:
         self.node = node
         self.params = params
         self.inputs = inputs
         self.progress = progress  # fraction 0..1
         self.check_cancelled = check_cancelled  # raises WorkflowCancelled
+        # Shows what the node did so far on its state (`info`, merged), in the job record as it runs.
+        self.report = report
 
     @property
     def node_id(self) -> str:
@@ -541,6 +610,14 @@ class InMemoryWorkflowCache:
 
 def _params(node: Node) -> BaseModel:
     return NODE_TYPES[node.type].params.model_validate(node.params)
+
+
+def deployments_of(node: Node) -> list[str]:
+    """The deployments a (valid) node calls: its type's, the ones every node of the type uses, and
+    those its params ask for (text_to_image's best_of judges with the LLM)."""
+    spec = NODE_TYPES[node.type]
+    names = [spec.deployment, *spec.uses, *_params(node).uses().values()]  # type: ignore[attr-defined]
+    return list(dict.fromkeys(name for name in names if name))
 
 
 def is_cacheable(node: Node) -> bool:
@@ -642,7 +719,7 @@ def run_workflow(
         with lock:  # producers are settled, but read their outputs under the lock anyway
             inputs = {port: states[src].outputs[src_port]  # type: ignore[index]
                       for port, (src, src_port) in feeds[node_id].items()}
-        model_id = (model_ids or {}).get(NODE_TYPES[node.type].deployment or "")
+        model_id = "+".join(m for m in ((model_ids or {}).get(d) for d in deployments_of(node)) if m) or None
         key = cache_key(node, inputs, model_id) if cache is not None and is_cacheable(node) else None
         if key is not None and use_cache:
             hit = cache.get(key)  # type: ignore[union-attr]
@@ -659,7 +736,11 @@ def run_workflow(
                 update(node_id, progress=round(min(max(fraction, 0.0), 1.0) * 100, 2),
                        progress_updates=states[node_id].progress_updates + 1)
 
-        ctx = NodeContext(node, _params(node), inputs, progress, check_cancelled)
+        def report(info: dict[str, Any]) -> None:
+            with lock:
+                update(node_id, info={**(states[node_id].info or {}), **info})
+
+        ctx = NodeContext(node, _params(node), inputs, progress, check_cancelled, report)
         outputs = all_runners[node.type](ctx)
         absent = [p for p in NODE_TYPES[node.type].outputs if p not in (outputs or {})]
         if absent:

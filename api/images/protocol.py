@@ -29,6 +29,11 @@ class ImageGenerationRequest(BaseModel):
     lora_scale: float = Field(1.0, ge=0, le=4, description="The LoRA's weight.")
     refine: bool = Field(False, description="Rewrite the prompt with Gemma first; the result is revised_prompt.")
     upscale: bool = Field(False, description="Text-to-image-hd: x4 every image with the upscaler.")
+    best_of: int | None = Field(None, ge=1, description="Generate this many candidates, judge each against the "
+                                                        "prompt with the language model, return the top n ranked "
+                                                        "(n <= best_of <= the server's max_best_of). The others "
+                                                        "stay in the job's record (job_id).")
+    criteria: str | None = Field(None, max_length=4000, description="With best_of: what else the judge looks for.")
     # OpenAI fields accepted for compatibility and not used by diffusion models.
     quality: str | None = None
     user: str | None = None
@@ -44,6 +49,11 @@ class ImageData(BaseModel):
     b64_json: str | None = None
     revised_prompt: str | None = None
     seed: int | None = None
+    # With best_of: the judge's verdict on this image (1 to 10), best first.
+    score: int | None = None
+    reasons: list[str] | None = None
+    defects: list[str] | None = None
+    matches_prompt: bool | None = None
 
 
 class ImagesResponse(BaseModel):
@@ -55,6 +65,8 @@ class ImagesResponse(BaseModel):
     elapsed_s: float | None = None
     batch_images: int | None = Field(None, description="Images in the pipeline call these ran in (batching).")
     refine: dict | None = Field(None, description="With refine: true, what Gemma wrote (and any warning).")
+    job_id: str | None = Field(None, description="With best_of: the job that made and judged every candidate "
+                                                 "(GET /v1/jobs/{job_id}: result.best_of).")
 
 
 class ImageReference(BaseModel):

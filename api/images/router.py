@@ -1,7 +1,8 @@
 """POST /v1/images/generations and POST /v1/images/edits (OpenAI's Images shapes).
 
 Sync by default; `?async=true` or `Prefer: respond-async` answers 202 with a job. With
-`"upscale": true` a generation is text-to-image-hd (SDXL → x4 upscaler, api/upscale/).
+`"upscale": true` a generation is text-to-image-hd (SDXL → x4 upscaler, api/upscale/). With
+`best_of: k` it is a job of k candidates judged by the LLM; the sync answer waits for that job.
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ async def create_images(body: ImageGenerationRequest, request: Request,
                         async_: bool = Query(False, alias="async", description="Run as a job; answer 202."),
                         images: ImagesService = Depends(images_service),
                         upscale: UpscaleService = Depends(upscale_service)):
+    images.check_best_of(body)  # before anything is charged
     sdxl_request = await images.sdxl_request(body, mode="text_to_image")
+    best_of = images.best_of_spec(body, sdxl_request)  # None without best_of; pins the candidates' seeds
     refine = await images.text.refine_payload(body.prompt, body.style, body.lora, body.seed) if body.refine else None
     if body.upscale:  # text-to-image-hd: SDXL → x4 upscaler
         if wants_async(request, async_):
             return accepted(upscale.jobs, await upscale.submit_hd(sdxl_request, refine), request)
         return await upscale.generate_hd(body, sdxl_request, refine, base_url(request))
     if wants_async(request, async_):
-        return accepted(images.jobs, await images.submit_generation(sdxl_request, refine), request)
+        return accepted(images.jobs, await images.submit_generation(sdxl_request, refine, best_of), request)
+    if best_of is not None:  # best-of-n: generate → judge, as a job, waited for
+        return await images.generate_best_of(sdxl_request, refine, best_of, body.response_format, base_url(request))
     return await images.refine_then_generate(sdxl_request, refine, body.response_format, base_url(request))
 
 

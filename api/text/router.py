@@ -1,7 +1,8 @@
 """Text: POST /v1/chat/completions, POST /v1/completions (SSE with `stream: true`), POST /v1/prompts/refine.
 
 Requests go to the Gemma LLMServer (api/text/service.py). Engine errors come back as
-`ErrorResponse` items and leave in Atelier's error shape, naming the field.
+`ErrorResponse` items and leave in Atelier's error shape, naming the field. A chat's image parts
+are inline images or this server's own files, sent on as data: URLs (api/text/images.py).
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray.serve.llm.openai_api_models import CompletionRequest
 
+from api.jobs.router import base_url
 from api.text.protocol import STREAMING_OR_JSON, ChatCompletionRequest, materialize
 from api.text.service import TextService
+from api.vision.router import vision_service
+from api.vision.service import VisionService
 from deployments.llm.contract import RefinedPrompt, RefineRequest, check_messages
 
 router = APIRouter(tags=["text"])
@@ -32,9 +36,11 @@ async def _answer(text: TextService, method: str, body, prompt_field: str, strea
 
 @router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)",
              responses=STREAMING_OR_JSON)
-async def chat_completions(body: ChatCompletionRequest, text: TextService = Depends(text_service)):
+async def chat_completions(body: ChatCompletionRequest, request: Request, text: TextService = Depends(text_service)):
     check_messages(body.messages)
     materialize(body.messages)
+    text.handle(body.model)  # 404 before any image is read when no language model is deployed
+    await text.images.resolve_messages(body.messages, base_url(request))  # image parts: checked data: URLs
     return await _answer(text, "chat", body.for_engine(), "messages", body.stream)
 
 
@@ -46,5 +52,8 @@ async def completions(body: CompletionRequest, text: TextService = Depends(text_
 
 @router.post("/v1/prompts/refine", response_model=RefinedPrompt,
              summary="Turn a short request into a detailed image prompt and negative prompt")
-async def refine(body: RefineRequest, text: TextService = Depends(text_service)) -> RefinedPrompt:
+async def refine(body: RefineRequest, text: TextService = Depends(text_service),
+                 vision: VisionService = Depends(vision_service)) -> RefinedPrompt:
+    text.handle(body.model)
+    await vision.check_prompt(body.prompt, "prompt")  # a refused prompt is a 400 (moderation, when on)
     return await text.refine(body)

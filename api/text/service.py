@@ -14,6 +14,7 @@ from ray.serve.llm.openai_api_models import CompletionRequest
 
 from api.models.service import ModelsService
 from api.ratelimit import NO_RATE_LIMITS, RateLimiter, token_cost
+from api.text.images import ImageInputs
 from deployments.errors import AtelierError, InvalidRequestError, NotFoundError, OverloadedError
 from deployments.llm import contract as llm_contract
 from deployments.llm.contract import (GemmaConfig, GemmaLimits, RefinedPrompt, RefineRequest, RefineSettings,
@@ -54,12 +55,15 @@ class TextService:
     rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
 
     def __init__(self, llm: DeploymentHandle | None, limits: GemmaLimits | None, settings: RefineSettings,
-                 models: ModelsService, max_n: int = GemmaConfig.model_fields["max_n"].default):
+                 models: ModelsService, max_n: int = GemmaConfig.model_fields["max_n"].default,
+                 images: ImageInputs | None = None):
         self.llm = llm
         self.limits = limits
         self.max_n = max_n  # choices per request (config llm.max_n)
         self.settings = settings
         self.models = models  # style presets and LoRA trigger words for refinement
+        # Image content parts: read, checked, sent as data: URLs (api/text/images.py); none without.
+        self.images = images or ImageInputs(None, lambda key: False, 0, 0, max_images=0)
 
     def handle(self, model: str | None) -> DeploymentHandle:
         if self.limits is None or self.llm is None:
@@ -126,15 +130,20 @@ class TextService:
         trigger_word = await self.models.lora_trigger_word(request.lora)
         return build_refine_chat(request, self.limits.model, self.settings, style, trigger_word), trigger_word
 
-    async def refine(self, request: RefineRequest) -> RefinedPrompt:
-        handle = self.handle(request.model)
-        body, trigger_word = await self.refine_chat(request)
-        stream = handle.chat.remote(EngineChatRequest.model_validate(body), None)
+    async def answer(self, body: dict) -> Any:
+        """Send one chat body (built by the server: refinement, the judge, moderation) and return the
+        engine's first item: the whole answer, as the body does not stream."""
+        stream = self.handle(body.get("model")).chat.remote(EngineChatRequest.model_validate(body), None)
         try:
             first, _ = await first_item(stream)
         finally:
             stream.cancel()
-        return refined_from_response(first, request, trigger_word)
+        return first
+
+    async def refine(self, request: RefineRequest) -> RefinedPrompt:
+        self.handle(request.model)
+        body, trigger_word = await self.refine_chat(request)
+        return refined_from_response(await self.answer(body), request, trigger_word)
 
     async def refine_payload(self, prompt: str, style: str | None, lora: str | None, seed: int | None) -> dict:
         """What a job needs to run the refine stage: the request and the chat body to send (404 now,

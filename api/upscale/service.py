@@ -28,7 +28,6 @@ from deployments.upscaler.contract import UpscaleMedia, UpscalerLimits, UpscaleR
 from graphs.payloads import ImageUpscalePayload, TextToImageHDPayload
 from graphs.pipelines import apply_refined
 from storage.jobs import JobRecord
-from storage.keys import new_id
 
 
 class UpscaleService:

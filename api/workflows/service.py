@@ -22,21 +22,27 @@ from api.jobs.service import JobsService
 from api.models.service import ModelsService
 from api.ratelimit import NO_RATE_LIMITS, RateLimiter, image_cost, video_cost
 from api.text.service import TextService
+from api.vision.service import VisionService
 from api.workflows.protocol import SavedWorkflow, SavedWorkflowBody, WorkflowRunRequest
 from deployments.diffusion import MAX_SEED, random_seed
 from deployments.errors import AtelierError, ConflictError, InvalidRequestError, NotFoundError
+from deployments.llm import vision as vision_contract
 from deployments.media import parse_size
 from deployments.sdxl import contract as sdxl_contract
 from deployments.svd import contract as svd_contract
 from deployments.upscaler import contract as upscaler_contract
 from graphs.payloads import WorkflowRunPayload
-from graphs.workflows import NODE_TYPES, Node, ValidationReport, Workflow, WorkflowIssue, validate_workflow
+from graphs.pipelines import candidate_requests
+from graphs.workflows import (NODE_TYPES, Node, ValidationReport, Workflow, WorkflowIssue, deployments_of,
+                              validate_workflow)
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
 from storage.jobs import JobRecord
 from storage.keys import new_id
 from storage.workflows import SavedWorkflowError, SavedWorkflowExistsError, SavedWorkflowStore
 
 SDXL_NODE_TYPES = ("text_to_image", "image_to_image", "inpaint")
+# Nodes that ask the LLM to judge images (text_to_image only with best_of).
+JUDGING_NODE_TYPES = ("judge", "qa_loop", "text_to_image")
 # A node's prompt arrives on an edge when the workflow runs; its checks do not read it.
 _UNSEEN_PROMPT = "a prompt from the workflow"
 
@@ -62,6 +68,14 @@ class InvalidWorkflowError(InvalidRequestError):
 
     def __reduce__(self):
         return (type(self), (self.report,))
+
+
+def images_made(node: Node) -> int:
+    """Images an SDXL or QA node makes at most: n, best_of's candidates, or one per QA round."""
+    p = NODE_TYPES[node.type].params.model_validate(node.params)
+    if node.type == "qa_loop":
+        return p.max_rounds
+    return getattr(p, "best_of", None) or getattr(p, "n", 1)
 
 
 def _saved_workflow_error(exc: SavedWorkflowError) -> AtelierError:
@@ -114,7 +128,10 @@ class WorkflowsService:
         self.max_nodes = max_nodes
         self.readable: Callable[[str], bool] = lambda key: True  # may the caller read a stored output
         self.max_images = 64  # images and video frames one run may ask for (config max_workflow_images)
+        self.max_best_of = 8  # text_to_image's best_of (config max_best_of, as the images API)
+        self.max_qa_rounds = 5  # a qa_loop's max_rounds (config max_qa_rounds)
         self.rate: RateLimiter = NO_RATE_LIMITS
+        self.vision: VisionService | None = None  # prompt moderation (build_services sets it)
 
     # --- checks against the running application -----------------------------------------------------
 
@@ -146,7 +163,8 @@ class WorkflowsService:
             width, height = image[0] // 8 * 8, image[1] // 8 * 8
             fields["size"] = "inputs.image"
         request = sdxl_contract.SDXLRequest(
-            mode=node.type, prompt=_UNSEEN_PROMPT, n=params.get("n", 1), width=width, height=height,
+            mode=node.type if node.type in SDXL_NODE_TYPES else "text_to_image",  # a qa_loop makes images too
+            prompt=_UNSEEN_PROMPT, n=params.get("n", 1), width=width, height=height,
             steps=params.get("steps"), guidance_scale=params.get("guidance_scale"), seed=params.get("seed"),
             strength=params.get("strength", 0.8), style=params.get("style"))
         problems, _ = every_problem(lambda r: sdxl_contract.check(r, limits), request, _SDXL_CLEAR)
@@ -154,9 +172,35 @@ class WorkflowsService:
         if node.type == "inpaint" and image is not None and mask is not None and image != mask:
             checks.add(node.id, "inputs.mask", f"mask is {mask[0]}x{mask[1]} but image is {image[0]}x{image[1]}; "
                                                "they must match")
+        self._check_judged_node(checks, node, None if problems else request)
         if any(p.param == "size" for p in problems):
             return None
         return sdxl_contract.size_of(request, limits)
+
+    def _check_judged_node(self, checks: _Checks, node: Node, request: sdxl_contract.SDXLRequest | None) -> None:
+        """The judge's params, by the LLM contract's checks (the images API's own): best_of against
+        n and the cap, and each SDXL call its candidates take; a QA loop's rounds against the cap, and
+        its seeds; the criteria's length. `request`: the node's SDXL request, when it has one."""
+        if node.type not in JUDGING_NODE_TYPES:
+            return
+        p = NODE_TYPES[node.type].params.model_validate(node.params)  # valid: the structural checks passed
+        settings = self.vision.judge_settings if self.vision is not None else vision_contract.JudgeSettings()
+        to_run: list[Callable[[], None]] = [lambda: vision_contract.check_criteria(p.criteria, settings)]
+        if node.type == "text_to_image" and p.best_of is not None:
+            to_run.append(lambda: vision_contract.check_best_of(p.best_of, p.n, self.max_best_of))
+            if request is not None and p.n <= p.best_of <= self.max_best_of:  # else that check says why
+                limits = self.models.sdxl
+                to_run += [lambda r=r: sdxl_contract.check(r, limits) for r in candidate_requests(request, p.best_of)]
+        if node.type == "qa_loop":
+            to_run.append(lambda: vision_contract.check_max_rounds(p.max_rounds, self.max_qa_rounds))
+            max_seed = self.models.sdxl.max_seed
+            if p.seed is not None and p.seed + p.max_rounds - 1 > max_seed:  # round r uses seed + r
+                checks.add(node.id, "params.seed", f"seed + max_rounds - 1 must be at most {max_seed}")
+        for run_check in to_run:
+            try:
+                run_check()
+            except InvalidRequestError as exc:
+                checks.add(node.id, f"params.{exc.param}", exc.message)
 
     def _check_upscale_node(self, checks: _Checks, node: Node,
                             image: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -217,10 +261,11 @@ class WorkflowsService:
                     checks.add(node_id, "params.key", found)
                 else:
                     sizes[node_id] = found
-            elif node.type in SDXL_NODE_TYPES:
+            elif node.type in (*SDXL_NODE_TYPES, "qa_loop"):
                 sizes[node_id] = self._check_sdxl_node(checks, node, input_size("image"), input_size("mask"))
-            elif node.type == "select":
+            elif node.type in ("select", "judge"):
                 sizes[node_id] = input_size("images")
+                self._check_judged_node(checks, node, None)
             elif node.type == "upscale":
                 sizes[node_id] = self._check_upscale_node(checks, node, input_size("image"))
             elif node.type == "image_to_video":
@@ -249,8 +294,8 @@ class WorkflowsService:
         sdxl = self.models.limits.get("sdxl")
         for node in workflow.nodes:
             params = node.params
-            if node.type in SDXL_NODE_TYPES and sdxl is not None:
-                n = params.get("n", 1)
+            if node.type in (*SDXL_NODE_TYPES, "qa_loop") and sdxl is not None:
+                n = images_made(node)
                 width, height = parse_size(params["size"]) if params.get("size") else (sdxl.default_size,) * 2
                 images += n
                 units += image_cost(n, params.get("steps"), width, height, sdxl.default_steps)
@@ -275,20 +320,23 @@ class WorkflowsService:
 
     async def run_payload(self, workflow: Workflow, use_cache: bool, saved: dict | None) -> dict:
         """Seeds pinned (a run and its replay are reproducible; refine's too, as the LLM samples),
-        LoRAs pinned to a version with their weights' sha256 (lineage), and what each refine node
-        needs to talk to the LLM."""
+        LoRAs pinned to a version with their weights' sha256 (lineage), what each refine and QA loop
+        node needs to talk to the LLM, and the judge's model and bounds when a node judges."""
         nodes = []
         refine: dict[str, dict] = {}
         loras: dict[str, dict] = {}
+        judge: dict | None = None
         for node in workflow.nodes:
             params = dict(node.params)
             if "seed" in NODE_TYPES[node.type].params.model_fields and params.get("seed") is None:
-                params["seed"] = min(random_seed(), MAX_SEED - params.get("n", 1) + 1)  # image i uses seed + i
+                params["seed"] = min(random_seed(), MAX_SEED - images_made(node) + 1)  # image i uses seed + i
             if params.get("lora"):
                 record = await self.models.lora_record(params["lora"])
                 params["lora"] = record.id
                 loras[record.id] = {"name": record.name, "version": record.version, "sha256": record.sha256}
-            if node.type == "refine":
+            if "llm" in deployments_of(node) and node.type != "refine":
+                judge = self.judge_context()
+            if node.type in ("refine", "qa_loop"):  # a QA loop refines its prompt with the judge's reasons
                 llm = self.text.limits
                 if llm is None:
                     self.text.handle(None)  # 404: no language model is deployed
@@ -299,8 +347,17 @@ class WorkflowsService:
                     "trigger_word": await self.models.lora_trigger_word(params.get("lora")),
                 }
             nodes.append({**node.model_dump(), "params": params})
+        sections = {"judge": judge} if judge else {}  # a run that judges nothing is stored as before
         return {"workflow": {**workflow.model_dump(), "nodes": nodes}, "use_cache": use_cache, "refine": refine,
-                "loras": loras, "saved": saved}
+                **sections, "loras": loras, "saved": saved}
+
+    def judge_context(self) -> dict:
+        """What a run's judging nodes need to talk to the LLM (graphs/payloads.JudgeSpec); 404 with none."""
+        llm = self.text.limits
+        if llm is None:
+            self.text.handle(None)  # 404: no language model is deployed
+        settings = self.vision.judge_settings if self.vision is not None else vision_contract.JudgeSettings()
+        return {"model": llm.model, "source": llm.source, "settings": settings.model_dump(mode="json")}
 
     async def run(self, body: WorkflowRunRequest) -> JobRecord:
         """Run an inline or saved workflow as one job; InvalidWorkflowError listing every problem."""
@@ -313,6 +370,9 @@ class WorkflowsService:
             doc, saved = record.workflow, {"id": record.id, "version": record.version, "name": record.name}
         workflow = await self.checked(doc)
         self.rate.charge(self.workload(workflow)[1], "workflow")
+        if self.vision is not None:  # every prompt the run starts from, checked before anything runs
+            await asyncio.gather(*(self.vision.check_prompt(node.params.get("text"), f"nodes.{node.id}.params.text")
+                                   for node in workflow.nodes if node.type == "prompt"))
         payload = await self.run_payload(workflow, body.use_cache, saved)
         return await self.jobs.submit_async(WorkflowRunPayload.create(**payload), ["workflow"])
 

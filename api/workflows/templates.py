@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from graphs.workflows import NODE_TYPES
+from graphs.workflows import Node, deployments_of
 
 
 def _node(id_: str, type_: str, **params: Any) -> dict[str, Any]:
@@ -64,6 +64,26 @@ TEMPLATES: dict[str, dict[str, Any]] = {
         },
     },
     "diamond": {"name": "Diamond: one prompt, two branches", "workflow": _diamond()},
+    # The seed studio's quality-assessment agent: the QA loop judges each still and rewrites the
+    # prompt with the judge's reasons until it scores 7 (at most 3 rounds); the best still is animated.
+    "product_shot_qa": {
+        "name": "Product shot with QA → video",
+        "workflow": {
+            "name": "product shot with QA",
+            "description": "A product shot refined by a judge until it scores 7 of 10 (3 rounds at most), "
+                           "then animated into a short video.",
+            "nodes": [_node("prompt", "prompt", text="a studio product shot of a ceramic coffee mug on a marble "
+                                                     "counter, soft window light"),
+                      _node("qa", "qa_loop", threshold=7, max_rounds=3,
+                            criteria="clean studio background, the product sharp and centred, no text"),
+                      _node("video", "image_to_video"),
+                      _node("still", "output", name="still"), _node("rounds", "output", name="rounds"),
+                      _node("out", "output", name="video")],
+            "edges": [_edge("prompt", "text", "qa", "prompt"), _edge("qa", "image", "video", "image"),
+                      _edge("qa", "image", "still", "value"), _edge("qa", "rounds", "rounds", "value"),
+                      _edge("video", "video", "out", "value")],
+        },
+    },
 }
 
 
@@ -71,7 +91,7 @@ def list_templates(deployed: set[str]) -> list[dict[str, Any]]:
     """Every template, with the deployments it needs and whether this application has them all."""
     out = []
     for template_id, template in TEMPLATES.items():
-        needs = sorted({NODE_TYPES[n["type"]].deployment for n in template["workflow"]["nodes"]} - {None})
+        needs = sorted({name for n in template["workflow"]["nodes"] for name in deployments_of(Node.model_validate(n))})
         out.append({"id": template_id, "object": "workflow.template", "name": template["name"],
                     "description": template["workflow"]["description"], "requires": needs,
                     "available": set(needs) <= deployed, "workflow": template["workflow"]})

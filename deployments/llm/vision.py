@@ -153,6 +153,48 @@ def check_threshold(value: float | None, field: str = "threshold") -> None:
         raise InvalidRequestError(f"{field} must be between 1 and 10; got {value}", field)
 
 
+def check_best_of(best_of: int | None, n: int, cap: int, field: str = "best_of") -> None:
+    """Best-of-k: k candidates are judged and the top n kept, so n <= k <= the config's cap
+    (`max_best_of`). The images API, the text_to_image node and a replay all run this check."""
+    if best_of is None:
+        return
+    if best_of < n:
+        raise InvalidRequestError(f"{field} must be at least n ({n}); got {best_of}", field)
+    if best_of > cap:
+        raise InvalidRequestError(f"{field} must be at most {cap}; got {best_of}", field)
+
+
+def check_max_rounds(max_rounds: int, cap: int, field: str = "max_rounds") -> None:
+    """A QA loop's rounds (each one generation, one judgement, one refinement): 1 to the config's
+    cap (`max_qa_rounds`)."""
+    if not 1 <= max_rounds <= cap:
+        raise InvalidRequestError(f"{field} must be between 1 and {cap}; got {max_rounds}", field)
+
+
+def check_criteria(criteria: str | None, settings: JudgeSettings, field: str = "criteria") -> None:
+    if criteria is not None and len(criteria) > settings.max_criteria_chars:
+        raise InvalidRequestError(f"{field} must be at most {settings.max_criteria_chars} characters; "
+                                  f"got {len(criteria)}", field)
+
+
+def rank(judgements: list[Judgement]) -> list[int]:
+    """The judged images' indices, best first: by score, ties to the lower index."""
+    return sorted(range(len(judgements)), key=lambda i: (-judgements[i].score, i))
+
+
+def revision_instruction(judgement: Judgement, threshold: float) -> str:
+    """What a QA loop asks the prompt refiner after a round fell short: the judge's reasons and
+    defects, to be fixed in the next prompt (passed to build_refine_chat as `instruction`)."""
+    lines = [f"An image made from this prompt scored {judgement.score}/10 (the goal is {threshold:g}).",
+             "The judge said: " + "; ".join(judgement.reasons)]
+    if judgement.defects:
+        lines.append("Visible defects: " + "; ".join(judgement.defects))
+    if not judgement.matches_prompt:
+        lines.append("The image did not match the request.")
+    lines.append("Rewrite the prompt so the next image fixes these, keeping the request's subject.")
+    return "\n".join(lines)
+
+
 # --- moderation --------------------------------------------------------------------------------
 
 DEFAULT_CATEGORIES = {

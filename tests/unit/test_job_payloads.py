@@ -12,6 +12,7 @@ from deployments.llm.contract import RefineRequest, RefineSettings, build_refine
 from deployments.sdxl.contract import SDXLRequest
 from deployments.styles import StylePreset
 from graphs.payloads import (
+    DatasetCaptionsPayload,
     DatasetCollectPayload,
     JOB_KINDS,
     DatasetImportPayload,
@@ -108,6 +109,11 @@ STORED: list[tuple[str, dict, type]] = [
                           "sources": {"unsplash": CollectConfig().unsplash.model_dump(mode="json")},
                           "app_name": "atelier", "config": DatasetImportConfig().model_dump(mode="json")},
      DatasetCollectPayload),
+    # as DatasetsService.caption_payload stores it (CaptionSettings whole)
+    ("datasets.captions", {"dataset_id": "ds_1", "version": 2, "overwrite": False, "trigger_word": "sks",
+                           "model": "gemma", "settings": {"style": "tags", "instruction": None, "max_tokens": 96,
+                                                          "temperature": 0.2}, "max_images": None},
+     DatasetCaptionsPayload),
 ]
 
 # Records written before some fields existed, or by hand (tests, tools): what is absent stays absent.

@@ -48,7 +48,7 @@ def test_the_schema_lists_every_node_type_with_typed_ports_and_param_schemas(cli
     assert response.status_code == 200
     schema = response.json()
     assert set(schema["node_types"]) == set(NODE_TYPES)
-    assert set(schema["port_types"]) == {"text", "image", "images", "video", "mask", "any"}
+    assert set(schema["port_types"]) == {"text", "image", "images", "video", "mask", "scores", "any"}
     t2i = schema["node_types"]["text_to_image"]
     assert t2i["inputs"] == {"prompt": {"type": "text", "required": True},
                              "negative_prompt": {"type": "text", "required": False}}

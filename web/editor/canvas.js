@@ -33,7 +33,7 @@ function Media({ item, label }) {
   return h("img", { src: item.src, alt: label, width: item.width || undefined, height: item.height || undefined });
 }
 
-/** A workflow node: title, ports with their types, param summary, run status, problems, media. */
+/** A workflow node: title, ports with their types, param summary, run status, scores, problems, media. */
 const AtelierNode = memo(function AtelierNode({ id, data }) {
   const status = data.status || "idle";
   const pct = status === "completed" || status === "cached" ? 100 : Math.round(data.progress || 0);
@@ -61,6 +61,11 @@ const AtelierNode = memo(function AtelierNode({ id, data }) {
         h("span", { className: "wf-node-pct" }, `${pct}%`))
       : null,
     data.error ? h("p", { className: "wf-node-error" }, data.error) : null,
+    data.judged?.length
+      ? h("ol", { className: "wf-node-judged", "aria-label": `${id} scores` },
+        data.judged.map((row, i) => h("li", { key: i, className: row.best ? "best" : "", "data-score": row.score },
+          `${row.label}: ${row.score}/10${row.best ? " ★" : ""}`)))
+      : null,
     data.issues?.length
       ? h("ul", { className: "wf-node-issues", role: "list" },
         data.issues.map((issue, i) => h("li", { key: i, "data-field": issue.field || "" },

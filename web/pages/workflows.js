@@ -7,7 +7,7 @@
 // buttons, node list, connect form, inspector), so the editor is not mouse-only.
 
 import { api, mediaUrl, getKey } from "../api.js";
-import { $, alertBox, clearError, el, progressRow, renderGrid, runJob, showError } from "../ui.js";
+import { $, alertBox, clearError, el, progressRow, renderGrid, revokeBlobs, runJob, setMedia, showError } from "../ui.js";
 import { autoLayout, fits, freeId, NODE_ID, notAWorkflow, parseWorkflow, positionOf } from "../editor/graph.js";
 import { paramsForm, showFieldIssues } from "../editor/params.js";
 
@@ -76,7 +76,7 @@ let section = null;
 let applyNodeChanges = null; // React Flow's, from the bundle once it is loaded
 let applyEdgeChanges = null;
 
-const RUNTIME_KEYS = ["status", "progress", "error", "issues", "media"];
+const RUNTIME_KEYS = ["status", "progress", "error", "issues", "media", "judged"];
 const isWorkflowNode = (n) => n.type === "atelier";
 const GROUP = "group:";
 const COMMENT = "comment:";
@@ -155,7 +155,9 @@ export function init(root) {
     el("div", { id: "wf-errors", role: "alert", hidden: true }),
     alertBox("wf-error"),
     progressRow("wf"),
-    el("div", { id: "wf-outputs", class: "grid cols-1", "data-count": "0" }));
+    el("div", { id: "wf-outputs", class: "grid cols-1", "data-count": "0" }),
+    // What the judging nodes saw: a QA loop's rounds, best-of candidates, a judge's ranking.
+    el("div", { id: "wf-judged", class: "wf-judged", "aria-live": "polite", hidden: true }));
 
   const lists = el("div", { class: "layout wf-lists" },
     el("div", { class: "panel" },
@@ -285,6 +287,7 @@ function loadDocument(doc, { remember = true, meta: newMeta = null } = {}) {
   workflowIssues = [];
   renderIssues();
   $("#wf-outputs").replaceChildren();
+  renderJudged({});
   refresh();
   pendingView = ui.viewport && Number.isFinite(Number(ui.viewport.zoom)) ? ui.viewport : "fit";
   requestAnimationFrame(applyPendingView);
@@ -1052,16 +1055,83 @@ function clearRuntime() {
   nodes = nodes.map((n) => (isWorkflowNode(n) ? stripped(n) : n));
 }
 
-/** Node states from the job (job.result.nodes) onto the canvas. */
+/** Node states from the job (job.result.nodes) onto the canvas, and what judging nodes reported. */
 function applyJob(job) {
   const states = job?.result?.nodes || {};
   for (const [id, s] of Object.entries(states)) {
     if (!nodeById(id)) continue;
-    setData(id, { status: s.status, progress: s.progress, error: s.error || undefined });
+    const judged = judgedOf(s);
+    setData(id, { status: s.status, progress: s.progress, error: s.error || undefined,
+      judged: judged ? judged.rows.map((r) => ({ label: r.label, score: r.score, best: r.best })) : undefined });
   }
   section.dataset.job = job.id;
   section.dataset.jobStatus = job.status;
+  renderJudged(states);
   refresh();
+}
+
+/**
+ * What a judging node reported on its state (`info`, written as it runs): a QA loop's rounds
+ * (prompt, seed, score, reasons, defects per round), text_to_image's best-of candidates, or a
+ * judge's ranking. A node served from the cache has no info: its outputs hold the same lists.
+ */
+function judgedOf(state) {
+  const info = state.info || {};
+  const rounds = info.rounds || state.outputs?.rounds;
+  if (rounds) {
+    return { kind: "rounds", info, rows: rounds.map((r) => ({ ...r, label: `round ${r.round}`,
+      best: info.best_round ? r.round === info.best_round : false })) };
+  }
+  if (info.candidates) {
+    return { kind: "candidates", info, rows: info.candidates.map((c) => ({ ...c, label: `candidate ${c.index + 1}`,
+      best: c.chosen })) };
+  }
+  const ranking = info.judged || state.outputs?.scores;
+  if (ranking) return { kind: "ranking", info, rows: ranking.map((j) => ({ ...j, label: `#${j.rank + 1}`, best: false })) };
+  return null;
+}
+
+function judgedTitle(id, { kind, info, rows }) {
+  if (kind === "rounds") {
+    const goal = info.threshold !== undefined ? ` (goal ${info.threshold} of 10)` : "";
+    const end = info.stopped === "threshold" ? `: reached the goal in round ${rows.length}`
+      : info.stopped === "max_rounds" ? `: stopped after ${rows.length} rounds, the best kept` : ": running…";
+    return `QA loop ${id}${goal}${end}`;
+  }
+  if (kind === "candidates") return `Best of ${rows.length}, node ${id}: ${rows.filter((r) => r.best).length} kept`;
+  return `Judge ${id}: ${rows.length} images ranked`;
+}
+
+/** One table per judging node, below the outputs; redrawn only when a row is added. */
+function renderJudged(states) {
+  const box = $("#wf-judged");
+  const parts = Object.entries(states).map(([id, s]) => [id, judgedOf(s)]).filter(([, j]) => j);
+  const signature = JSON.stringify(parts.map(([id, j]) => [id, j.rows.length, j.info.stopped || null]));
+  if (box.dataset.signature === signature) return;
+  box.dataset.signature = signature;
+  revokeBlobs(box);
+  box.hidden = !parts.length;
+  box.replaceChildren(...parts.map(([id, judged]) => {
+    const rounds = judged.kind === "rounds";
+    const head = ["", "Image", "Seed", "Score", "Reasons", "Defects", ...(rounds ? ["Prompt"] : [])];
+    const body = judged.rows.map((r) => {
+      const img = el("img", { alt: `${id} ${r.label}`, width: 64, height: 64, loading: "lazy" });
+      if (r.image) setMedia(img, new URL(`/v1/files/${r.image}`, location.href).href);
+      return el("tr", { class: r.best ? "best" : "", dataset: { score: String(r.score) } },
+        el("th", { scope: "row" }, r.label, r.best ? el("strong", {}, rounds ? " (best)" : " (kept)") : null),
+        el("td", {}, r.image ? img : "–"),
+        el("td", { class: "num" }, r.seed ?? "–"),
+        el("td", { class: "num" }, `${r.score}/10`),
+        el("td", {}, (r.reasons || []).join("; ")),
+        el("td", {}, (r.defects || []).join("; ") || "none"),
+        ...(rounds ? [el("td", { class: "cause" }, r.prompt || "", r.refine_warning ? el("small", { class: "muted" }, ` (${r.refine_warning})`) : null)] : []));
+    });
+    return el("section", { class: "panel", dataset: { node: id, kind: judged.kind } },
+      el("h3", {}, judgedTitle(id, judged)),
+      el("div", { class: "table-wrap" }, el("table", {},
+        el("thead", {}, el("tr", {}, ...head.map((h) => el("th", { scope: "col" }, h)))),
+        el("tbody", {}, ...body))));
+  }));
 }
 
 /** The job's outputs on their output nodes (and in the grid below). */
@@ -1102,6 +1172,7 @@ async function run() {
   workflowIssues = [];
   renderIssues();
   $("#wf-outputs").replaceChildren();
+  renderJudged({});
   for (const n of nodes.filter(isWorkflowNode)) setData(n.id, { status: "pending", progress: 0 });
   refresh();
   const start = async () => {
