@@ -40,12 +40,13 @@ models: venv
 # At least 4 logical CPUs (as local/runner.py): the replicas mostly idle, and fine-tuning
 # needs room beside them.
 LOCAL_CPUS := $(shell $(PYTHON) -c "import os; print(max(4, os.cpu_count() or 1))")
-# The web UI's npm libraries (React Flow for the workflow editor): `npm ci` installs the versions
-# package-lock.json pins, and esbuild (from the same lock) bundles them into one ES module and its
-# stylesheet in web/vendor/, served with the UI. No CDN: the UI works offline once built.
-WEB_VENDOR := web/vendor/xyflow.js web/vendor/xyflow.css
+# The web UI's npm libraries (React Flow for the workflow editor, Chart.js for the Monitor page): `npm ci`
+# installs the versions package-lock.json pins, and esbuild (from the same lock) bundles each into one
+# ES module (React Flow also its stylesheet) in web/vendor/, served with the UI. No CDN: the UI works
+# offline once built.
+WEB_VENDOR := web/vendor/xyflow.js web/vendor/xyflow.css web/vendor/charts.js
 web: $(WEB_VENDOR)
-$(WEB_VENDOR) &: package.json package-lock.json web/vendor/xyflow.entry.js
+$(WEB_VENDOR) &: package.json package-lock.json web/vendor/xyflow.entry.js web/vendor/charts.entry.js
 	npm ci --no-audit --no-fund --loglevel=error
 	npm run --silent build
 	@touch $(WEB_VENDOR)

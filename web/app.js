@@ -11,6 +11,8 @@ import * as gallery from "./pages/gallery.js";
 import * as datasets from "./pages/datasets.js";
 import * as collect from "./pages/collect.js";
 import * as workflows from "./pages/workflows.js";
+import * as presets from "./pages/presets.js";
+import * as monitor from "./pages/monitor.js";
 
 const PAGES = {
   generate: { module: generate, title: "Generate" },
@@ -20,6 +22,8 @@ const PAGES = {
   collect: { module: collect, title: "Collect" },
   datasets: { module: datasets, title: "Datasets and training" },
   workflows: { module: workflows, title: "Workflows" },
+  presets: { module: presets, title: "Presets" },
+  monitor: { module: monitor, title: "Monitor" },
 };
 const sections = {};
 

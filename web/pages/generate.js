@@ -6,6 +6,7 @@ import {
 } from "../ui.js";
 
 let models = null; // the last GET /v1/models, split by kind
+let ownStyles = []; // the caller's own image presets (GET /v1/presets?kind=image), listed after the built-ins
 
 export function init(section) {
   const option = (value, text = value) => el("option", { value }, text);
@@ -17,7 +18,7 @@ export function init(section) {
     field("Negative prompt", el("input", { id: "gen-negative", type: "text", placeholder: "blurry, low quality" })),
     el("div", { class: "row" },
       field("Model", el("select", { id: "gen-model", onchange: showTrigger })),
-      field("Style", el("select", { id: "gen-style" }, option("none")))),
+      field("Style", el("select", { id: "gen-style", onchange: applyStyle }, option("none")))),
     el("p", { id: "gen-model-hint", class: "muted" }),
     el("div", { class: "row" },
       field("Images", el("select", { id: "gen-n" }, ...["1", "2", "4", "8"].map((n) => option(n)))),
@@ -46,7 +47,7 @@ export function init(section) {
 export async function show(params) {
   // Every time: a LoRA trained since shows up in the model list.
   try {
-    models = await loadModels();
+    [models, ownStyles] = await Promise.all([loadModels(), loadOwnStyles()]);
     fillModelChoices();
     clearError($("#gen-error")); // e.g. a 401 from before the key was entered
   } catch (err) {
@@ -77,7 +78,9 @@ function fillModelChoices() {
   ]);
   showTrigger();
   keepSelection($("#gen-style"), [el("option", { value: "none" }, "none"),
-    ...Object.keys(meta.styles || {}).map((s) => el("option", { value: s }, s))]);
+    ...Object.keys(meta.styles || {}).map((s) => el("option", { value: s }, s)),
+    ...(ownStyles.length ? [el("optgroup", { label: "Your presets" }, ...ownStyles.map((p) =>
+      el("option", { value: p.name }, p.category ? `${p.name} (${p.category})` : p.name)))] : [])]);
   const sizeSelect = $("#gen-size");
   const hadSizes = sizeSelect.options.length > 0;
   keepSelection(sizeSelect, sizeOptions(meta).map((s) => el("option", { value: s }, s.replace("x", " × "))));
@@ -85,6 +88,21 @@ function fillModelChoices() {
   if (meta.max_steps) $("#gen-steps").max = String(meta.max_steps);
   if (meta.default_steps) $("#gen-steps").placeholder = `default ${meta.default_steps}`;
   $("#gen-refine-row").hidden = !all.some((m) => m.kind === "text");
+}
+
+/** The caller's own image presets; none if they cannot be read (the built-in styles still work). */
+async function loadOwnStyles() {
+  try {
+    return (await api("GET", "/v1/presets", { query: { kind: "image" } })).data.filter((p) => !p.builtin);
+  } catch {
+    return [];
+  }
+}
+
+/** An own preset with a size picks that size (the form always sends one, which would override it). */
+function applyStyle() {
+  const preset = ownStyles.find((p) => p.name === $("#gen-style").value);
+  if (preset?.size) setSelect($("#gen-size"), preset.size);
 }
 
 /** A LoRA's trigger word, which the server adds to the prompt when it is absent. */
