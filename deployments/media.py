@@ -172,3 +172,40 @@ def decode_mp4(
     if not meta.get("fps"):
         raise InvalidRequestError(f"{param} has no frame rate", param)
     return frames, float(meta["fps"])
+
+
+# --- chained clips (long videos) -------------------------------------------------------------------
+
+
+def crossfade(tail: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """A linear crossfade of two runs of k frames (the end of one clip, the start of the next):
+    frame j is (1 - w)·tail[j] + w·head[j] with w = (j + 1) / (k + 1), so the weights step evenly
+    from the old clip to the new one and neither run is shown alone inside the overlap."""
+    if tail.shape != head.shape:
+        raise ValueError(f"crossfaded frames must have the same shape; got {tail.shape} and {head.shape}")
+    k = len(tail)
+    weights = (np.arange(1, k + 1, dtype=np.float32) / (k + 1)).reshape(k, *([1] * (tail.ndim - 1)))
+    blended = (1.0 - weights) * tail.astype(np.float32) + weights * head.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8) if tail.dtype == np.uint8 else blended.astype(tail.dtype)
+
+
+def join_clips(clips: Sequence[np.ndarray], overlap: int) -> np.ndarray:
+    """Clips of shape (frames, height, width, 3) joined into one run of frames: each clip after the
+    first overlaps the frames so far by `overlap` frames, crossfaded (`crossfade`). The result has
+    sum(len(clip)) - overlap·(len(clips) - 1) frames."""
+    if not clips:
+        raise ValueError("join_clips needs at least one clip")
+    if overlap < 0:
+        raise ValueError(f"overlap must be >= 0; got {overlap}")
+    parts, last = [], clips[0]
+    for clip in clips[1:]:
+        if clip.shape[1:] != last.shape[1:]:
+            raise ValueError(f"all clips must have the same frame size; got {last.shape[1:]} and {clip.shape[1:]}")
+        if overlap > min(len(last), len(clip)):
+            raise ValueError(f"overlap {overlap} is longer than a clip ({min(len(last), len(clip))} frames)")
+        # What is settled is kept; the end of the frames so far is faded into the start of the next clip.
+        cut = len(last) - overlap
+        parts.append(last[:cut])
+        last = np.concatenate([crossfade(last[cut:], clip[:overlap]), clip[overlap:]])
+    parts.append(last)
+    return np.concatenate(parts)

@@ -13,6 +13,13 @@ submit time, so the job's overall progress is right from the first step.
 What a stage produced (keys, sizes, timings, the stage progress it reached) is recorded in
 `record.result["stages"]`, in the order the stages ran, as each finishes. A job retried after a
 replica died resumes after its last finished stage.
+
+A video longer than one SVD clip (its payload has a `chain`) is one "video" stage of several SVD
+calls: clip i + 1 starts from the frame of clip i where their crossfade begins (a PNG the clip
+stores, passed on by key), and SVD's `join` crossfades the stored clips into one MP4. Progress
+runs once 0 → 100 over all clips; each finished clip is recorded as `stages["video.clip-<i>"]`
+(key, seed, frames), so a retried job resumes after its last finished clip, and a cancel stops
+before the next clip starts.
 """
 
 from __future__ import annotations
@@ -20,9 +27,10 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from deployments.errors import JobCancelledError
 from deployments.llm.contract import RefinedPrompt
 from deployments.sdxl.contract import SDXLRequest
-from deployments.svd.contract import SVDRequest, SVDResponse
+from deployments.svd.contract import SVDChain, SVDJoinRequest, SVDJoinResponse, SVDRequest, SVDResponse, SVDSegment
 from deployments.upscaler.contract import UpscaleRequest, UpscaleResponse
 from graphs.payloads import (
     ImageToVideoPayload,
@@ -121,6 +129,70 @@ def _animate(ctx, handles, svd: SVDRequest, image_key: str) -> dict:
     }
 
 
+def _video(ctx, handles, payload: ImageToVideoPayload | TextToVideoPayload, svd: SVDRequest, image_key: str) -> dict:
+    """The "video" stage: one SVD call, or a chain of them for a video longer than one clip."""
+    if payload.chain is None:
+        return run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, image_key))
+    return run_stage(ctx, "video", lambda: _animate_chain(ctx, handles, svd, payload.chain, image_key))
+
+
+def _animate_chain(ctx, handles, svd: SVDRequest, chain: SVDChain, image_key: str) -> dict:
+    """SVD clips one after another, each from the frame of the one before where their crossfade
+    begins, then joined into one MP4 with the overlaps crossfaded."""
+    handle = _handle(handles, "svd")
+    segments = chain.plan(svd.num_frames, svd.seed)
+    overlap = chain.overlap_frames()
+    stages = ctx.record.result["stages"]
+    clips: list[dict] = []
+    for segment in segments:
+        name = f"video.clip-{segment.index}"
+        if name not in stages:  # else an earlier attempt of this job made it
+            _stop_if_cancelled(ctx)
+            started = time.time()
+            clip = _clip(ctx, handle, svd, segment, len(segments), overlap,
+                         clips[-1]["handoff_key"] if clips else image_key)
+            stages[name] = {**clip, "started_at": started, "finished_at": time.time()}
+            ctx.save()  # durable before the next clip starts
+        clips.append(stages[name])
+    _stop_if_cancelled(ctx)
+    request = SVDJoinRequest(video_keys=[clip["key"] for clip in clips], overlap=overlap, fps=clips[0]["fps"],
+                             job_id=ctx.id, store=True, output_id=f"{ctx.id}.video")
+    joined: SVDJoinResponse = handle.join.remote(request).result()
+    first = clips[0]
+    return {
+        "key": joined.video_key, "poster_key": first["poster_key"], "num_frames": joined.num_frames,
+        "fps": joined.fps, "width": joined.width, "height": joined.height, "seed": svd.seed,
+        "steps": first["steps"], "motion_bucket_id": first["motion_bucket_id"],
+        "noise_aug_strength": first["noise_aug_strength"], "clips": len(clips), "overlap": overlap,
+        "elapsed_s": sum(clip["elapsed_s"] for clip in clips) + joined.elapsed_s,
+    }
+
+
+def _clip(ctx, handle, svd: SVDRequest, segment: SVDSegment, count: int, overlap: int, image_key: str) -> dict:
+    """Clip `segment.index` of `count`; all but the last store the frame the next one starts from:
+    the first of its last `overlap` frames, which the next clip's first frames are crossfaded with."""
+    last = segment.index == count - 1
+    request = with_fields(svd, image_key=image_key, image=None, num_frames=segment.num_frames, seed=segment.seed,
+                          handoff_frame=None if last else -max(overlap, 1), job_id=ctx.id, store=True,
+                          output_id=f"{ctx.id}.video-{segment.index}")
+    stream = handle.options(stream=True).generate_stream.remote(request)
+    response: SVDResponse = stream_call(ctx, stream, segment.index, count)
+    return {
+        "index": segment.index, "key": response.video_key, "poster_key": response.poster_key,
+        "handoff_key": response.handoff_key, "image_key": image_key, "seed": response.seed,
+        "num_frames": response.num_frames, "fps": response.fps, "width": response.width, "height": response.height,
+        "steps": response.steps, "motion_bucket_id": response.motion_bucket_id,
+        "noise_aug_strength": response.noise_aug_strength, "elapsed_s": response.elapsed_s,
+    }
+
+
+def _stop_if_cancelled(ctx) -> None:
+    """Before starting a clip: a cancel asked for at any time before now stops the job (the
+    context's own check reads the marker at most every 0.25 s)."""
+    if ctx.store.is_cancel_requested(ctx.id):
+        raise JobCancelledError("cancelled by request")
+
+
 def _add_video_outputs(ctx, video: dict, final: dict) -> None:
     """The video the client downloads (upscaled if asked), then its poster (SVD's first frame)."""
     ctx.add_output(JobOutput(key=final["key"], content_type="video/mp4", width=final["width"],
@@ -169,7 +241,7 @@ def image_to_video(ctx, handles: dict[str, Any]) -> None:
     svd = payload.svd
     _begin(ctx, prompt=payload.prompt, seed=svd.seed, num_frames=svd.num_frames, fps=svd.fps,
            input_key=svd.image_key)
-    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, svd.image_key))
+    video = _video(ctx, handles, payload, svd, svd.image_key)
     final = _upscale_video(ctx, handles, payload.upscale_video, payload.prompt, video)
     _add_video_outputs(ctx, video, final)
 
@@ -188,7 +260,7 @@ def text_to_video(ctx, handles: dict[str, Any]) -> None:
         spec = with_fields(payload.upscale, prompt=generated["prompt"])
         still = run_stage(ctx, "upscale", lambda: _upscale(
             ctx, handles, spec, [{"image_key": generated["keys"][0]}], "upscale"))["key"]
-    video = run_stage(ctx, "video", lambda: _animate(ctx, handles, svd, still))
+    video = _video(ctx, handles, payload, svd, still)
     final = _upscale_video(ctx, handles, payload.upscale_video, generated["prompt"], video)
     _add_video_outputs(ctx, video, final)
     ctx.record.result["prompt"] = generated["prompt"]

@@ -15,7 +15,7 @@ class VideoCreateRequest(BaseModel):
 
     With an input image it is image-to-video (SVD); with only a prompt it is text-to-video
     (SDXL still → optional x4 upscale → SVD). Frame count and rate are checked against the
-    model's limits by the router, so an out-of-range value names its field.
+    model's limits by the service, so an out-of-range value names its field.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -25,8 +25,11 @@ class VideoCreateRequest(BaseModel):
         None, description="The image to animate: a file upload (multipart), or a reference object or URL.")
     input_reference_key: str | None = Field(None, description="Storage key of a stored output (outputs/…).")
     model: str | None = Field(None, description="The video model; only the deployed one (GET /v1/models).")
-    seconds: float | None = Field(None, gt=0, description="Duration; num_frames = round(seconds * fps).")
-    num_frames: int | None = Field(None, description="Overrides seconds; 1 to the model's limit.")
+    seconds: float | None = Field(None, gt=0, description=(
+        "Duration, up to the model's max_seconds (GET /v1/models; 30 by default); num_frames = round(seconds * fps). "
+        "Longer than one clip (max_num_frames), the video is chained from clips, each starting from the one "
+        "before, crossfaded where they join."))
+    num_frames: int | None = Field(None, description="Overrides seconds; 1 to the model's limit (one clip).")
     fps: int | None = None
     size: str | None = Field(None, description="WIDTHxHEIGHT of the animation (before any video upscale).")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="One seed for every stage.")

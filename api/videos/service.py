@@ -6,6 +6,9 @@ only a prompt it is text-to-video (optional Gemma refine → SDXL → optional x
 still → SVD). The pipelines are in graphs/video_pipelines.py. Everything is checked here, by
 each model's one `check()` against the limits fixed when the app was built, so bad input is a
 400 naming the field, and a job fails only for reasons that could not be seen up front.
+
+`seconds` may ask for more than one SVD clip, up to the model's `max_seconds`: the job then
+chains clips (`SVDChain`, pinned in its payload), and the rate limiter charges all of them.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from api.ratelimit import NO_RATE_LIMITS, RateLimiter, video_cost
 from api.text.service import TextService
 from api.uploads import Uploads
 from api.videos.protocol import VideoCreateRequest, VideoDeleted, VideoError, VideoList, VideoObject
+from api.vision.service import VisionService
 from deployments.diffusion import random_seed
 from deployments.errors import ConflictError, InvalidRequestError, NotFoundError
 from deployments.media import parse_size
 from deployments.sdxl.contract import SDXLRequest
 from deployments.svd import contract as svd_contract
-from deployments.svd.contract import SVDLimits, SVDRequest
+from deployments.svd.contract import SVDChain, SVDLimits, SVDRequest
 from deployments.upscaler import contract as upscaler_contract
 from deployments.upscaler.contract import UpscaleMedia, UpscalerLimits, UpscaleRequest
 from graphs.payloads import (
@@ -74,6 +78,7 @@ def _output(record: JobRecord, role: str) -> JobOutput | None:
 class VideosService:
     rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
     presets: "PresetsService | None" = None  # the caller's video presets (build_services sets them)
+    vision: "VisionService | None" = None  # prompt moderation (build_services sets it)
 
     def __init__(self, models: ModelsService, images: ImagesService, text: TextService, jobs: JobsService,
                  store: JobStore, files: FilesService, uploads: Uploads, storage: Storage,
@@ -106,9 +111,12 @@ class VideosService:
         checked = SVDRequest(
             model=body.model, num_frames=body.num_frames, seconds=body.seconds, fps=body.fps, width=width,
             height=height, steps=body.steps, seed=seed, decode_chunk_size=body.decode_chunk_size)
-        svd_contract.check(checked, svd)
+        svd_contract.check(checked, svd, chain=True)  # seconds past one clip: a chain of clips
         num_frames, fps = svd_contract.num_frames_of(checked, svd), svd_contract.fps_of(checked, svd)
-        self.rate.charge(video_cost(num_frames, checked.steps, svd.default_steps), "seconds")
+        chain = svd.chain() if num_frames > svd.max_num_frames else None
+        # Every clip is charged, the frames their crossfades overlap included.
+        made = sum(clip.num_frames for clip in chain.plan(num_frames, seed)) if chain else num_frames
+        self.rate.charge(video_cost(made, checked.steps, svd.default_steps), "seconds")
 
         # 2. The source: an image (image-to-video) or a prompt (text-to-video).
         key, data, image = await self.uploads.load_image({
@@ -148,17 +156,19 @@ class VideosService:
             "seconds": seconds_of(num_frames, fps), "num_frames": num_frames, "fps": fps, "seed": seed,
             "upscale_video": upscale_spec(upscale) if upscale_video else None,
         }
+        if self.vision is not None:  # a refused prompt is a 400 before anything runs
+            await self.vision.check_prompt(body.prompt, "prompt")
         stages = ["video"] + (["upscale_video"] if upscale_video else [])
         if text_to_video:
             # 4a. The still: SDXL's limits (and the upscaler's, when it is upscaled), Gemma if asked.
             sdxl_request, refine = await self._still(body, seed, (width, height), upscale_still, up, upscale)
             payload = text_to_video_payload(summary, sdxl_request, refine,
-                                            upscale_spec(upscale) if upscale_still else None, svd_section)
+                                            upscale_spec(upscale) if upscale_still else None, svd_section, chain)
             stages = (["refine"] if refine else []) + ["generate"] + (["upscale"] if upscale_still else []) + stages
         else:
             # 4b. The image: an upload is stored, a reference is passed on as its key.
             key = key or await self.uploads.store(data)
-            payload = image_to_video_payload(summary, {**svd_section, "image_key": key})
+            payload = image_to_video_payload(summary, {**svd_section, "image_key": key}, chain)
 
         record = await self.jobs.submit_async(payload, stages)
         return self.view(record, base_url)
@@ -288,7 +298,8 @@ class VideosService:
         """The job's outputs, the intermediates of its stages and its upload; never a referenced output."""
         keys = {output.key for output in record.outputs}
         for stage in ((record.result or {}).get("stages") or {}).values():
-            keys.update(k for k in [stage.get("key"), stage.get("poster_key"), *(stage.get("keys") or [])] if k)
+            keys.update(k for k in [stage.get("key"), stage.get("poster_key"), stage.get("handoff_key"),
+                                    *(stage.get("keys") or [])] if k)
         source = video_source_key(record)
         # an upload its replays share stays while any other job names it
         if source and source.startswith("uploads/") and not self.store.referencing(source, exclude=[record.id]):
@@ -301,14 +312,18 @@ class VideosService:
 # --- the job payloads (stored as the ingress has always stored them) ------------------------------
 
 
-def image_to_video_payload(summary: dict[str, Any], svd: dict[str, Any]) -> ImageToVideoPayload:
-    """`summary`: the Video object's fields and `upscale_video`; `svd`: the SVD section, with its image_key."""
-    return ImageToVideoPayload.create(**summary, svd=svd)
+def image_to_video_payload(summary: dict[str, Any], svd: dict[str, Any],
+                           chain: SVDChain | None = None) -> ImageToVideoPayload:
+    """`summary`: the Video object's fields and `upscale_video`; `svd`: the SVD section, with its
+    image_key; `chain`, only for a video longer than one clip, after them."""
+    return ImageToVideoPayload.create(**summary, svd=svd, **({"chain": chain} if chain else {}))
 
 
 def text_to_video_payload(summary: dict[str, Any], sdxl: SDXLRequest, refine: dict | None,
-                          upscale: dict[str, Any] | None, svd: dict[str, Any]) -> TextToVideoPayload:
+                          upscale: dict[str, Any] | None, svd: dict[str, Any],
+                          chain: SVDChain | None = None) -> TextToVideoPayload:
     """The still's SDXL request (whole, as POST /v1/images/generations stores it), its refine stage
-    and upscale settings, then the SVD section (its image_key is the still's, once it exists)."""
+    and upscale settings, then the SVD section (its image_key is the still's, once it exists), and
+    `chain` for a video longer than one clip."""
     return TextToVideoPayload.create(**summary, sdxl=sdxl, refine=refine, upscale=upscale,
-                                     svd={**svd, "image_key": None})
+                                     svd={**svd, "image_key": None}, **({"chain": chain} if chain else {}))

@@ -7,6 +7,12 @@ the only place the limits are enforced: the API, workflow validation and the dep
 It reads nothing: the conditioning image (exactly one of `image` and `image_key`, its pixel
 count) is the deployment's to check once it has it.
 
+Long videos: one call makes at most `max_num_frames` frames (one clip). A video job may ask for
+up to `max_seconds`; `check(..., chain=True)` allows that, and `SVDChain.plan` splits it into
+clips. Each clip after the first starts from a frame of the one before (stored as a PNG, passed
+by image_key), overlaps it by `segment_overlap` frames, and the overlap is crossfaded
+(`deployments/media.py`'s `join_clips`, run by `SVDDeployment.join`).
+
 No torch or diffusers import here: the API layer imports this.
 """
 
@@ -48,6 +54,11 @@ class SVDConfig(BaseModel):
     default_min_guidance_scale: float = 1.0
     default_max_guidance_scale: float = 3.0
     default_decode_chunk_size: int = Field(8, ge=1, description="Frames per VAE decode; lower saves memory.")
+    max_seconds: float = Field(30.0, ge=0, allow_inf_nan=False, description=(
+        "Longest video a job may ask for, in seconds. Past one clip (max_num_frames) the job chains clips; "
+        "0 allows one clip only."))
+    segment_overlap: int = Field(3, ge=0, description=(
+        "Frames each chained clip overlaps the one before, crossfaded; at most half a clip."))
     torch_num_threads: int | None = None
     gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     stall_timeout_s: float | None = Field(600, gt=0, description="Fail the health check when a running request "
@@ -87,6 +98,9 @@ class SVDRequest(BaseModel):
     job_id: str | None = None
     output_id: str | None = None
     store: bool = False
+    handoff_frame: int | None = Field(None, description=(
+        "Also store this frame (0 is the first; -1 the last) as a PNG (`handoff_key`): the next clip of "
+        "a chained video starts from it. With store only."))
     # Checked by `check`, never stored: a dump (a job's payload) stays as it was.
     model: str | None = Field(None, exclude=True, description="The model the caller named, if any.")
     seconds: float | None = Field(None, gt=0, exclude=True, description=(
@@ -104,6 +118,7 @@ class SVDResponse(BaseModel):
     poster_key: str | None = None
     mp4: bytes | None = None
     poster_png: bytes | None = None
+    handoff_key: str | None = Field(None, description="The frame asked for by handoff_frame, stored as a PNG.")
     num_frames: int
     fps: int
     width: int
@@ -113,6 +128,72 @@ class SVDResponse(BaseModel):
     motion_bucket_id: int
     noise_aug_strength: float
     elapsed_s: float
+
+
+class SVDJoinRequest(BaseModel):
+    """Join stored clips into one video: clip i+1's first `overlap` frames are crossfaded with clip
+    i's last `overlap` (`deployments/media.py`'s `join_clips`)."""
+
+    video_keys: list[str] = Field(min_length=1, description="The clips' MP4s, in order.")
+    overlap: int = Field(0, ge=0)
+    fps: int = Field(ge=1)
+    job_id: str | None = None
+    output_id: str | None = None
+    store: bool = False
+
+
+class SVDJoinResponse(BaseModel):
+    model: str
+    video_key: str | None = None
+    mp4: bytes | None = None
+    num_frames: int
+    fps: int
+    width: int
+    height: int
+    elapsed_s: float
+
+
+class SVDSegment(BaseModel):
+    """One clip of a chained video: its place, its frame count (the overlap included) and its seed."""
+
+    index: int
+    num_frames: int
+    seed: int
+
+
+class SVDChain(BaseModel):
+    """How a video longer than one clip is made (pinned in its job when it is submitted, so a retry
+    or a replay plans the same clips): clips of up to `clip_frames`, each after the first
+    overlapping the one before by `overlap` frames."""
+
+    model_config = ConfigDict(extra="allow")  # kept whole, like the job's payload
+
+    clip_frames: int = Field(ge=1)
+    overlap: int = Field(0, ge=0)
+
+    def plan(self, num_frames: int, seed: int) -> list[SVDSegment]:
+        """The clips of a `num_frames` video: one when it fits; else the first makes `clip_frames`,
+        every next one starts from the frame the crossfade begins at and adds `clip_frames - overlap`
+        new frames, and the last makes what is left plus the overlap. Clip i's seed is seed + i, as
+        image i of a batch has seed + i, so the whole video is reproducible under one seed."""
+        if num_frames < 1:
+            raise ValueError(f"a video needs at least one frame; got {num_frames}")
+        size, overlap = self.clip_frames, self.overlap_frames()
+        counts = [min(num_frames, size)]
+        made = counts[0]
+        while made < num_frames:
+            new = min(size - overlap, num_frames - made)
+            counts.append(new + overlap)
+            made += new
+        return [SVDSegment(index=i, num_frames=count, seed=segment_seed(seed, i)) for i, count in enumerate(counts)]
+
+    def overlap_frames(self) -> int:
+        """The overlap the clips are made with: at most half a clip, so each adds at least half."""
+        return min(self.overlap, self.clip_frames // 2)
+
+
+def segment_seed(seed: int, index: int) -> int:
+    return (seed + index) % (MAX_SEED + 1)
 
 
 class SVDLimits(BaseModel):
@@ -140,6 +221,8 @@ class SVDLimits(BaseModel):
     max_input_pixels: int
     motion_bucket_id: tuple[int, int] = (0, 255)
     noise_aug_strength: tuple[float, float] = (0.0, 1.0)
+    max_seconds: float = Field(30.0, description="Longest video a job may ask for; past one clip it chains clips.")
+    segment_overlap: int = Field(3, description="Frames each chained clip overlaps the one before (crossfaded).")
 
     @classmethod
     def from_config(cls, config: SVDConfig | Mapping[str, Any], unet_num_frames: int | None = None) -> SVDLimits:
@@ -161,7 +244,12 @@ class SVDLimits(BaseModel):
             default_min_guidance_scale=config.default_min_guidance_scale,
             default_max_guidance_scale=config.default_max_guidance_scale,
             default_decode_chunk_size=config.default_decode_chunk_size, max_input_pixels=config.max_input_pixels,
+            max_seconds=config.max_seconds, segment_overlap=min(config.segment_overlap, max_num_frames // 2),
         )
+
+    def chain(self) -> SVDChain:
+        """How this model chains clips for a long video (pinned in the job when it is submitted)."""
+        return SVDChain(clip_frames=self.max_num_frames, overlap=self.segment_overlap)
 
     def describe(self) -> dict:
         """SVDDeployment.describe(): every limit and default, as the ingress reads them."""
@@ -169,6 +257,11 @@ class SVDLimits(BaseModel):
 
 
 # --- what a request runs with: its own values, else the model's defaults ------------------------
+
+
+def longest_video_s(limits: SVDLimits, fps: int) -> float:
+    """The longest video a job may ask for at `fps`: `max_seconds`, or one clip if that is longer."""
+    return max(limits.max_seconds, limits.max_num_frames / fps)
 
 
 def fps_of(request: SVDRequest, limits: SVDLimits) -> int:
@@ -208,8 +301,11 @@ def size_of(request: SVDRequest, limits: SVDLimits) -> tuple[int, int]:
 # --- the check ------------------------------------------------------------------------------------
 
 
-def check(request: SVDRequest, limits: SVDLimits) -> None:
-    """Every SVD limit, in one place. Raises InvalidRequestError naming the field."""
+def check(request: SVDRequest, limits: SVDLimits, *, chain: bool = False) -> None:
+    """Every SVD limit, in one place. Raises InvalidRequestError naming the field.
+
+    `chain`: the caller (a video job) chains clips, so `seconds` may ask for up to the longest
+    video (`longest_video_s`); one call, and `num_frames`, stay within one clip."""
     if request.model is not None and request.model != limits.model:
         raise InvalidRequestError(f"unknown model {request.model!r}; available: [{limits.model!r}]", "model")
     fps = fps_of(request, limits)
@@ -222,11 +318,20 @@ def check(request: SVDRequest, limits: SVDLimits) -> None:
             raise InvalidRequestError(f"num_frames must be between 1 and {limit}; got {num_frames}", "num_frames")
     else:  # num_frames wins over seconds
         num_frames = _frames_for_seconds(request.seconds, fps)
-        if num_frames is None or not 1 <= num_frames <= limit:
+        if chain and (num_frames is None or num_frames > limit):  # past one clip: a chained video
+            longest = longest_video_s(limits, fps)
+            if num_frames is None or request.seconds > longest:
+                raise InvalidRequestError(
+                    f"seconds must be at most {longest:g} (the longest video, chained from clips of up to "
+                    f"{limit} frames); got {request.seconds:g}", "seconds")
+        elif num_frames is None or not 1 <= num_frames <= limit:
             raise InvalidRequestError(
                 f"seconds={request.seconds:g} at {fps} fps is "
                 f"{num_frames if num_frames is not None else 'too many'} frames; the model makes 1 to {limit} "
                 f"frames (at most {limit / fps:.2f} s at this fps; lower fps for longer clips)", "seconds")
+    if request.handoff_frame is not None and not -num_frames <= request.handoff_frame < num_frames:
+        raise InvalidRequestError(f"handoff_frame must be between {-num_frames} and {num_frames - 1}; "
+                                  f"got {request.handoff_frame}", "handoff_frame")
     steps = steps_of(request, limits)
     if steps > limits.max_steps:
         raise InvalidRequestError(f"steps must be at most {limits.max_steps}; got {steps}", "steps")

@@ -6,10 +6,14 @@ A replica runs one video at a time: the pipeline's scheduler keeps per-call stat
 
 Every request is checked against the model's limits first, by the contract's one `check()`
 (`deployments/svd/contract.py`), which the API and workflow validation call too.
+
+A long video is chained from clips (graphs/video_pipelines.py): each clip stores the frame the
+next one starts from (`handoff_frame`), and `join` crossfades the stored clips into one MP4.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import dataclass
@@ -20,9 +24,17 @@ from ray import serve
 from deployments import metrics
 from deployments.diffusion import DiffusionDeployment, check_cancelled, random_seed
 from deployments.errors import InvalidRequestError
-from deployments.media import decode_image, encode_mp4, encode_png
+from deployments.media import decode_image, decode_mp4, encode_mp4, encode_png, join_clips
 from deployments.svd import contract
-from deployments.svd.contract import SVDConfig, SVDLimits, SVDProgress, SVDRequest, SVDResponse
+from deployments.svd.contract import (
+    SVDConfig,
+    SVDJoinRequest,
+    SVDJoinResponse,
+    SVDLimits,
+    SVDProgress,
+    SVDRequest,
+    SVDResponse,
+)
 from storage.keys import new_id, output_key
 
 
@@ -62,6 +74,11 @@ class SVDDeployment(DiffusionDeployment):
         """Yields SVDProgress per denoising step, then the SVDResponse."""
         async for event in self._stream(self.check_inputs, self._run, SVDRequest.model_validate(request)):
             yield event
+
+    async def join(self, request: SVDJoinRequest | dict) -> SVDJoinResponse:
+        """The stored clips of a chained video as one MP4, crossfaded where they overlap. CPU work
+        (decode, blend, encode) in a worker thread; the pipeline stays free for the next video."""
+        return await asyncio.to_thread(self._join, SVDJoinRequest.model_validate(request))
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -137,7 +154,38 @@ class SVDDeployment(DiffusionDeployment):
             output_id = p.request.output_id or p.request.job_id or new_id("video")
             response.video_key = self.storage.put_bytes(output_key(output_id, 0, "mp4"), mp4, "video/mp4")
             response.poster_key = self.storage.put_bytes(output_key(output_id, 0, "png"), poster, "image/png")
+            if p.request.handoff_frame is not None:  # lossless, unlike the MP4: the next clip starts from it
+                response.handoff_key = self.storage.put_bytes(
+                    output_key(output_id, 1, "png"), encode_png(frames[p.request.handoff_frame]), "image/png")
         else:
             response.mp4, response.poster_png = mp4, poster
+        response.elapsed_s = time.perf_counter() - started
+        return response
+
+    def _join(self, request: SVDJoinRequest) -> SVDJoinResponse:
+        import numpy as np
+
+        started = time.perf_counter()
+        limits = self.limits
+        # 1. The clips, each within one call's limits.
+        clips = []
+        for key in request.video_keys:
+            frames, _ = decode_mp4(self._input_bytes(key, "video_keys"), "video_keys",
+                                   max_frames=limits.max_num_frames, max_pixels=limits.max_size ** 2)
+            clips.append(np.stack([np.asarray(frame) for frame in frames]))
+        # 2. Crossfaded where they overlap, encoded once.
+        try:
+            frames = join_clips(clips, request.overlap)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), "video_keys") from None
+        mp4 = encode_mp4(frames, request.fps)
+        height, width = frames.shape[1:3]
+        response = SVDJoinResponse(model=self.config.model_name, num_frames=len(frames), fps=request.fps,
+                                   width=int(width), height=int(height), elapsed_s=0.0)
+        if request.store:
+            output_id = request.output_id or request.job_id or new_id("video")
+            response.video_key = self.storage.put_bytes(output_key(output_id, 0, "mp4"), mp4, "video/mp4")
+        else:
+            response.mp4 = mp4
         response.elapsed_s = time.perf_counter() - started
         return response

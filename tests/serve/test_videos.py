@@ -10,6 +10,7 @@ import io
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from PIL import Image
@@ -98,6 +99,33 @@ def test_image_to_video_from_a_stored_output_with_upscale(client):
     assert stages["video"]["width"] == 64 and stages["upscale_video"]["width"] == 256
     # the referenced output is read in place, not copied
     assert final["result"]["input_key"] == image.split("/v1/files/", 1)[1]
+
+
+def test_a_long_video_chains_clips_into_one_job(client):
+    """seconds past one clip (the tiny SVD makes 4 frames): 8 frames at 8 fps are 3 clips of 4, each
+    after the first overlapping the one before by 2 frames, crossfaded, in one "video" stage."""
+    video = create(client, files={"input_reference": ("in.png", noise_image(64, 64, seed=5), "image/png")},
+                   seconds=1, fps=8, **FAST)
+    assert (video["num_frames"], video["seconds"], video["stages"]) == (8, "1", ["video"])
+    final = wait_for_video(client, video["id"])
+    assert final["status"] == "completed" and final["progress"] == 100, final
+    stages = final["result"]["stages"]
+    clips = [stages[f"video.clip-{i}"] for i in range(3)]
+    assert [c["seed"] for c in clips] == [7, 8, 9] and [c["num_frames"] for c in clips] == [4, 4, 4]
+    assert clips[1]["image_key"] == clips[0]["handoff_key"] and clips[2]["image_key"] == clips[1]["handoff_key"]
+    assert (stages["video"]["clips"], stages["video"]["overlap"], stages["video"]["num_frames"]) == (3, 2, 8)
+
+    frames, fps = decoded(content(client, video["id"]).content)
+    assert len(frames) == 8 and fps == pytest.approx(8) and frames[0].size == (64, 64)
+    # continuity: the steps through the crossfades are no bigger than the steps within a clip
+    pixels = np.stack([np.asarray(frame) for frame in frames]).astype(np.int16)
+    steps = np.abs(np.diff(pixels, axis=0)).mean(axis=(1, 2, 3))
+    within = []
+    for clip in clips:
+        clip_frames, _ = decoded(client.get(f"/v1/files/{clip['key']}").content)
+        clip_pixels = np.stack([np.asarray(frame) for frame in clip_frames]).astype(np.int16)
+        within.extend(np.abs(np.diff(clip_pixels, axis=0)).mean(axis=(1, 2, 3)))
+    assert steps[1:6].max() <= 1.25 * np.median(within), (steps, within)
 
 
 # --- upscaling -------------------------------------------------------------------------------------
@@ -256,7 +284,7 @@ def test_openai_client_create_retrieve_download(oai):
 
 def test_openai_client_bad_request_is_typed(oai):
     with pytest.raises(openai.BadRequestError) as raised:
-        oai.videos.create(prompt="too long", seconds="12")  # 84 frames at 7 fps; the model makes 4
+        oai.videos.create(prompt="too long", seconds="60")  # past max_seconds (30): even chained clips stop there
     assert raised.value.body["param"] == "seconds"
 
 
@@ -268,7 +296,7 @@ def test_openai_client_bad_request_is_typed(oai):
     ({"num_frames": MAX_FRAMES + 1}, "num_frames"),
     ({"fps": 0}, "fps"),
     ({"fps": 1000}, "fps"),
-    ({"seconds": 30}, "seconds"),
+    ({"seconds": 31}, "seconds"),  # past max_seconds (30); up to it, clips are chained
     ({"seconds": 1e308}, "seconds"),  # finite, but inf once times fps
     ({"seconds": 1e-9}, "seconds"),  # rounds to 0 frames
     ({"size": "7x7"}, "size"),

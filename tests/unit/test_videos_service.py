@@ -166,8 +166,10 @@ def same_json(actual: dict, expected: dict) -> None:
     ({"prompt": "a fox", "model": "other"}, "model", "unknown model 'other'; available: ['svd']"),
     ({"prompt": "a fox", "fps": 99}, "fps", "fps must be between 1 and 60; got 99"),
     ({"prompt": "a fox", "num_frames": 15}, "num_frames", "num_frames must be between 1 and 14; got 15"),
-    ({"prompt": "a fox", "seconds": 3, "fps": 7}, "seconds",
-     "seconds=3 at 7 fps is 21 frames; the model makes 1 to 14 frames (at most 2.00 s at this fps; lower fps "
+    ({"prompt": "a fox", "seconds": 31, "fps": 7}, "seconds",  # past one clip is a chain, up to max_seconds
+     "seconds must be at most 30 (the longest video, chained from clips of up to 14 frames); got 31"),
+    ({"prompt": "a fox", "seconds": 1e-9, "fps": 7}, "seconds",
+     "seconds=1e-09 at 7 fps is 0 frames; the model makes 1 to 14 frames (at most 2.00 s at this fps; lower fps "
      "for longer clips)"),
     ({"prompt": "a fox", "steps": 101}, "steps", "steps must be at most 100; got 101"),
     ({"prompt": "a fox", "size": "60x64"}, "size", "size sides must be multiples of 8; got 60x64"),
