@@ -1,4 +1,6 @@
-"""The ``datasets.import`` job: fill a dataset from URLs, a storage prefix or job outputs.
+"""The dataset jobs: ``datasets.import`` (fill a dataset from URLs, a storage prefix or job outputs),
+``datasets.collect`` (download search results) and ``datasets.captions`` (caption a version's images
+with the language model, through Ray Data LLM: graphs/captioning.py).
 
 The payload (:class:`graphs.payloads.DatasetImportPayload`) is what ``POST /v1/datasets/{id}/imports``
 recorded: the dataset id, one source (``urls``, ``prefix``, ``job_ids`` or ``output_keys``), optional
@@ -10,6 +12,8 @@ dataset keeps its previous version.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from deployments.errors import (
@@ -20,7 +24,9 @@ from deployments.errors import (
     OverloadedError,
     PayloadTooLargeError,
 )
-from graphs.payloads import DatasetCollectPayload, DatasetImportPayload
+from deployments.llm.vision import CaptionSettings, clean_caption
+from graphs.captioning import Captioner, ray_data_captioner
+from graphs.payloads import DatasetCaptionsPayload, DatasetCollectPayload, DatasetImportPayload
 from storage.datasets import (
     DatasetBusyError,
     DatasetConflictError,
@@ -32,6 +38,7 @@ from storage.datasets import (
     Rejection,
     UrlItem,
     check_prefix_allowed,
+    image_content_type,
 )
 from storage.sources import host_allowed, ping_download
 from storage.url_import import UrlRefusedError
@@ -184,4 +191,129 @@ def dataset_collect(ctx, handles: dict[str, Any]) -> None:
         **import_summary(result),
         "download_pings": pings,
         "download_ping_errors": ping_errors[:REPORTED],
+    }
+
+
+# --- captions ----------------------------------------------------------------------------------
+
+
+class CaptionsFailedError(AtelierError):
+    """Every image the job asked about came back without a caption (the model refused them all)."""
+
+    status_code = 502
+    error_type = "server_error"
+
+
+def caption_fingerprint(model: str, settings: CaptionSettings) -> str:
+    """Names what makes a caption (the model and the settings): a re-run with the same fingerprint may
+    reuse the captions an unfinished run made (storage.datasets.CaptionCheckpoint)."""
+    blob = json.dumps({"model": model, **settings.model_dump(mode="json")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def dataset_captions(ctx, handles: dict[str, Any]) -> None:
+    """Job kind ``datasets.captions``: caption a version's images with the LLM, into a new version.
+
+    The captions come from Ray Data LLM against the running LLM deployment (graphs/captioning.py);
+    ``handles["captioner"]``, when given, is a factory ``(storage, payload) -> Captioner`` used instead
+    (tests without Ray).
+    """
+    payload: DatasetCaptionsPayload = ctx.payload
+    storage = ctx.store.storage
+    factory = handles.get("captioner")
+    if factory is not None:
+        captioner = factory(storage, payload)
+    else:
+        if handles.get("llm") is None:
+            raise InvalidRequestError("captions need the language model, and this app deploys none", "dataset_id")
+        captioner = ray_data_captioner(handles["llm"], storage, payload.model, payload.settings)
+    ctx.record.result = run_captions(ctx, DatasetStore(storage), payload, captioner)
+
+
+def run_captions(ctx, store: DatasetStore, payload: DatasetCaptionsPayload, captioner: Captioner) -> dict:
+    """The captioning job's steps; returns the job's result.
+
+    1. Read the version's images. With ``overwrite`` false an image with a caption keeps it (kept);
+       the others are to be captioned.
+    2. Captions an earlier, unfinished run with the same model and settings made are taken from its
+       checkpoint (resumed); ``max_images`` caps the rest that are asked about (the others: skipped).
+    3. The captioner answers batch by batch: each batch's captions go to the checkpoint, the job's
+       progress moves, and a cancel stops here. Nothing is committed before step 4, so a cancel or
+       a failure leaves the dataset as it was, and a re-run asks only about what is left.
+    4. Every new caption, with the trigger word put first, lands as one new version
+       (DatasetStore.commit_captions: a caption someone changed meanwhile is kept). Then the
+       checkpoint goes.
+
+    Counts: captioned + kept + skipped + failed + conflicts = the version's images.
+    """
+    ctx.record.stages = ["caption"]
+    ctx.start_stage("caption")
+    ctx.check_cancelled()
+    try:
+        rows = store.manifest(payload.dataset_id, payload.version).select(["sha256", "key", "caption"]).to_pylist()
+        checkpoint = store.caption_checkpoint(payload.dataset_id, caption_fingerprint(payload.model, payload.settings))
+        done = checkpoint.load()
+    except DatasetError as exc:
+        raise dataset_error(exc) from None
+
+    # 1. kept, or to caption
+    base = {row["sha256"]: row["caption"] or "" for row in rows}
+    todo = [row for row in rows if payload.overwrite or not base[row["sha256"]].strip()]
+    kept = len(rows) - len(todo)
+    # 2. resumed from the checkpoint, asked about, or skipped over the cap
+    made = {row["sha256"]: done[row["sha256"]] for row in todo if row["sha256"] in done}
+    ask = [row for row in todo if row["sha256"] not in done]
+    skipped = ask[payload.max_images:] if payload.max_images is not None else []
+    ask = ask[:payload.max_images] if payload.max_images is not None else ask
+    resumed = len(made)
+
+    # 3. the model's captions, batch by batch
+    failures: list[dict] = []
+    total, finished = len(ask), 0
+    ctx.step(0, max(total, 1))
+    if ask:
+        tasks = [{"sha256": row["sha256"], "key": row["key"], "content_type": image_content_type(row["key"])}
+                 for row in ask]
+        for batch in captioner(tasks):
+            fresh = {}
+            for outcome in batch:
+                text = clean_caption(outcome.text) if outcome.error is None else ""
+                if text:
+                    fresh[outcome.sha256] = text
+                else:
+                    failures.append({"id": outcome.sha256,
+                                     "reason": outcome.error or "the language model's caption was empty"})
+            checkpoint.save(fresh)
+            made.update(fresh)
+            finished += len(batch)
+            ctx.step(finished, total)
+            ctx.check_cancelled()
+    if failures and not made:
+        raise CaptionsFailedError(f"no image got a caption: {failures[0]['reason']} (and {len(failures) - 1} more)"
+                                  if len(failures) > 1 else f"no image got a caption: {failures[0]['reason']}")
+
+    # 4. one new version
+    ctx.check_cancelled()
+    captions = {sha: clean_caption(text, payload.trigger_word) for sha, text in made.items()}
+    try:
+        committed = store.commit_captions(payload.dataset_id, payload.version, captions, base)
+    except DatasetError as exc:
+        raise dataset_error(exc) from None
+    checkpoint.clear()
+    ctx.step(max(total, 1), max(total, 1))
+    return {
+        "dataset_id": payload.dataset_id,
+        "version": committed.version,
+        "base_version": payload.version,
+        "images": len(rows),
+        "captioned": len(captions) - len(committed.conflicts),
+        "kept": kept,
+        "skipped": len(skipped),
+        "failed": len(failures),
+        "conflicts": len(committed.conflicts),
+        "resumed": resumed,
+        "model": payload.model,
+        "style": payload.settings.style,
+        "trigger_word": payload.trigger_word,
+        "failures": failures[:REPORTED],
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from graphs.dataset_jobs import dataset_collect, dataset_import
+from graphs.dataset_jobs import dataset_captions, dataset_collect, dataset_import
 from graphs.pipelines import image_generation
 from graphs.video_pipelines import VIDEO_PIPELINES
 from graphs.workflow_jobs import workflow_run
@@ -14,6 +14,7 @@ JOB_PIPELINES: dict[str, Callable[..., None]] = {
     "images.edits": image_generation,
     "datasets.import": dataset_import,
     "datasets.collect": dataset_collect,
+    "datasets.captions": dataset_captions,
     "workflows.run": workflow_run,
     **VIDEO_PIPELINES,
 }

@@ -5,6 +5,7 @@ Layout under the storage root (``dataset_prefix`` in :mod:`storage.keys`)::
     datasets/<id>/dataset.json              name, description, trigger word, default license
     datasets/<id>/images/<sha256>.<ext>     image files, stored once; all versions share them
     datasets/<id>/v<N>/manifest.parquet     version N: every row of version N-1 plus the new ones
+    datasets/<id>/_captions/<fp>/<part>.json  captions a captioning job made but has not committed yet
     datasets/_names/<name>.json             name claim: {"id": ...}
 
 A manifest has one row per image: ``key`` (storage key of the file), ``width``, ``height``,
@@ -19,6 +20,10 @@ its manifest only if no object is there yet:
   if the name exists, and a reader never sees a partial file;
 * S3: one ``PutObject`` with ``If-None-Match: *`` (S3 conditional writes; s3fs
   ``pipe_file(mode="create")``), which S3 answers 412 if the key exists.
+
+Captions made by the language model (:meth:`DatasetStore.commit_captions`) land the same way: a
+new version, claimed with the same put, rebuilt on the newest version if another writer claimed
+it first; older versions keep their captions.
 
 :meth:`storage.fs.Storage.put_if_absent` is that claim. A writer that loses it re-reads the
 newest version, re-checks duplicates against it and claims the next number, so two concurrent
@@ -76,6 +81,9 @@ __all__ = [
     "DatasetBusyError",
     "DatasetConflictError",
     "EditResult",
+    "CaptionCheckpoint",
+    "CaptionCommit",
+    "image_content_type",
     "UrlItem",
     "credits_csv",
     "ImageItem",
@@ -223,6 +231,19 @@ class EditResult(BaseModel):
     tags_changed: int
 
 
+class CaptionCommit(BaseModel):
+    """What :meth:`DatasetStore.commit_captions` wrote."""
+
+    dataset_id: str
+    version: int = Field(description="The new version (the latest, unchanged, when no caption changed).")
+    base_version: int = Field(description="The version the captions were made on.")
+    images: int = Field(description="Images in that version.")
+    captioned: int = Field(description="Images whose caption the commit changed.")
+    conflicts: list[str] = Field(default_factory=list, description=(
+        "Images (sha256) whose caption was changed by someone else, or that were removed, since the base "
+        "version: left as they are now."))
+
+
 class VersionInfo(BaseModel):
     version: int
     images: int
@@ -350,6 +371,11 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[st
     if orientation in (5, 6, 7, 8):  # rotated 90 or 270 degrees
         width, height = height, width
     return ext, width, height
+
+
+def image_content_type(key: str) -> str:
+    """The content type of a dataset image file, from its extension (as the store names them)."""
+    return _CONTENT_TYPES.get(key.rsplit(".", 1)[-1].lower(), "application/octet-stream")
 
 
 def is_dataset_image_key(key: str) -> bool:
@@ -985,6 +1011,65 @@ class DatasetStore:
         return EditResult(dataset_id=dataset_id, version=version + 1, base_version=version, images=table.num_rows,
                           removed=len(remove), captions_changed=changed_captions, tags_changed=changed_tags)
 
+    # -- captions made by the language model -------------------------------------------------
+
+    def caption_checkpoint(self, dataset_id: str, fingerprint: str) -> "CaptionCheckpoint":
+        """Where a captioning job keeps the captions it has made before it commits them."""
+        self._read_info(dataset_id)
+        return CaptionCheckpoint(self.storage, dataset_id, fingerprint)
+
+    def commit_captions(self, dataset_id: str, base_version: int, captions: Mapping[str, str],
+                        base_captions: Mapping[str, str]) -> CaptionCommit:
+        """A new version: the newest manifest with ``captions`` (image sha256 -> caption) written in.
+
+        The captions were made on ``base_version``, and a newer version may exist by now (an import,
+        an edit). A caption lands on its image in the newest version only if the caption there is
+        still ``base_captions[sha]`` (what the captioner saw): a caption someone changed meanwhile
+        is kept, and an image removed meanwhile stays removed; both are reported in ``conflicts``.
+        The version is claimed as every add claims one (``put_if_absent``), rebuilt on the newest
+        version when another writer claimed it first. When no caption changes, no version is written.
+        """
+        for sha, caption in captions.items():
+            if not isinstance(caption, str) or len(caption) > MAX_CAPTION_LENGTH:
+                raise InvalidDatasetInputError(f"captions.{sha}: a caption is text of at most {MAX_CAPTION_LENGTH} "
+                                               "characters", f"captions.{sha}")
+        self._read_info(dataset_id)
+        for _attempt in range(MAX_CLAIM_ATTEMPTS):
+            latest, base = self._latest(dataset_id)
+            rows, changed, conflicts, present = [], 0, [], set()
+            for row in base.to_pylist():
+                sha = row["sha256"]
+                present.add(sha)
+                if sha in captions:
+                    if (row["caption"] or "") != (base_captions.get(sha) or ""):
+                        conflicts.append(sha)
+                    elif row["caption"] != captions[sha]:
+                        row["caption"], changed = captions[sha], changed + 1
+                rows.append(row)
+            conflicts += sorted(set(captions) - present)
+            if not changed:
+                return CaptionCommit(dataset_id=dataset_id, version=latest, base_version=base_version,
+                                     images=base.num_rows, captioned=0, conflicts=conflicts)
+            version = latest + 1
+            table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+            summary = {"dataset_id": dataset_id, "version": version, "added": 0, "captioned": changed,
+                       "base_version": base_version, "total_bytes": sum(table.column("size_bytes").to_pylist()),
+                       "created_at": time.time()}
+            table = table.replace_schema_metadata({_META_KEY: json.dumps(summary).encode()})
+            buffer = io.BytesIO()
+            pq.write_table(table, buffer, compression="zstd")
+            if self.storage.put_if_absent(self.manifest_key(dataset_id, version), buffer.getvalue(),
+                                          "application/vnd.apache.parquet"):
+                if not self.storage.exists(self._info_key(dataset_id)):  # deleted meanwhile: leave nothing
+                    self.storage.delete_prefix(dataset_prefix(dataset_id))
+                    raise DatasetNotFoundError(f"dataset {dataset_id!r} was deleted while it was being captioned",
+                                               "dataset_id")
+                return CaptionCommit(dataset_id=dataset_id, version=version, base_version=base_version,
+                                     images=table.num_rows, captioned=changed, conflicts=conflicts)
+            time.sleep(0.005 * (_attempt % 10))  # another writer claimed it: rebuild on the newest
+        raise DatasetBusyError(f"could not claim a new version of {dataset_id!r} after "
+                               f"{MAX_CLAIM_ATTEMPTS} attempts; retry", "dataset_id")
+
     def add_outputs(self, dataset_id: str, keys: Iterable[str], captions: Mapping[str, str] | None = None, *,
                     tags: list[str] | None = None, license: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> AddResult:
@@ -1142,6 +1227,40 @@ class DatasetWriter:
     def _result(self, version: int, added: int, images: int, duplicates: list[str]) -> AddResult:
         return AddResult(dataset_id=self.info.id, version=version, added=added, images=images,
                          duplicates=duplicates, rejected=self.rejected)
+
+
+class CaptionCheckpoint:
+    """Captions a captioning job has made but not committed, so that a re-run after a cancel or a
+    failure asks the model only about the rest.
+
+    One JSON object ({sha256: caption}) per batch under ``datasets/<id>/_captions/<fingerprint>/``;
+    the fingerprint names the model and the caption settings, so a run with other settings starts
+    afresh. It is no version: readers of the dataset never see it. The job clears it once its
+    version is committed; deleting the dataset deletes it.
+    """
+
+    def __init__(self, storage: Storage, dataset_id: str, fingerprint: str):
+        validate_id(fingerprint, "caption fingerprint")
+        self.storage = storage
+        self.prefix = f"{dataset_prefix(dataset_id)}_captions/{fingerprint}/"
+
+    def load(self) -> dict[str, str]:
+        captions: dict[str, str] = {}
+        for key in self.storage.list(self.prefix):
+            try:
+                part = self.storage.get_json(key)
+            except (ObjectNotFoundError, ValueError):
+                continue  # cleared meanwhile, or a part cut short: those images are asked again
+            if isinstance(part, dict):
+                captions.update({k: v for k, v in part.items() if isinstance(k, str) and isinstance(v, str)})
+        return captions
+
+    def save(self, captions: Mapping[str, str]) -> None:
+        if captions:
+            self.storage.put_json(f"{self.prefix}{new_id('part')}.json", dict(captions))
+
+    def clear(self) -> None:
+        self.storage.delete_prefix(self.prefix)
 
 
 class _PrefixSource:

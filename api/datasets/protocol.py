@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.llm.vision import CaptionStyle
 from storage.datasets import DEFAULT_LICENSE, DatasetInfo
 
 
@@ -84,3 +85,20 @@ class DatasetEditRequest(BaseModel):
     remove: list[str] = Field(default_factory=list, max_length=10_000, description="Image ids to remove.")
     captions: dict[str, str] = Field(default_factory=dict, description="Image id -> new caption.")
     tags: dict[str, list[str]] = Field(default_factory=dict, description="Image id -> new tags (replacing them).")
+
+
+class DatasetCaptionRequest(BaseModel):
+    """POST /v1/datasets/{id}/captions: caption a version's images with the language model (a job)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int | None = Field(None, ge=1, description="The version to caption. Default: the latest.")
+    overwrite: bool = Field(False, description="false: images that have a caption keep it, and only the others "
+                                               "are captioned; true: every image gets a new caption.")
+    trigger_word: str | None = Field(None, max_length=100, description=(
+        "Put first in each new caption when it is missing. Default: the dataset's trigger word; \"\" for none."))
+    style: CaptionStyle = Field("sentence", description="tags: short comma-separated tags; sentence: one full sentence.")
+    instruction: str | None = Field(None, min_length=1, max_length=1000,
+                                    description="Asked instead of the style's own instruction.")
+    max_images: int | None = Field(None, ge=1, le=100_000, description=(
+        "Caption at most this many images in this job; a later job with overwrite false does the rest."))

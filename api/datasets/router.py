@@ -9,6 +9,8 @@
     GET    /v1/datasets/{id}/images?version=&offset=&limit=   a version's images, paged, with attribution
     POST   /v1/datasets/{id}/edits       {"version", "remove"?, "captions"?, "tags"?} -> a new version (409 if stale)
     GET    /v1/datasets/{id}/credits?version=                 text/csv: who made each image, and its licence
+    POST   /v1/datasets/{id}/captions    {"version"?, "overwrite"?, "trigger_word"?, "style"?, "instruction"?,
+                                          "max_images"?} -> 202 job: the LLM captions the images into a new version
 
 The work is DatasetsService's (api/datasets/service.py); this module parses and answers.
 """
@@ -20,6 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 
 from api.datasets.protocol import (
+    DatasetCaptionRequest,
     DatasetCreateRequest,
     DatasetDeleted,
     DatasetEditRequest,
@@ -135,6 +138,16 @@ async def import_images(dataset_id: str, body: DatasetImportRequest, request: Re
                         datasets: DatasetsService = Depends(datasets_service),
                         jobs: JobsService = Depends(jobs_service)):
     return accepted(jobs, await datasets.submit_import(dataset_id, body), request)
+
+
+@router.post("/{dataset_id}/captions", status_code=202, response_model=JobView,
+             responses={202: {"model": JobView, "description": "Accepted as a job; poll /v1/jobs/{id}. Its result: "
+                                                               "the new version and the counts captioned, kept, "
+                                                               "skipped, failed."}})
+async def caption_images(dataset_id: str, body: DatasetCaptionRequest, request: Request,
+                         datasets: DatasetsService = Depends(datasets_service),
+                         jobs: JobsService = Depends(jobs_service)):
+    return accepted(jobs, await datasets.submit_captions(dataset_id, body), request)
 
 
 @router.get("/{dataset_id}/images", response_model=DatasetImageList)

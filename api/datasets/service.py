@@ -1,4 +1,5 @@
-"""Datasets: create, list, inspect and delete; add uploaded files; check and submit imports.
+"""Datasets: create, list, inspect and delete; add uploaded files; check and submit imports and
+captioning jobs.
 
 Storage work blocks, so it runs in a thread. Dataset store errors become the API's error classes
 with the offending field as ``param`` (graphs/dataset_jobs.py's `dataset_error`, which the
@@ -10,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from api.auth import PermissionDeniedError, caller
 from api.datasets.protocol import (
+    DatasetCaptionRequest,
     DatasetCreateRequest,
     DatasetDeleted,
     DatasetEditRequest,
@@ -27,9 +30,12 @@ from api.datasets.protocol import (
 )
 from api.files.service import FilesService
 from api.jobs.service import JobsService
+from api.text.service import LLMUnavailableError
 from deployments.errors import InvalidRequestError, NotFoundError
+from deployments.llm.contract import GemmaLimits
+from deployments.llm.vision import CaptionSettings
 from graphs.dataset_jobs import dataset_error
-from graphs.payloads import DatasetImportPayload
+from graphs.payloads import DatasetCaptionsPayload, DatasetImportPayload
 from storage.datasets import (
     AddResult,
     DatasetError,
@@ -45,6 +51,8 @@ from storage.keys import OUTPUTS_PREFIX, validate_id
 from storage.url_import import DatasetImportConfig, UrlRefusedError, check_url, resolve_allowed
 
 IMPORT_JOB_KIND = "datasets.import"
+CAPTIONS_JOB_KIND = "datasets.captions"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 THUMBNAILS = 4
 IMPORT_SOURCES = ("urls", "prefix", "job_ids", "output_keys")
 
@@ -66,12 +74,13 @@ def _is_ip_literal(host: str) -> bool:
 
 class DatasetsService:
     def __init__(self, store: DatasetStore, jobs: JobsService, files: FilesService,
-                 import_config: DatasetImportConfig, max_upload_bytes: int):
+                 import_config: DatasetImportConfig, max_upload_bytes: int, llm: GemmaLimits | None = None):
         self.store = store  # holds the upload limits (see build_datasets_service)
         self.jobs = jobs
         self.files = files
         self.import_config = import_config  # copied into each import job
         self.max_upload_bytes = max_upload_bytes  # per file, and all files of one upload together
+        self.llm = llm  # the language model that captions (None: no LLM deployed, no captions)
 
     def _view(self, info: DatasetInfo, base_url: str, thumbnails: list[str] | None = None) -> DatasetView:
         urls = [self.files.url_for(key, base_url) for key in thumbnails or []]
@@ -264,13 +273,59 @@ class DatasetsService:
         return payload
 
 
+    # --- captions ---------------------------------------------------------------------------------
+
+    async def submit_captions(self, dataset_id: str, body: DatasetCaptionRequest) -> JobRecord:
+        """Check the request (the dataset is the caller's: 404/403 first), pin the version, the model,
+        the settings and the trigger word, then record the job (graphs/dataset_jobs.py runs it)."""
+        await self.check_exists(dataset_id)
+        payload = await _call(self.caption_payload, dataset_id, body)
+        return await self.jobs.submit_async(payload)
+
+    def caption_payload(self, dataset_id: str, body: DatasetCaptionRequest) -> DatasetCaptionsPayload:
+        if self.llm is None:
+            raise LLMUnavailableError("captions need the language model, and this application deploys none",
+                                      "model")
+        info = self.store.get(dataset_id)
+        if not info.latest_version:
+            raise InvalidRequestError(f"dataset {dataset_id} has no images to caption yet", "version")
+        version = body.version if body.version is not None else info.latest_version
+        if version > info.latest_version:
+            raise InvalidRequestError(f"dataset {dataset_id} has no version {version} (the latest is "
+                                      f"{info.latest_version})", "version")
+        if body.trigger_word is None:
+            trigger = info.trigger_word
+        elif _CONTROL.search(body.trigger_word):
+            raise InvalidRequestError("trigger_word must be text on one line", "trigger_word")
+        else:
+            trigger = body.trigger_word.strip() or None  # "" (or blank): no trigger word
+        settings = CaptionSettings(style=body.style, instruction=body.instruction)
+        return DatasetCaptionsPayload.create(dataset_id=dataset_id, version=version, overwrite=body.overwrite,
+                                             trigger_word=trigger, model=self.llm.model, settings=settings,
+                                             max_images=body.max_images)
+
+    def recheck_captions(self, payload: DatasetCaptionsPayload) -> DatasetCaptionsPayload:
+        """A replayed captioning job: the caller must own the dataset now, and the model is today's."""
+        self.writable(payload.dataset_id)
+        if self.llm is None:
+            raise LLMUnavailableError("captions need the language model, and this application deploys none",
+                                      "model")
+        versions = self.store.versions(payload.dataset_id)
+        if payload.version not in versions:
+            raise InvalidRequestError(f"dataset {payload.dataset_id} has no version {payload.version} now", "version")
+        payload.model = self.llm.model
+        return payload
+
+
 def build_datasets_service(storage: Storage, jobs: JobsService, files: FilesService,
-                           import_config: DatasetImportConfig, max_upload_bytes: int) -> DatasetsService:
+                           import_config: DatasetImportConfig, max_upload_bytes: int,
+                           llm: GemmaLimits | None = None) -> DatasetsService:
     """A store with the ingress's limits: an image in a zip may be as large as one uploaded on its
     own (``max_upload_bytes``), and the zips of one upload expand to at most
     ``import_config.max_zip_expanded_bytes`` (default 4 x ``max_upload_bytes``)."""
     store = DatasetStore(storage, max_image_bytes=max_upload_bytes, max_pixels=import_config.max_pixels,
                          max_expanded_bytes=import_config.max_zip_expanded_bytes or 4 * max_upload_bytes)
-    service = DatasetsService(store, jobs, files, import_config, max_upload_bytes)
+    service = DatasetsService(store, jobs, files, import_config, max_upload_bytes, llm)
     jobs.replay_checks[IMPORT_JOB_KIND] = service.recheck_import  # a replay meets today's import policy
+    jobs.replay_checks[CAPTIONS_JOB_KIND] = service.recheck_captions
     return service

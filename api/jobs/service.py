@@ -24,7 +24,8 @@ PRIVATE_PARAMS = frozenset({"config", "chat", "store", "output_id"})
 
 # The scope a key needs to cancel or replay a job of each kind: the scope of the route that
 # submits such a job (POST /v1/datasets/{id}/imports needs `train`); any other kind `generate`.
-KIND_SCOPES: dict[str, str] = {"datasets.import": "train", "datasets.collect": "train"}
+KIND_SCOPES: dict[str, str] = {"datasets.import": "train", "datasets.collect": "train",
+                               "datasets.captions": "train"}
 
 # A replay is checked against the policy in force now, as a new submit is: each area registers
 # its check for its kinds (api/services.py): the payload in, the payload to submit out, or an

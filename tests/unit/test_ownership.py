@@ -171,6 +171,7 @@ BODIES: dict[tuple[str, str], dict] = {
     ("POST", "/v1/datasets/{dataset_id}/imports"): {"urls": ["https://images.example.com/b.png"]},
     ("POST", "/v1/datasets/{dataset_id}/collect"): {"result_ids": ["unsplash:bobs-pick"]},
     ("POST", "/v1/datasets/{dataset_id}/edits"): {"version": 1, "remove": ["0" * 64]},
+    ("POST", "/v1/datasets/{dataset_id}/captions"): {"style": "tags", "overwrite": True},
     ("PUT", "/v1/presets/{name}"): {"name": "alice-preset", "prompt": "bob {prompt}"},
 }
 

@@ -1,7 +1,8 @@
-// Datasets (create, upload images, browse) and LoRA training runs (POST /v1/fine_tuning/jobs,
-// polled every 2 s with its events: status, step and a loss chart).
+// Datasets (create, upload images, browse, caption with the language model: POST
+// /v1/datasets/{id}/captions, a job followed to its end) and LoRA training runs (POST
+// /v1/fine_tuning/jobs, polled every 2 s with its events: status, step and a loss chart).
 
-import { api, getKey } from "../api.js";
+import { api, followJob, getKey } from "../api.js";
 import {
   $, alertBox, clearError, el, field, formatTime, loadModels, numberOf, revokeBlobs, setMedia, showError,
 } from "../ui.js";
@@ -61,6 +62,19 @@ export function init(section) {
         el("button", { type: "button", onclick: () => { $("#ds-browser").hidden = true; } }, "Close"))),
     el("p", { id: "ds-browser-status", class: "muted", role: "status" }),
     alertBox("ds-browser-error"),
+    el("form", { novalidate: true, class: "form ds-caption-form", id: "ds-caption-form", onsubmit: captionImages },
+      el("div", { class: "row three" },
+        field("Caption style", el("select", { id: "ds-caption-style" },
+          el("option", { value: "sentence" }, "One sentence"), el("option", { value: "tags" }, "Short tags"))),
+        field("Trigger word", el("input", { id: "ds-caption-trigger", type: "text", maxlength: "100",
+          placeholder: "the dataset's" }), "Put first in each new caption."),
+        el("div", { class: "check" }, el("input", { id: "ds-caption-overwrite", type: "checkbox" }),
+          el("label", { for: "ds-caption-overwrite" }, "Replace existing captions"))),
+      el("div", { class: "actions" },
+        el("button", { id: "ds-caption", type: "submit", class: "primary" }, "Caption"),
+        el("button", { id: "ds-caption-cancel", type: "button", hidden: true, onclick: cancelCaptions }, "Cancel")),
+      el("p", { id: "ds-caption-progress", role: "status" }),
+      alertBox("ds-caption-error")),
     el("ul", { id: "ds-images", class: "ds-images" }),
     el("div", { class: "actions" },
       el("button", { type: "button", id: "ds-prev", onclick: () => browse(browsing.id, browsing.offset - PAGE) }, "Previous"),
@@ -150,6 +164,9 @@ async function browse(id, offset) {
 function imageItem(image) {
   const img = el("img", { alt: image.caption || image.filename, loading: "lazy", width: 96, height: 96 });
   setMedia(img, image.thumbnail_url);
+  const thumb = el("figure", { class: "ds-thumb" }, img,
+    el("figcaption", { class: image.caption ? "" : "muted", dataset: { caption: image.id } },
+      image.caption || "No caption"));
   const credit = image.attribution?.photographer
     ? el("small", { class: "muted" }, "Photo by ", el("a", { href: image.attribution.photographer_url || image.attribution.page_url,
       target: "_blank", rel: "noopener" }, image.attribution.photographer), ` (${image.source}, ${image.license})`)
@@ -158,10 +175,60 @@ function imageItem(image) {
     dataset: { image: image.id }, class: "ds-caption" }, image.caption);
   caption.addEventListener("change", () => edit({ captions: { [image.id]: caption.value } },
     `Caption saved`));
-  return el("li", { class: "ds-image" }, img,
+  return el("li", { class: "ds-image" }, thumb,
     el("div", {}, caption, credit, image.tags.length ? el("small", {}, ` · tags: ${image.tags.join(", ")}`) : null,
       el("div", {}, el("button", { type: "button", class: "small", dataset: { remove: image.id },
         onclick: () => edit({ remove: [image.id] }, "Image removed") }, "Remove"))));
+}
+
+// --- captions by the language model ------------------------------------------------------------
+
+let captionJob = null; // the captioning job being followed
+
+/** Caption the browsed dataset's latest version (a job), follow it, then show the new version. */
+async function captionImages(event) {
+  event.preventDefault();
+  const error = $("#ds-caption-error");
+  const progress = $("#ds-caption-progress");
+  clearError(error);
+  const id = browsing.id;
+  const body = { style: $("#ds-caption-style").value, overwrite: $("#ds-caption-overwrite").checked };
+  const trigger = $("#ds-caption-trigger").value.trim();
+  if (trigger) body.trigger_word = trigger;
+  const button = $("#ds-caption");
+  button.disabled = true;
+  try {
+    const job = await api("POST", `/v1/datasets/${encodeURIComponent(id)}/captions`, { json: body });
+    captionJob = job.id;
+    $("#ds-caption-cancel").hidden = false;
+    progress.textContent = "Captioning: queued";
+    const final = await followJob(job.id, (j) => {
+      const steps = j.total_steps ? `${j.step ?? 0} of ${j.total_steps} images, ` : "";
+      progress.textContent = `Captioning: ${j.status}, ${steps}${Math.round(j.progress || 0)}%`;
+    });
+    const r = final.result || {};
+    progress.textContent = final.status === "completed"
+      ? `Captioned ${r.captioned} image${r.captioned === 1 ? "" : "s"}: version ${r.version} ` +
+        `(${r.kept} kept, ${r.skipped} skipped, ${r.failed} failed).`
+      : `Captioning ${final.status}${final.error ? `: ${final.error.message}` : ""}; the dataset is unchanged.`;
+    if (final.status === "completed" && browsing.id === id) await browse(id, 0);
+    loadDatasets();
+  } catch (err) {
+    showError(error, err);
+  } finally {
+    captionJob = null;
+    $("#ds-caption-cancel").hidden = true;
+    button.disabled = false;
+  }
+}
+
+async function cancelCaptions() {
+  if (!captionJob) return;
+  try {
+    await api("POST", `/v1/jobs/${encodeURIComponent(captionJob)}/cancel`);
+  } catch (err) {
+    showError($("#ds-caption-error"), err);
+  }
 }
 
 async function edit(change, done) {
