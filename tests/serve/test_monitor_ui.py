@@ -22,7 +22,7 @@ REFRESH_S = 5  # web/pages/monitor.js REFRESH_MS
 # prompt → text_to_image → select (index 5 of 1 image: fails when it runs) → output
 FAILING_WORKFLOW = {
     "name": "monitor-fails",
-    "nodes": [{"id": "prompt", "type": "prompt", "params": {"text": "a red kite"}},
+    "nodes": [{"id": "prompt", "type": "prompt", "params": {"text": "a kite the monitor watches fail"}},
               {"id": "t2i", "type": "text_to_image", "params": {"size": "32x32", "steps": 2, "seed": 1}},
               {"id": "pick", "type": "select", "params": {"index": 5}},
               {"id": "out", "type": "output", "params": {"name": "kite"}}],

@@ -348,9 +348,10 @@ def test_bad_input_changes_nothing_and_an_unknown_node_type_is_marked(page, tmp_
     shot(page, "not_a_workflow")
 
     # A workflow from a newer server, with a node type this one does not know: opened, and marked.
+    # (The type must never become a real one: `qa_loop` served here until it shipped.)
     newer = {"name": "from the future", "nodes": [
         {"id": "idea", "type": "prompt", "params": {"text": "a kite"}},
-        {"id": "judge", "type": "qa_loop", "params": {"rounds": 3}},
+        {"id": "judge", "type": "storyboard_critic", "params": {"rounds": 3}},
         {"id": "out", "type": "output", "params": {}}],
         "edges": [{"source": "idea", "source_port": "text", "target": "judge", "target_port": "prompt"},
                   {"source": "judge", "source_port": "best", "target": "out", "target_port": "value"}]}
@@ -361,12 +362,12 @@ def test_bad_input_changes_nothing_and_an_unknown_node_type_is_marked(page, tmp_
     assert set(node_ids(page)) == {"idea", "judge", "out"}
     assert edge_count(page) == 2
     assert "Unknown node type" in page.inner_text(node_sel("judge"))
-    assert "qa_loop" in page.inner_text("#wf-message")
+    assert "storyboard_critic" in page.inner_text("#wf-message")
     # its ports come from its edges, so the graph still reads
     assert page.locator(handle_sel("judge", "prompt", "target")).count() == 1
     assert page.locator(handle_sel("judge", "best", "source")).count() == 1
     exported = document_of(page)
-    assert {n["id"]: n for n in exported["nodes"]}["judge"] == {"id": "judge", "type": "qa_loop", "params": {"rounds": 3}}
+    assert {n["id"]: n for n in exported["nodes"]}["judge"] == {"id": "judge", "type": "storyboard_critic", "params": {"rounds": 3}}
     shot(page, "unknown_node_type")
 
 

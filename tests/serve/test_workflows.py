@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import time
+import uuid
 
 import httpx
 import imageio.v3 as iio
@@ -34,10 +35,15 @@ def branch(name: str, seed: int, steps: int = 2) -> tuple[list, list]:
     return nodes, edges
 
 
+# Unique to this run: the node cache is content-addressed and outlives a test, so another test (or
+# an earlier run against the same app) drawing the same kite would make the "first" run a cache hit.
+KITE = f"a red kite {uuid.uuid4().hex[:8]}"
+
+
 def diamond(seed_a: int = 1, seed_b: int = 2) -> dict:
     a_nodes, a_edges = branch("a", seed_a)
     b_nodes, b_edges = branch("b", seed_b)
-    return {"name": "diamond", "nodes": [node("prompt", "prompt", text="a red kite"), *a_nodes, *b_nodes],
+    return {"name": "diamond", "nodes": [node("prompt", "prompt", text=KITE), *a_nodes, *b_nodes],
             "edges": a_edges + b_edges}
 
 
