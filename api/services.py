@@ -136,6 +136,7 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     videos.presets = presets
     videos.vision = vision
     upscale = UpscaleService(models, text, jobs, files, uploads)
+    upscale.vision = vision  # text-to-image-hd's stills moderated
     datasets = build_datasets_service(storage, jobs, files, config.dataset_import, config.max_upload_bytes,
                                       limits.get("llm"))  # the LLM captions datasets
     collect = build_collect_service(storage, config.collect, datasets, jobs, config.dataset_import)

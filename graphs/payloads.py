@@ -12,6 +12,9 @@
     datasets.captions         DatasetCaptionsPayload   {"dataset_id", "version", "overwrite", "trigger_word", "model", "settings", "max_images"}
 
 A video longer than one SVD clip also holds `chain` (SVDChain: how its clips are made), last.
+Every kind that generates images (generations, edits, text_to_image_hd, text_to_video, workflows.run)
+also holds `moderation` (ModerationSpec) when the config checks outputs: each image is looked at
+before it is stored (graphs/vision.store_moderated).
 Every payload may also carry `replay_of` (the job it replays). `JobPayload` is their union,
 discriminated by `kind`.
 
@@ -309,6 +312,8 @@ class TextToVideoPayload(_VideoJob):
     sdxl: SDXLRequest
     refine: RefineSpec | None = None
     upscale: UpscaleRequest | None = None
+    moderation: ModerationSpec | None = Field(None, description="The still is looked at before it is stored "
+                                                                "(and animated), when output checks are on.")
 
 
 class WorkflowRunPayload(JobPayloadBase):
@@ -321,6 +326,8 @@ class WorkflowRunPayload(JobPayloadBase):
     judge: JudgeSpec | None = Field(None, description="For judge and qa_loop nodes and text_to_image's best_of.")
     loras: dict[str, LoraPin] = Field(default_factory=dict)
     saved: SavedWorkflowRef | None = None
+    moderation: ModerationSpec | None = Field(None, description="Every image a node generates is looked at "
+                                                                "before it is stored, when output checks are on.")
 
 
 class DatasetImportPayload(JobPayloadBase):

@@ -23,7 +23,6 @@ from graphs import vision as graph_vision
 from graphs.payloads import BestOfSpec, ImageEditPayload, ImageGenerationPayload, RefineSpec
 from graphs.vision import store_moderated
 from storage.jobs import JobOutput
-from storage.keys import output_key
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -134,10 +133,9 @@ def image_generation(ctx, handles: dict[str, Any]) -> None:
         judged = judge_stage(ctx, handles["llm"], best_of, [image.png for image in response.images],
                              payload.sdxl.prompt)  # the prompt the caller asked for, before refinement
         timings = {"generate_s": round(generated - started, 4), "judge_s": round(time.perf_counter() - generated, 4)}
-    if moderation is not None:
-        store_moderated(ctx, handles["llm"], response, moderation.model, moderation.settings)
-    elif best_of is not None:
-        store_generated(ctx.store.storage, ctx.id, response.images)
+    if moderation is not None or best_of is not None:  # the PNGs came back: looked at if asked, then stored
+        store_moderated(ctx.store.storage, handles.get("llm"), response.images, ctx.id, moderation,
+                        ctx.check_cancelled)
     chosen = range(len(response.images)) if best_of is None else rank(judged)[:sdxl.n]
     for index in chosen:
         image = response.images[index]
@@ -227,13 +225,6 @@ def judge_stage(ctx, llm_handle, spec: BestOfSpec, images: list[bytes], prompt: 
     ctx.step(1, 1)
     ctx.check_cancelled()
     return judged
-
-
-def store_generated(storage, output_id: str, images: list[SDXLImage], first_index: int = 0) -> None:
-    """Generated PNGs (kept to be judged) stored under `output_id`, image i at index first_index + i."""
-    for index, image in enumerate(images, start=first_index):
-        image.key = storage.put_bytes(output_key(output_id, index), image.png, "image/png")
-        image.png = None
 
 
 def best_of_record(spec: BestOfSpec, images: list[SDXLImage], judged: list[Judgement], n: int) -> dict:

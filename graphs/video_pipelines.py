@@ -35,11 +35,13 @@ from deployments.upscaler.contract import UpscaleRequest, UpscaleResponse
 from graphs.payloads import (
     ImageToVideoPayload,
     ImageUpscalePayload,
+    ModerationSpec,
     RefineSpec,
     TextToImageHDPayload,
     TextToVideoPayload,
 )
 from graphs.pipelines import drain_stream, refine_stage, refined_request, stream_sdxl, with_fields
+from graphs.vision import store_moderated
 from storage.jobs import JobOutput
 
 def stream_call(ctx, stream, call: int = 0, calls: int = 1) -> Any:
@@ -89,9 +91,14 @@ def _refine(ctx, handles, spec: RefineSpec) -> dict:
     return {"refined": refined.model_dump(mode="json")}
 
 
-def _generate(ctx, handles, sdxl: SDXLRequest) -> dict:
-    request = with_fields(sdxl, job_id=ctx.id, store=True, output_id=ctx.id)
+def _generate(ctx, handles, sdxl: SDXLRequest, moderation: ModerationSpec | None = None) -> dict:
+    """SDXL's images, stored under the job's id: by the replica, or (with `moderation`) here once
+    each has been looked at (a refused image fails the job, unstored)."""
+    request = with_fields(sdxl, job_id=ctx.id, store=moderation is None, output_id=ctx.id)
     response = stream_sdxl(ctx, _handle(handles, "sdxl"), request)
+    if moderation is not None:
+        store_moderated(ctx.store.storage, _handle(handles, "llm"), response.images, ctx.id, moderation,
+                        ctx.check_cancelled)
     return {
         "keys": [image.key for image in response.images], "seeds": [image.seed for image in response.images],
         "width": response.images[0].width, "height": response.images[0].height, "prompt": response.prompt,
@@ -224,7 +231,7 @@ def text_to_image_hd(ctx, handles: dict[str, Any]) -> None:
     if payload.refine:
         refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, payload.refine))
         sdxl = _apply(sdxl, refined)
-    generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl))
+    generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl, payload.moderation))
     spec = with_fields(payload.upscale, prompt=generated["prompt"])
     # Each image is upscaled with its own seed, so image i of the batch is reproducible alone.
     sources = [{"image_key": key, "seed": seed} for key, seed in zip(generated["keys"], generated["seeds"])]
@@ -254,7 +261,7 @@ def text_to_video(ctx, handles: dict[str, Any]) -> None:
     if payload.refine:
         refined = run_stage(ctx, "refine", lambda: _refine(ctx, handles, payload.refine))
         sdxl = _apply(sdxl, refined)
-    generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl))
+    generated = run_stage(ctx, "generate", lambda: _generate(ctx, handles, sdxl, payload.moderation))
     still = generated["keys"][0]
     if _given(payload.upscale):
         spec = with_fields(payload.upscale, prompt=generated["prompt"])

@@ -8,14 +8,17 @@ engine batches them.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from deployments.errors import AtelierError
 from deployments.llm import vision
 from deployments.llm.contract import engine_error
 from deployments.llm.vision import JudgeSettings, Judgement, ModerationSettings, ModerationVerdict
-from deployments.sdxl.contract import SDXLResponse
+from deployments.sdxl.contract import SDXLImage
 from storage.keys import output_key
+
+if TYPE_CHECKING:
+    from graphs.payloads import ModerationSpec
 
 
 def chat_answers(handle, bodies: list[dict], param: str) -> list[Any]:
@@ -74,11 +77,21 @@ def moderate_images(handle, images: list[bytes], model_id: str, settings: Modera
     return verdicts
 
 
-def store_moderated(ctx, handle, response: SDXLResponse, model_id: str, settings: ModerationSettings) -> None:
-    """A job's generated images (PNGs, not stored yet) looked at, then stored under the job's id
-    only when every one passed: a refused image is never stored (the job fails with the refusal)."""
-    moderate_images(handle, [image.png for image in response.images], model_id, settings)
-    ctx.check_cancelled()
-    for index, image in enumerate(response.images):
-        image.key = ctx.store.storage.put_bytes(output_key(ctx.id, index), image.png, "image/png")
+def store_generated(storage, output_id: str, images: list[SDXLImage], first_index: int = 0) -> None:
+    """Generated PNGs (kept to be looked at) stored under `output_id`, image i at index first_index + i."""
+    for index, image in enumerate(images, start=first_index):
+        image.key = storage.put_bytes(output_key(output_id, index), image.png, "image/png")
         image.png = None
+
+
+def store_moderated(storage, handle, images: list[SDXLImage], output_id: str, moderation: ModerationSpec | None,
+                    check_cancelled: Callable[[], None] = lambda: None, first_index: int = 0) -> None:
+    """Generated images (PNGs, not stored yet) stored under `output_id`; when the job carries a
+    `moderation` section, each is looked at first and they are stored only once every one passed:
+    a refused image is never stored (ContentPolicyError fails the job, or the workflow node).
+    Every job that makes images stores them through here: the images API's, text-to-image-hd's,
+    text-to-video's still, and the workflow's text_to_image, image_to_image, inpaint and qa_loop."""
+    if moderation is not None:
+        moderate_images(handle, [image.png for image in images], moderation.model, moderation.settings)
+        check_cancelled()
+    store_generated(storage, output_id, images, first_index)

@@ -26,7 +26,8 @@ from deployments.svd.contract import SVDRequest
 from deployments.upscaler.contract import UpscaleRequest
 from graphs import vision as graph_vision
 from graphs.payloads import JudgeSpec, WorkflowRefineContext, WorkflowRunPayload, section
-from graphs.pipelines import drain_stream, generate_candidates, lora_lineage, store_generated
+from graphs.pipelines import drain_stream, generate_candidates, lora_lineage
+from graphs.vision import store_moderated
 from graphs.workflows import NODE_TYPES, NodeContext, Workflow, deployments_of, run_workflow
 from storage.fs import ObjectNotFoundError, Storage
 from storage.jobs import JobOutput
@@ -100,15 +101,23 @@ def node_runners(handles: dict[str, Any], job_id: str, spec: WorkflowRunPayload,
                 steps=p.steps, guidance_scale=p.guidance_scale, seed=p.seed,
                 style=getattr(p, "style", None), lora=getattr(p, "lora", None),
                 lora_scale=getattr(p, "lora_scale", 1.0), strength=getattr(p, "strength", 0.8),
-                image_key=node.inputs.get("image"), mask_key=node.inputs.get("mask"), job_id=job_id, store=True,
-                output_id=output_id(node), **_size(p.size))
+                image_key=node.inputs.get("image"), mask_key=node.inputs.get("mask"), job_id=job_id,
+                store=spec.moderation is None, output_id=output_id(node), **_size(p.size))
             if getattr(p, "best_of", None) is not None:
                 return best_of(node, request)
             stream = routed(handles["sdxl"], request).options(stream=True).generate_stream.remote(request)
             response = _drain(node, stream)
+            if spec.moderation is not None:  # the PNGs came back: looked at, then stored
+                store(node, response.images)
             return {"images": [image.key for image in response.images]}
 
         return run
+
+    def store(node: NodeContext, images: list, first_index: int = 0) -> None:
+        """Generated PNGs stored under the node's output id; with the run's `moderation`, each is
+        looked at first and a refused one fails the node, unstored."""
+        store_moderated(storage, handles.get("llm"), images, output_id(node), spec.moderation, node.check_cancelled,
+                        first_index)
 
     def best_of(node: NodeContext, request: SDXLRequest) -> dict:
         """text_to_image with best_of: the images API's best-of-n (graphs/pipelines.py), as a node:
@@ -120,7 +129,7 @@ def node_runners(handles: dict[str, Any], job_id: str, spec: WorkflowRunPayload,
                                        check_cancelled=node.check_cancelled)
         judged = _judge(handles, spec.judge, [image.png for image in response.images], request.prompt, p.criteria)
         node.check_cancelled()
-        store_generated(storage, output_id(node), response.images)
+        store(node, response.images)
         order = rank(judged)
         ranks = {index: position for position, index in enumerate(order)}
         node.report({"candidates": [
@@ -178,7 +187,7 @@ def node_runners(handles: dict[str, Any], job_id: str, spec: WorkflowRunPayload,
                                  node.check_cancelled).images[0]
             at(0.75)
             judgement = _judge(handles, spec.judge, [image.png], asked, p.criteria)[0]
-            store_generated(storage, output_id(node), [image], first_index=r)
+            store(node, [image], first_index=r)
             rounds.append({"round": r + 1, "prompt": prompt, "negative_prompt": negative, "seed": image.seed,
                            "image": image.key, **judgement.model_dump(), **(refine_note or {})})
             node.report({"rounds": rounds, "threshold": p.threshold, "max_rounds": p.max_rounds})

@@ -19,6 +19,7 @@ from api.models.service import ModelsService
 from api.ratelimit import NO_RATE_LIMITS, RateLimiter
 from api.text.service import TextService
 from api.uploads import Uploads
+from api.vision.service import VisionService
 from deployments.diffusion import random_seed
 from deployments.errors import InvalidRequestError
 from deployments.llm.contract import RefineRequest
@@ -32,6 +33,7 @@ from storage.jobs import JobRecord
 
 class UpscaleService:
     rate: RateLimiter = NO_RATE_LIMITS  # the key's cost budget (build_services sets the app's)
+    vision: "VisionService | None" = None  # output moderation of the HD stills (build_services sets it)
 
     def __init__(self, models: ModelsService, text: TextService, jobs: JobsService, files: FilesService,
                  uploads: Uploads):
@@ -81,6 +83,10 @@ class UpscaleService:
 
     # --- text-to-image-hd: POST /v1/images/generations with "upscale": true --------------------------
 
+    def moderation_spec(self) -> dict | None:
+        """The job's `moderation` section when outputs are checked (api/vision)."""
+        return self.vision.moderation_spec() if self.vision is not None else None
+
     def check_hd(self, sdxl_request: SDXLRequest) -> None:
         """SDXL's images must be upscalable: their size is the request's `size`."""
         upscaler_contract.check(UpscaleRequest(), self.models.limits_of("upscaler"),
@@ -89,7 +95,7 @@ class UpscaleService:
     async def submit_hd(self, sdxl_request: SDXLRequest, refine: dict | None) -> JobRecord:
         """Enqueue an images.text_to_image_hd job: [refine] → generate → upscale."""
         self.check_hd(sdxl_request)
-        payload = text_to_image_hd_payload(sdxl_request, refine)
+        payload = text_to_image_hd_payload(sdxl_request, refine, self.moderation_spec())
         stages = (["refine"] if refine else []) + ["generate", "upscale"]
         return await self.jobs.submit_async(payload, stages)
 
@@ -102,14 +108,20 @@ class UpscaleService:
         if refine is not None:
             refined = await self.text.refine(RefineRequest.model_validate(refine["request"]))
             sdxl_request = SDXLRequest.model_validate(apply_refined(sdxl_request.model_dump(), refined))
-        sdxl_request.store, sdxl_request.output_id = True, self.files.output_id()
+        moderated = self.vision is not None and self.vision.checks_outputs
+        output_id = self.files.output_id()
+        # The upscaler reads each still by key; with output checks on the stills come back as PNGs,
+        # are looked at, and are stored only once every one passed.
+        sdxl_request.store, sdxl_request.output_id = not moderated, output_id
         generated: SDXLResponse = await routed(self.models.handle("sdxl"), sdxl_request).generate.remote(sdxl_request)
+        if moderated:
+            await self.vision.store_checked(generated, output_id)
         store = body.response_format == "url"
         upscaler = self.models.handle("upscaler")
         results: list[UpscaleResponse] = await asyncio.gather(*(
             upscaler.upscale.remote(UpscaleRequest(
                 image_key=image.key, prompt=generated.prompt, seed=image.seed, store=store,
-                output_id=f"{sdxl_request.output_id}.hd-{i}" if store else None))
+                output_id=f"{output_id}.hd-{i}" if store else None))
             for i, image in enumerate(generated.images)))
         data = [
             ImageData(url=self.files.url_for(r.key, base_url), seed=r.seed, revised_prompt=generated.prompt)
@@ -133,8 +145,10 @@ def upscale_payload(request: UpscaleRequest, image_key: str) -> ImageUpscalePayl
     return ImageUpscalePayload.create(upscale=section)
 
 
-def text_to_image_hd_payload(sdxl_request: SDXLRequest, refine: dict | None) -> TextToImageHDPayload:
+def text_to_image_hd_payload(sdxl_request: SDXLRequest, refine: dict | None,
+                             moderation: dict | None = None) -> TextToImageHDPayload:
     """images.text_to_image_hd: SDXL's request (whole), its refine stage, and the upscaler's defaults
     (each image is upscaled with its own seed and SDXL's prompt)."""
     return TextToImageHDPayload.create(sdxl=sdxl_request, refine=refine,
-                                       upscale={"steps": None, "noise_level": None, "seed": None})
+                                       upscale={"steps": None, "noise_level": None, "seed": None},
+                                       **({"moderation": moderation} if moderation else {}))

@@ -163,7 +163,8 @@ class VideosService:
             # 4a. The still: SDXL's limits (and the upscaler's, when it is upscaled), Gemma if asked.
             sdxl_request, refine = await self._still(body, seed, (width, height), upscale_still, up, upscale)
             payload = text_to_video_payload(summary, sdxl_request, refine,
-                                            upscale_spec(upscale) if upscale_still else None, svd_section, chain)
+                                            upscale_spec(upscale) if upscale_still else None, svd_section, chain,
+                                            self.vision.moderation_spec() if self.vision is not None else None)
             stages = (["refine"] if refine else []) + ["generate"] + (["upscale"] if upscale_still else []) + stages
         else:
             # 4b. The image: an upload is stored, a reference is passed on as its key.
@@ -321,9 +322,10 @@ def image_to_video_payload(summary: dict[str, Any], svd: dict[str, Any],
 
 def text_to_video_payload(summary: dict[str, Any], sdxl: SDXLRequest, refine: dict | None,
                           upscale: dict[str, Any] | None, svd: dict[str, Any],
-                          chain: SVDChain | None = None) -> TextToVideoPayload:
+                          chain: SVDChain | None = None, moderation: dict | None = None) -> TextToVideoPayload:
     """The still's SDXL request (whole, as POST /v1/images/generations stores it), its refine stage
     and upscale settings, then the SVD section (its image_key is the still's, once it exists), and
-    `chain` for a video longer than one clip."""
+    `chain` for a video longer than one clip, and `moderation` when the still is looked at first."""
     return TextToVideoPayload.create(**summary, sdxl=sdxl, refine=refine, upscale=upscale,
-                                     svd={**svd, "image_key": None}, **({"chain": chain} if chain else {}))
+                                     svd={**svd, "image_key": None}, **({"chain": chain} if chain else {}),
+                                     **({"moderation": moderation} if moderation else {}))

@@ -41,6 +41,8 @@ from storage.keys import new_id
 from storage.workflows import SavedWorkflowError, SavedWorkflowExistsError, SavedWorkflowStore
 
 SDXL_NODE_TYPES = ("text_to_image", "image_to_image", "inpaint")
+# The node types whose images output moderation looks at (graphs/vision.store_moderated).
+IMAGE_MAKING_NODE_TYPES = (*SDXL_NODE_TYPES, "qa_loop")
 # Nodes that ask the LLM to judge images (text_to_image only with best_of).
 JUDGING_NODE_TYPES = ("judge", "qa_loop", "text_to_image")
 # A node's prompt arrives on an edge when the workflow runs; its checks do not read it.
@@ -374,6 +376,9 @@ class WorkflowsService:
             await asyncio.gather(*(self.vision.check_prompt(node.params.get("text"), f"nodes.{node.id}.params.text")
                                    for node in workflow.nodes if node.type == "prompt"))
         payload = await self.run_payload(workflow, body.use_cache, saved)
+        moderation = self.vision.moderation_spec() if self.vision is not None else None
+        if moderation and any(node.type in IMAGE_MAKING_NODE_TYPES for node in workflow.nodes):
+            payload["moderation"] = moderation  # each generated image looked at before it is stored
         return await self.jobs.submit_async(WorkflowRunPayload.create(**payload), ["workflow"])
 
     # --- saved workflows ------------------------------------------------------------------------------

@@ -139,6 +139,8 @@ def build(tmp_path, moderation: dict | None = None, llm: bool = True, **fake) ->
                  "default_steps": 2, "max_steps": 50},
         "svd": {"model": str(tiny["svd"]), "default_width": 64, "default_height": 64, "min_size": 32,
                 "max_size": 256, "default_steps": 2, "max_steps": 50},
+        "upscaler": {"model": str(tiny["upscaler"]), "min_input_size": 16, "max_input_size": 256,
+                     "default_steps": 2, "max_steps": 50},
     }
     if llm:
         sections["llm"] = {"model_source": "tiny-gemma", "model_id": "gemma", "max_model_len": 2048, "max_images": 2,
