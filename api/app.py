@@ -136,5 +136,6 @@ def build_app(args: AtelierArgs | dict) -> Application:
         name="JobRunnerDeployment",
         max_ongoing_requests=args.queue.concurrency,  # Serve sizes the consumer's thread pool with this
     )
-    job_runner = job_runner_cls.bind(args.queue, **models, **storage)
+    job_runner = job_runner_cls.bind(args.queue, **models, **storage, retention=args.ingress.assets.retention,
+                                     assets_index_dir=args.ingress.assets.index_dir)
     return IngressDeployment.bind(args.ingress, job_runner=job_runner, limits=model_limits(args), **models)

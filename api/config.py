@@ -13,6 +13,7 @@ from api.security import DEFAULT_ALLOWED_HOSTS, DEFAULT_CSP
 from deployments.llm.contract import GemmaConfig
 from deployments.llm.vision import ModerationSettings
 from graphs.job_runner import JobQueueConfig
+from storage.assets import AssetsConfig
 from storage.sources import CollectConfig
 from storage.url_import import DatasetImportConfig
 
@@ -51,6 +52,9 @@ class IngressConfig(BaseModel):
     sse_max_lifetime_s: float = Field(600.0, gt=0, description="An event stream ends after this long; clients "
                                                                "reconnect (EventSource does by itself).")
     sse_max_per_key: int = Field(8, ge=1, description="Open event streams per API key, per ingress replica.")
+    assets: AssetsConfig = Field(
+        default_factory=AssetsConfig, description="The asset library: its local search index, and the retention "
+                                                  "policy per job kind (swept by the job runners).")
     fine_tuning: FineTuningConfig = Field(
         FineTuningConfig(), description="POST /v1/fine_tuning/jobs: Ray job address and run defaults.")
     allowed_hosts: list[str] = Field(

@@ -15,6 +15,8 @@ from fastapi import APIRouter
 from ray.serve.handle import DeploymentHandle
 from ray.serve.task_consumer import instantiate_adapter_from_config
 
+from api.assets.router import router as assets_router
+from api.assets.service import AssetsService, build_assets_service
 from api.auth import PUBLIC, READ_ONLY, RequireScope
 from api.collect.router import router as collect_router
 from api.collect.service import CollectService, build_collect_service
@@ -77,6 +79,8 @@ ROUTERS: list[tuple[APIRouter, RequireScope]] = [
     (stats_router, READ_ONLY),
     (prompts_router, READ_ONLY),
     (presets_router, RequireScope("generate")),
+    # Deleting a job needs the scope of its kind (as cancel); retention runs need admin (the service checks).
+    (assets_router, RequireScope("generate", "train")),
 ]
 
 
@@ -99,6 +103,7 @@ class Services:
     prompts: PromptsService
     presets: PresetsService
     rate: RateLimiter
+    assets: AssetsService
 
 
 def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], limits: dict[str, Any],
@@ -148,7 +153,8 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     workflows.max_best_of, workflows.max_qa_rounds = config.max_best_of, config.max_qa_rounds
     for service in (text, vision, images, videos, upscale, workflows):  # each charges its requests' cost to the key
         service.rate = rate
-    return Services(files=files, uploads=uploads, jobs=jobs, models=models, text=text, vision=vision, images=images,
+    assets = build_assets_service(storage, jobs, config.assets)  # search, tags, deletes, retention
+    return Services(assets=assets, files=files, uploads=uploads, jobs=jobs, models=models, text=text, vision=vision, images=images,
                     videos=videos, upscale=upscale, datasets=datasets, collect=collect, fine_tuning=fine_tuning, workflows=workflows,
                     stats=StatsService(store),
                     prompts=PromptsService(styles=sorted(styles)), presets=presets, rate=rate)

@@ -30,6 +30,7 @@ from deployments import metrics
 from graphs.payloads import JobPayload, parse_payload
 from graphs.registry import JOB_PIPELINES
 from storage.fs import Storage
+from storage.assets import AssetIndex, Retention, RetentionConfig, default_index_path
 from storage.jobs import JobStore
 from storage.jobs import TERMINAL_STATUSES, JobError, JobOutput, JobRecord
 
@@ -241,7 +242,7 @@ class JobRunnerDeployment:
     """Wrapped with `task_consumer` and `serve.deployment` in api.app, where its queue config is known."""
 
     def __init__(self, queue: JobQueueConfig | dict, storage_root: str, storage_options: dict | None = None,
-                 **handles: Any):
+                 retention: RetentionConfig | dict | None = None, assets_index_dir: str | None = None, **handles: Any):
         self.queue = JobQueueConfig.model_validate(queue)
         check_broker(os.path.expandvars(self.queue.broker_url))
         # before task_consumer's initialize_callable starts the Celery worker, which connects then
@@ -249,6 +250,11 @@ class JobRunnerDeployment:
         self.store = JobStore(Storage(storage_root, storage_options))
         self.handles = handles
         self.pipelines = JOB_PIPELINES
+        # The asset retention sweep (storage/assets.py) rides the reaper's timer; one runner sweeps per period.
+        self.retention = RetentionConfig.model_validate(retention or {})
+        self._retention: Retention | None = None
+        self._assets_index_dir = assets_index_dir
+        self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_forever, name="job-reaper", daemon=True)
         self._reaper.start()
@@ -346,6 +352,10 @@ class JobRunnerDeployment:
                 self.reap_once()
             except Exception:
                 logger.exception("job reaper pass failed")
+            if self.retention.enabled and not (self._sweeper and self._sweeper.is_alive()):
+                # its own thread: an index build or a long sweep never holds up the reaping
+                self._sweeper = threading.Thread(target=self.sweep_assets, name="asset-sweeper", daemon=True)
+                self._sweeper.start()
             # Also on a timer: jobs leave the queue where no runner sees it (a queued job cancelled
             # through the ingress, one finished by another replica).
             self.report_queue_depth()
@@ -385,6 +395,20 @@ class JobRunnerDeployment:
                 logger.warning("job %s lost its runner %d times; failed", record.id, record.attempts)
             recovered.append(record.id)
         return recovered
+
+    def sweep_assets(self):
+        """Apply the retention policy (or report what it would delete) when this period's lease is ours."""
+        if not self.retention.enabled or not self.retention.kinds:
+            return None
+        try:
+            if self._retention is None:
+                storage = self.store.storage
+                index = AssetIndex(storage, default_index_path(storage, self._assets_index_dir, "runner"))
+                self._retention = Retention(index, self.retention)
+            return self._retention.sweep()
+        except Exception:
+            logger.exception("asset retention sweep failed")
+            return None
 
     def check_health(self) -> None:
         if not self._reaper.is_alive():

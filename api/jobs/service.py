@@ -60,6 +60,7 @@ class JobsService:
         self.sse_max_per_key = sse_max_per_key
         self._streams: dict[str, list[float]] = {}  # open event streams per API key (when each ends), here
         self.replay_checks: dict[str, ReplayCheck] = {}  # by job kind; see ReplayCheck
+        self.on_create: list[Callable[[str], None]] = []  # told each new job's id (the asset index)
 
     def submit(self, payload: JobPayload, stages: list[str] | None = None) -> JobRecord:
         """Durably record a job (its kind and the payload as stored JSON) and enqueue it; 503 when the
@@ -79,6 +80,8 @@ class JobsService:
         record = self.jobs.create(payload.kind, payload.to_request(), stages=stages or [],
                                   max_attempts=self.queue_config.max_attempts, task_id=new_task_id(),
                                   owner=caller().owner)
+        for hook in self.on_create:
+            hook(record.id)
         try:
             send_job(self.queue, record)
         except Exception as exc:

@@ -35,8 +35,10 @@ def expected_scopes(method: str, path: str) -> tuple[str, ...]:
     if path.startswith(("/v1/datasets", "/v1/fine_tuning", "/v1/collect")) or (
             method == "DELETE" and path.startswith("/v1/models/")) or (method == "POST" and path == "/v1/models"):
         return ("train",)  # importing a LoRA, deleting a LoRA version: its owner's `train` key
-    if re.fullmatch(r"/v1/jobs/x/(cancel|replay)", path):
+    if re.fullmatch(r"/v1/jobs/x(/cancel|/replay|/asset)?", path):
         return ("generate", "train")  # and then the scope of the job's own kind (test_security_http.py)
+    if path == "/v1/assets/retention":
+        return ("generate", "train")  # and then admin (tests/unit/test_assets.py)
     return ("generate",)
 
 

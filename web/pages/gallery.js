@@ -1,5 +1,7 @@
-// Gallery: completed jobs' images and videos with their lineage (GET /v1/jobs), reuse of a job's
-// settings, and adding selected images to a dataset (POST /v1/datasets/{id}/imports with output_keys).
+// Gallery: completed jobs' images and videos with their lineage, searched from the asset index
+// (GET /v1/assets: prompt words, kind, model, LoRA, tag, favourites, dates), tags and favourites
+// (PUT /v1/jobs/{id}/asset), delete (DELETE /v1/jobs/{id}), storage by kind (GET /v1/assets/stats),
+// reuse of a job's settings, and adding selected images to a dataset (POST /v1/datasets/{id}/imports).
 
 import { api } from "../api.js";
 import {
@@ -8,8 +10,31 @@ import {
 
 const PAGE_SIZE = 50;
 let after = null; // the `after` cursor of the next page
+const KINDS = [["", "Any kind"], ["images.generations", "Text to image"], ["images.edits", "Image edits"],
+  ["images.upscale", "Upscales"], ["images.text_to_image_hd", "HD images"], ["videos.image_to_video", "Image to video"],
+  ["videos.text_to_video", "Text to video"], ["workflows.run", "Workflow runs"]];
+
+function filterField(id, label, control) {
+  return el("div", { class: "field" }, el("label", { for: id }, label), control);
+}
 
 export function init(section) {
+  const search = el("form", { id: "gallery-search", class: "panel gallery-search", role: "search",
+    onsubmit: (event) => { event.preventDefault(); load(true); } },
+  filterField("gallery-q", "Search prompts and tags", el("input", { id: "gallery-q", type: "search", maxlength: 200,
+    placeholder: "lighthouse dusk" })),
+  filterField("gallery-kind", "Kind", el("select", { id: "gallery-kind" },
+    ...KINDS.map(([value, text]) => el("option", { value }, text)))),
+  filterField("gallery-model", "Model", el("input", { id: "gallery-model", type: "text", maxlength: 300, placeholder: "any" })),
+  filterField("gallery-lora", "LoRA", el("input", { id: "gallery-lora", type: "text", maxlength: 300, placeholder: "name or name:version" })),
+  filterField("gallery-tag", "Tag", el("select", { id: "gallery-tag" }, el("option", { value: "" }, "Any tag"))),
+  filterField("gallery-from", "Made from", el("input", { id: "gallery-from", type: "date" })),
+  filterField("gallery-to", "Made until", el("input", { id: "gallery-to", type: "date" })),
+  el("div", { class: "check" }, el("input", { id: "gallery-favorites", type: "checkbox" }),
+    el("label", { for: "gallery-favorites" }, "Favourites only")),
+  el("div", { class: "actions" }, el("button", { id: "gallery-search-submit", type: "submit", class: "primary" }, "Search"),
+    el("button", { id: "gallery-search-clear", type: "button", onclick: clearFilters }, "Clear")),
+  el("p", { id: "gallery-stats", class: "muted", "aria-live": "polite" }));
   const toolbar = el("div", { class: "panel toolbar" },
     el("div", { class: "field" }, el("label", { for: "gallery-dataset" }, "Dataset"),
       el("select", { id: "gallery-dataset" })),
@@ -21,7 +46,7 @@ export function init(section) {
     el("p", { id: "gallery-result", role: "status" }),
     alertBox("gallery-error"));
   const grid = el("div", { id: "gallery-grid", class: "cards", onchange: countSelected });
-  section.append(toolbar, grid,
+  section.append(search, toolbar, grid,
     el("p", { class: "center" }, el("button", { id: "gallery-more", type: "button", hidden: true, onclick: () => load(false) },
       "Load more")));
 }
@@ -29,6 +54,52 @@ export function init(section) {
 export function show() {
   load(true);
   loadDatasets();
+  loadTagsAndStats();
+}
+
+function clearFilters() {
+  $("#gallery-search").reset();
+  load(true);
+}
+
+/** The date inputs as epoch seconds (local midnight; "until" includes its whole day). */
+function dayStart(value, plusDays = 0) {
+  if (!value) return null;
+  const [y, m, d] = value.split("-").map(Number);
+  return new Date(y, m - 1, d + plusDays).getTime() / 1000;
+}
+
+function filters() {
+  return {
+    q: $("#gallery-q").value.trim(), kind: $("#gallery-kind").value, model: $("#gallery-model").value.trim(),
+    lora: $("#gallery-lora").value.trim(), tag: $("#gallery-tag").value,
+    favorite: $("#gallery-favorites").checked ? "true" : null,
+    created_after: dayStart($("#gallery-from").value), created_before: dayStart($("#gallery-to").value, 1),
+  };
+}
+
+function formatBytes(n) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+async function loadTagsAndStats() {
+  try {
+    const [tags, stats] = await Promise.all([api("GET", "/v1/assets/tags"), api("GET", "/v1/assets/stats")]);
+    const select = $("#gallery-tag");
+    const before = select.value;
+    select.replaceChildren(el("option", { value: "" }, "Any tag"),
+      ...tags.data.map((t) => el("option", { value: t.tag }, `${t.tag} (${t.count})`)));
+    if (tags.data.some((t) => t.tag === before)) select.value = before;
+    const kinds = Object.entries(stats.by_kind).map(([kind, s]) => `${kind}: ${s.jobs} (${formatBytes(s.bytes)})`);
+    const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+    $("#gallery-stats").textContent = `${plural(stats.total.jobs, "job")}, ${plural(stats.total.outputs, "file")}, ` +
+      `${formatBytes(stats.total.bytes)}${kinds.length ? ` · ${kinds.join(" · ")}` : ""}`;
+  } catch (err) {
+    showError($("#gallery-error"), err);
+  }
 }
 
 async function loadDatasets() {
@@ -52,14 +123,17 @@ async function load(first) {
   if (first) after = null;
   more.disabled = true;
   try {
-    const page = await api("GET", "/v1/jobs", { query: { status: "completed", limit: PAGE_SIZE, after } });
+    const page = await api("GET", "/v1/assets", { query: { status: "completed", limit: PAGE_SIZE, after, ...filters() } });
     const cards = page.data.flatMap(cardsOf);
     if (first) {
       revokeBlobs(grid);
       grid.replaceChildren(...cards);
     }
     else grid.append(...cards);
-    if (!grid.children.length) grid.append(el("p", { class: "muted empty" }, "No finished images or videos yet."));
+    if (!grid.children.length) {
+      const filtered = Object.values(filters()).some((v) => v);
+      grid.append(el("p", { class: "muted empty" }, filtered ? "Nothing matches this search." : "No finished images or videos yet."));
+    }
     after = page.last_id;
     more.hidden = !page.has_more;
   } catch (err) {
@@ -136,6 +210,7 @@ function cardsOf(job) {
         el("label", { for: checkId }, "Select")),
       el("dl", { class: "lineage" }, ...rows.filter(([, v]) => v !== undefined && v !== null && v !== "")
         .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))])),
+      assetControls(job),
       reuse
         ? el("button", { type: "button", class: "reuse", onclick: () => { location.hash = reuse; } }, "Reuse settings")
         : null,
@@ -174,5 +249,78 @@ async function addToDataset() {
     for (const box of document.querySelectorAll("#gallery-grid .gallery-check:checked")) box.checked = false;
     countSelected();
     loadDatasets();
+  }
+}
+
+// --- tags, favourite, delete (one job: every card of its outputs shows the same) -------------------
+
+function cardsOfJob(id) {
+  return [...document.querySelectorAll("#gallery-grid .card")].filter((c) => c.dataset.job === id);
+}
+
+function assetControls(job) {
+  const tagList = el("ul", { class: "tags", "aria-label": "Tags" });
+  const renderTags = (tags) => tagList.replaceChildren(...tags.map((tag) => el("li", { class: "tag" }, tag,
+    el("button", { type: "button", class: "tag-remove", "aria-label": `Remove tag ${tag}`,
+      onclick: () => edit(job, { remove_tags: [tag] }) }, "×"))));
+  renderTags(job.tags || []);
+  const input = el("input", { class: "tag-input", type: "text", maxlength: 40, placeholder: "add a tag", "aria-label": "New tag" });
+  const star = el("button", { type: "button", class: "favorite", "aria-pressed": String(!!job.favorite),
+    title: "Favourite (kept by the retention policy)", onclick: () => edit(job, { favorite: !job.favorite }) },
+  job.favorite ? "★ Favourite" : "☆ Favourite");
+  const remove = el("button", { type: "button", class: "delete danger", onclick: () => removeJob(job, remove) }, "Delete");
+  const controls = el("div", { class: "asset-controls" }, star, tagList,
+    el("form", { class: "tag-form", onsubmit: (event) => {
+      event.preventDefault();
+      const tag = input.value.trim();
+      if (tag) edit(job, { add_tags: [tag] }).then((ok) => { if (ok) input.value = ""; });
+    } }, input, el("button", { type: "submit", class: "tag-add" }, "Tag")),
+    remove);
+  controls.render = (view) => {
+    Object.assign(job, { tags: view.tags, favorite: view.favorite });
+    renderTags(view.tags);
+    star.textContent = view.favorite ? "★ Favourite" : "☆ Favourite";
+    star.setAttribute("aria-pressed", String(view.favorite));
+  };
+  return controls;
+}
+
+async function edit(job, change) {
+  clearError($("#gallery-error"));
+  try {
+    const view = await api("PUT", `/v1/jobs/${encodeURIComponent(job.id)}/asset`, { json: change });
+    for (const card of cardsOfJob(job.id)) card.querySelector(".asset-controls")?.render(view);
+    loadTagsAndStats();
+    return true;
+  } catch (err) {
+    showError($("#gallery-error"), err);
+    return false;
+  }
+}
+
+/** Two clicks: the first asks, the second deletes the job, its files and its tags. */
+async function removeJob(job, button) {
+  if (!button.classList.contains("confirm")) {
+    button.classList.add("confirm");
+    button.textContent = "Really delete?";
+    setTimeout(() => { button.classList.remove("confirm"); button.textContent = "Delete"; }, 5000);
+    return;
+  }
+  clearError($("#gallery-error"));
+  button.disabled = true;
+  try {
+    const done = await api("DELETE", `/v1/jobs/${encodeURIComponent(job.id)}`);
+    for (const card of cardsOfJob(job.id)) {
+      revokeBlobs(card);
+      card.remove();
+    }
+    const kept = done.files_kept.length;
+    $("#gallery-result").textContent = `Deleted ${job.id}` +
+      (kept ? `; ${kept} file${kept === 1 ? "" : "s"} kept (another job still uses ${kept === 1 ? "it" : "them"}).` : ".");
+    loadTagsAndStats();
+    countSelected();
+  } catch (err) {
+    button.disabled = false;
+    showError($("#gallery-error"), err);
   }
 }

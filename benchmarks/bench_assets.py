@@ -1,0 +1,204 @@
+"""Asset search and listing latency over 100,000 job records on local storage (issue 22; goal p50 <= 50 ms).
+
+1. A fast writer puts `--records` job records straight into `jobs/` of a temp local storage (one
+   JSON per job, as JobStore writes them, ids and `created_at` spread over 90 days, 4 tenants, a mix
+   of kinds, models, LoRAs and prompts), plus tags and favourites on 1% of them (assets/meta/).
+2. The derived index (storage/assets.py AssetIndex) is built from them, as a replica does on its
+   first search; its build time and the time of an incremental sync with nothing new are printed.
+3. Queries, as the service runs them (refresh when older than `sync_interval_s`, then the SQL
+   search, then the rows' JSON decoded): a tenant's newest page, its second page, a prompt word, two
+   prompt words, kind, model, LoRA, tag, favourites, a 7-day date range, and an admin's newest page.
+4. The baseline is measured in the same run, interleaved with the index query by query:
+   `JobStore.list(limit=50, visible=tenant)`, today's GET /v1/jobs path (list the ids, read records
+   newest first until 50 match). Text search has no path today but reading every record; that scan
+   is measured over the newest `--scan-records` records and scaled to the full count (printed as an
+   estimate).
+
+Rounds are interleaved (index, baseline, index, baseline, ...), each round gives a p50 and p95 per
+path, and the medians over rounds are printed, with the ratio baseline / index.
+
+    .venv/bin/python benchmarks/bench_assets.py [--records 100000] [--rounds 5] [--queries 20]
+        [--scan-records 5000] [--sync-interval-s 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from storage.assets import AssetIndex, AssetMeta, AssetMetaStore, AssetQuery, asset_fields  # noqa: E402
+from storage.fs import Storage  # noqa: E402
+from storage.jobs import JobRecord, JobStore  # noqa: E402
+
+GOAL_P50_MS = 50.0
+WORDS = ("lighthouse harbour forest mountain portrait city night dusk dawn river desert castle garden robot "
+         "dragon ocean storm winter summer neon watercolor oil sketch cinematic misty golden red blue green "
+         "violet ancient futuristic quiet busy market train bridge tower cat dog fox owl horse whale").split()
+KINDS = ["images.generations"] * 6 + ["images.edits", "images.upscale", "videos.text_to_video", "workflows.run"]
+MODELS = ["sdxl", "sdxl", "sdxl-turbo", "svd"]
+LORAS = [None, None, None, "ink-style:1", "ink-style:2", "pixel:1", "film-grain:3"]
+OWNERS = ["alice", "bob", "carol", "dave"]
+TAGS = ["print", "client", "wip", "portfolio", "sea", "moody"]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def write_records(root: str, n: int, seed: int = 0) -> list[str]:
+    """The fast writer: plain file writes of JobRecord JSON (no temp-and-rename, no markers)."""
+    rng = random.Random(seed)
+    now_ms = int(time.time() * 1000)
+    span_ms = 90 * 86400 * 1000
+    stamps = sorted(now_ms - rng.randrange(span_ms) for _ in range(n))
+    folder = os.path.join(root, "jobs")
+    os.makedirs(folder, exist_ok=True)
+    ids = []
+    for ms in stamps:
+        job_id = f"job_{ms:012x}{rng.getrandbits(31):08x}"
+        created = ms / 1000.0
+        words = rng.sample(WORDS, 5)
+        lora = rng.choice(LORAS)
+        record = {
+            "id": job_id, "kind": rng.choice(KINDS), "status": "completed", "progress": 100.0,
+            "created_at": created, "updated_at": created + 5, "finished_at": created + 5,
+            "owner": rng.choice(OWNERS),
+            "request": {"sdxl": {"prompt": " ".join(words), "width": 1024, "height": 1024, "steps": 30,
+                                 **({"lora": lora} if lora else {})}},
+            "outputs": [{"key": f"outputs/2026/01/01/{job_id}/0.png", "content_type": "image/png",
+                         "width": 1024, "height": 1024, "seed": rng.getrandbits(31)}],
+            "result": {"model": rng.choice(MODELS), "prompt": " ".join(words)},
+        }
+        with open(os.path.join(folder, f"{job_id}.json"), "w") as f:
+            json.dump(record, f)
+        ids.append(job_id)
+    return ids
+
+
+def queries(ids: list[str], rng: random.Random) -> dict[str, AssetQuery]:
+    owner = "alice"
+    newest = AssetQuery(owner=owner, limit=51)
+    page2_after = ids[-200]
+    week_end = time.time() - 30 * 86400
+    return {
+        "tenant newest page": newest,
+        "tenant page (after)": AssetQuery(owner=owner, after=page2_after, limit=51),
+        "prompt word": AssetQuery(owner=owner, q=rng.choice(WORDS), limit=51),
+        "prompt 2 words": AssetQuery(owner=owner, q=" ".join(rng.sample(WORDS, 2)), limit=51),
+        "kind": AssetQuery(owner=owner, kind="images.upscale", limit=51),
+        "model": AssetQuery(owner=owner, model="sdxl-turbo", limit=51),
+        "lora": AssetQuery(owner=owner, lora="ink-style", limit=51),
+        "tag": AssetQuery(owner=owner, tag="portfolio", limit=51),
+        "favorites": AssetQuery(owner=owner, favorite=True, limit=51),
+        "7-day range": AssetQuery(owner=owner, created_after=week_end - 7 * 86400, created_before=week_end, limit=51),
+        "admin newest page": AssetQuery(all_owners=True, limit=51),
+    }
+
+
+def scan_search(store: JobStore, ids: list[str], word: str, owner: str, limit: int = 50) -> int:
+    """Text search without an index: read records newest first, match the prompt."""
+    found = 0
+    for job_id in ids:
+        record = store.get(job_id)
+        if record.owner == owner and word in asset_fields(record)["prompt"]:
+            found += 1
+            if found >= limit:
+                break
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--queries", type=int, default=20, help="Timed calls per query type per round.")
+    parser.add_argument("--scan-records", type=int, default=5000)
+    parser.add_argument("--sync-interval-s", type=float, default=2.0)
+    parser.add_argument("--json", type=str, default=None)
+    args = parser.parse_args()
+    rng = random.Random(1)
+
+    with tempfile.TemporaryDirectory(prefix="bench-assets-") as tmp:
+        root = os.path.join(tmp, "storage")
+        t0 = time.perf_counter()
+        ids = write_records(root, args.records)
+        write_s = time.perf_counter() - t0
+        storage = Storage(root)
+        meta = AssetMetaStore(storage)
+        for job_id in rng.sample(ids, max(1, args.records // 100)):
+            meta.put(job_id, AssetMeta(tags=rng.sample(TAGS, 2), favorite=rng.random() < 0.5))
+        print(f"wrote {args.records} records in {write_s:.1f} s ({args.records // 100} tagged)", flush=True)
+
+        index = AssetIndex(storage, os.path.join(tmp, "index.sqlite"), sync_interval_s=args.sync_interval_s)
+        t0 = time.perf_counter()
+        counts = index.sync()
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index.sync()
+        resync_ms = (time.perf_counter() - t0) * 1000
+        print(f"index built in {build_s:.1f} s ({counts}); a full sync with nothing new: {resync_ms:.0f} ms "
+              f"(a background thread, every {args.sync_interval_s} s: the index timings below include the "
+              "quick sync each search runs, and share the CPU with the full one)", flush=True)
+
+        store = JobStore(storage)
+        newest_ids = sorted(ids, reverse=True)
+        scan_ids = newest_ids[: args.scan_records]
+        per_round: dict[str, list[tuple[float, float]]] = {}
+        for r in range(args.rounds):
+            samples: dict[str, list[float]] = {}
+            for _ in range(args.queries):
+                for name, query in queries(ids, rng).items():
+                    t0 = time.perf_counter()
+                    index.refresh()
+                    index.search(query)
+                    samples.setdefault(f"index: {name}", []).append((time.perf_counter() - t0) * 1000)
+                    if name == "tenant newest page":  # the baseline, interleaved
+                        t0 = time.perf_counter()
+                        store.list(limit=51, visible=lambda rec: rec.owner == "alice")
+                        samples.setdefault("baseline: GET /v1/jobs path (list ids, read until 50 match)",
+                                           []).append((time.perf_counter() - t0) * 1000)
+                    if name == "prompt word" and _ < 2:  # slow: two per round
+                        t0 = time.perf_counter()
+                        scan_search(store, scan_ids, "zzz-no-match", "alice")
+                        ms = (time.perf_counter() - t0) * 1000 * len(ids) / max(1, len(scan_ids))
+                        samples.setdefault(f"baseline: text scan of every record (est. from {len(scan_ids)})",
+                                           []).append(ms)
+            for name, values in samples.items():
+                per_round.setdefault(name, []).append((percentile(values, 50), percentile(values, 95)))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+
+        results = {name: {"p50_ms": statistics.median(p for p, _ in rows), "p95_ms": statistics.median(q for _, q in rows),
+                          "p50_min_max": [min(p for p, _ in rows), max(p for p, _ in rows)]}
+                   for name, rows in per_round.items()}
+        index_p50 = [v["p50_ms"] for k, v in results.items() if k.startswith("index:")]
+        list_base = results["baseline: GET /v1/jobs path (list ids, read until 50 match)"]["p50_ms"]
+        scan_base = next(v["p50_ms"] for k, v in results.items() if k.startswith("baseline: text scan"))
+        print(f"\n{args.records} records, {args.rounds} rounds x {args.queries} queries; medians over rounds (ms)")
+        print(f"{'path':72s} {'p50':>9s} {'p95':>9s}  p50 min-max")
+        for name, v in results.items():
+            print(f"{name:72s} {v['p50_ms']:9.2f} {v['p95_ms']:9.2f}  {v['p50_min_max'][0]:.2f}-{v['p50_min_max'][1]:.2f}")
+        worst = max(index_p50)
+        newest = results["index: tenant newest page"]["p50_ms"]
+        text = results["index: prompt word"]["p50_ms"]
+        print(f"\nratio, listing a tenant's newest page: baseline / index = {list_base / newest:.1f}x")
+        print(f"ratio, text search: full scan (est.) / index = {scan_base / text:.0f}x")
+        print(f"worst index query p50 = {worst:.2f} ms; goal p50 <= {GOAL_P50_MS:.0f} ms: "
+              f"{'met' if worst <= GOAL_P50_MS else 'NOT met'}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({"records": args.records, "build_s": build_s,
+                                                   "resync_ms": resync_ms, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The gallery's asset library in headless Chromium against the real app (issue 22): search, tag,
+favourite and delete, each checked against the API's answer afterwards.
+
+Reuses the package's app (tests/serve/conftest.py `atelier`) and browser; two tiny 2-step jobs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from tests.serve.helpers import wait_for_job
+
+pytestmark = pytest.mark.serve
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
+
+
+@pytest.fixture()
+def page(browser, atelier, request):
+    # as tests/serve/test_web_ui.py: bypass_csp only for Playwright's own predicates
+    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=atelier.base_url,
+                                  bypass_csp=True)
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def make_image(client, prompt: str) -> dict:
+    made = client.post("/v1/images/generations?async=true",
+                       json={"prompt": prompt, "size": "64x64", "steps": 2, "seed": 5})
+    assert made.status_code == 202, made.text
+    job = wait_for_job(client, made.json()["id"])
+    assert job["status"] == "completed", job
+    return job
+
+
+def search(page, **fields: str) -> None:
+    page.fill("#gallery-q", fields.get("q", ""))
+    if "tag" in fields:
+        page.locator("#gallery-tag option", has_text=fields["tag"]).first.wait_for(state="attached")
+        page.select_option("#gallery-tag", fields["tag"])
+    page.click("#gallery-search-submit")
+
+
+def test_search_tag_favourite_and_delete_in_the_gallery(page, client):
+    token = uuid.uuid4().hex[:10]
+    harbour = make_image(client, f"gallery {token}harbour at night")
+    meadow = make_image(client, f"gallery {token}meadow at noon")
+    card = f"#gallery-grid article[data-job='{harbour['id']}']"
+    other = f"#gallery-grid article[data-job='{meadow['id']}']"
+
+    page.goto("/#/gallery")
+    # search: a prompt word (as a prefix) finds one job, not the other
+    search(page, q=f"{token}harb")
+    page.wait_for_selector(card)
+    page.wait_for_selector(other, state="detached")
+    search(page, q=token)
+    page.wait_for_selector(other)
+
+    # tag and favourite the harbour, from its card
+    page.fill(f"{card} .tag-input", "Night Shots")
+    page.click(f"{card} .tag-add")
+    page.wait_for_selector(f"{card} .tags li:has-text('night shots')")
+    page.click(f"{card} .favorite")
+    page.wait_for_selector(f"{card} .favorite[aria-pressed='true']")
+    asset = client.get(f"/v1/jobs/{harbour['id']}/asset").json()
+    assert asset["tags"] == ["night shots"] and asset["favorite"] is True
+
+    # search by the tag (its option appears once tagged): only the harbour
+    search(page, q=token, tag="night shots")
+    page.wait_for_selector(other, state="detached")
+    assert page.locator(card).count() == 1
+    page.check("#gallery-favorites")
+    page.click("#gallery-search-submit")
+    page.wait_for_selector(card)
+
+    # delete (two clicks): the card goes, and so do the job and its file
+    page.click(f"{card} .delete")
+    page.click(f"{card} .delete.confirm")
+    page.wait_for_selector(card, state="detached")
+    assert "Deleted" in page.text_content("#gallery-result")
+    assert client.get(f"/v1/jobs/{harbour['id']}").status_code == 404
+    assert client.get(f"/v1/files/{harbour['outputs'][0]['key']}").status_code == 404
+    assert client.get(f"/v1/jobs/{meadow['id']}").json()["status"] == "completed"
+    page.click("#gallery-search-clear")
+    search(page, q=token)
+    page.wait_for_selector(other)
+    assert page.locator(card).count() == 0
