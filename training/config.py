@@ -54,6 +54,7 @@ MAX_RANK = 1024
 MAX_RESOLUTION = 4096
 MAX_STEPS = 10_000_000
 MAX_EPOCHS = 100_000
+MAX_LEARNING_RATE = 1.0  # AdamW steps of this size already wreck the weights; more is a typo (1 for 1e-4)
 
 
 class TrainConfig(BaseModel):
@@ -84,7 +85,7 @@ class TrainConfig(BaseModel):
     train_text_encoder: bool = Field(False, description="Also train LoRA on both text encoders.")
 
     # --- optimisation -------------------------------------------------------------------------
-    learning_rate: float = Field(1e-4, description="> 0")
+    learning_rate: float = Field(1e-4, description="> 0 and at most MAX_LEARNING_RATE")
     text_encoder_learning_rate: float | None = Field(None, gt=0, description="Default: learning_rate.")
     lr_scheduler: Literal[LR_SCHEDULERS] = "constant"  # type: ignore[valid-type]
     lr_warmup_steps: int = Field(0, ge=0, validate_default=True)
@@ -160,8 +161,8 @@ class TrainConfig(BaseModel):
     @field_validator("learning_rate")
     @classmethod
     def _check_learning_rate(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"learning_rate must be greater than 0, got {value}")
+        if not 0 < value <= MAX_LEARNING_RATE:
+            raise ValueError(f"learning_rate must be greater than 0 and at most {MAX_LEARNING_RATE:g}, got {value}")
         return value
 
     @field_validator("resolution")

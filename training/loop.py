@@ -636,6 +636,7 @@ def _train_loop(loop_config: dict) -> dict | None:
     fail_marker = f"{run_prefix(plan.run_name)}fault-injected"
     recent_losses: list[float] = []
     timed_steps, timed_seconds, epoch = 0, 0.0, step // plan.steps_per_epoch
+    total_epochs = -(-plan.total_steps // plan.steps_per_epoch)  # epochs as the plan counts them, in steps
     models.unet.train()
     while step < plan.total_steps:
         started = time.perf_counter()
@@ -682,13 +683,16 @@ def _train_loop(loop_config: dict) -> dict | None:
 
         if rank == 0:
             rate = f"{metrics['samples_per_s']:.2f} samples/s" if metrics["samples_per_s"] else "warming up"
+            # one line per step; the fine-tuning API parses it into a metrics event (api/fine_tuning/service.py)
             print(f"[{plan.run_name}] step {step}/{plan.total_steps} loss {loss_value:.4f} "
-                  f"lr {metrics['learning_rate']:.2e} {rate}", flush=True)
+                  f"lr {metrics['learning_rate']:.2e} epoch {-(-step // plan.steps_per_epoch)}/{total_epochs} {rate}", flush=True)
             status.update(step=step, epoch=epoch, loss=loss_value, learning_rate=metrics["learning_rate"],
                           samples_per_s=metrics["samples_per_s"])
             if config.validation_every_steps and step % config.validation_every_steps == 0 and step < plan.total_steps:
                 images = _render(models.pipe, plan.validation_prompt, config.validation_seeds, config, autocast)
-                _store_validation(storage, plan.run_name, step, config.validation_seeds, images)
+                stored = _store_validation(storage, plan.run_name, step, config.validation_seeds, images)
+                status.update(validation_images=status.status.validation_images + stored)
+                print(f"[{plan.run_name}] validation images at step {step}: {len(stored)}", flush=True)
                 models.unet.train()
 
         if step % config.checkpoint_every_steps == 0 or step == plan.total_steps:
@@ -710,4 +714,7 @@ def _train_loop(loop_config: dict) -> dict | None:
     if timed_seconds:
         final["samples_per_s"] = samples_per_step * timed_steps / timed_seconds
     status.update(state="finalizing", step=step)
-    return _finalize(models, config, plan, storage, final, device, autocast)
+    output = _finalize(models, config, plan, storage, final, device, autocast)
+    # every render of the run (the final one too), as the manifest lists them
+    status.update(validation_images=output["lora"]["manifest"]["validation_images"])
+    return output

@@ -130,6 +130,8 @@ class RunStatus(BaseModel):
     learning_rate: float | None = None
     epoch: int = 0
     samples_per_s: float | None = None
+    validation_images: list[dict[str, Any]] = Field(
+        default_factory=list, description="Rendered so far: {step, seed, key} (rank 0 adds each render).")
     resumed_from_step: int | None = None
     checkpoint_step: int | None = Field(None, description="Step of the latest checkpoint written to storage.")
     message: str | None = None

@@ -35,6 +35,15 @@ class FineTuningError(BaseModel):
     param: str | None = None
 
 
+class FineTuningValidationImage(BaseModel):
+    """An image the run rendered with its adapter, at the validation prompt and one of its seeds."""
+
+    step: int = Field(description="The optimizer step it was rendered at (the last step: the final adapter).")
+    seed: int
+    file: str = Field(description="Its name in result_files.")
+    url: str = Field(description="GET it here (PNG): /v1/fine_tuning/jobs/{id}/files?name={file}.")
+
+
 class FineTuningJob(BaseModel):
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
     id: str
@@ -64,6 +73,17 @@ class FineTuningJob(BaseModel):
     state: str | None = Field(None, description="The run's own state (preparing, training, finalizing...).")
     resumed_from_step: int | None = None
     metrics: dict[str, Any] | None = None
+    epoch: int | None = Field(None, description="The epoch the last step was in (1 = the first), as the plan "
+                                                "counts steps per epoch; None before the first step.")
+    epochs: int | None = Field(None, description="Epochs the run makes (total_steps over steps per epoch).")
+    learning_rate: float | None = Field(None, description="The learning rate of the last step (after the "
+                                                          "scheduler).")
+    samples_per_s: float | None = Field(None, description="Training images per second over the run's steps so "
+                                                          "far (all workers, without the first step's warm-up).")
+    validation_prompt: str | None = None
+    validation_images: list[FineTuningValidationImage] = Field(
+        default_factory=list, description="Rendered with the adapter during and at the end of the run; the same "
+                                          "files are listed in result_files.")
 
 
 class FineTuningJobList(BaseModel):

@@ -5,13 +5,17 @@
     GET  /v1/fine_tuning/jobs/{id}          status, progress (step/total, loss), the registered LoRA
     GET  /v1/fine_tuning/jobs/{id}/events   the run's log lines as events (steps with loss, resume, errors)
     POST /v1/fine_tuning/jobs/{id}/cancel   stops the Ray job; a stopped run registers nothing
+    GET  /v1/fine_tuning/jobs/{id}/files?name=  one of the job's result_files: a validation image (PNG)
 
 The work is FineTuningService's (api/fine_tuning/service.py); this module parses and answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
 
 from api.fine_tuning.protocol import FineTuningCreate, FineTuningEventList, FineTuningJob, FineTuningJobList
 from api.fine_tuning.service import FineTuningService
@@ -55,3 +59,21 @@ async def list_fine_tuning_events(job_id: str, limit: int = Query(100, ge=1, le=
 async def cancel_fine_tuning_job(job_id: str,
                                  fine_tuning: FineTuningService = Depends(fine_tuning_service)) -> FineTuningJob:
     return await fine_tuning.cancel(job_id)
+
+
+@router.get("/v1/fine_tuning/jobs/{job_id}/files", responses={200: {"content": {"image/png": {}}}})
+async def get_fine_tuning_file(job_id: str,
+                               name: str | None = Query(None, description="A name from the job's result_files."),
+                               fine_tuning: FineTuningService = Depends(fine_tuning_service)) -> StreamingResponse:
+    """One of the job's result_files (its validation images). The name is a query parameter (the job's
+    own id is the path's one); the job is looked up first, so another owner's job is a 404 either way."""
+    handle, size = await asyncio.to_thread(fine_tuning.open_file, job_id, name)
+
+    def chunks():
+        with handle:
+            while chunk := handle.read(1 << 20):
+                yield chunk
+
+    filename = f"{job_id}-{name.replace('/', '-')}"
+    return StreamingResponse(chunks(), media_type="image/png", headers={
+        "Content-Length": str(size), "Content-Disposition": f'inline; filename="{filename}"'})

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
+from urllib.parse import quote
 
 import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -38,16 +39,18 @@ from api.fine_tuning.protocol import (
     FineTuningEventList,
     FineTuningJob,
     FineTuningJobList,
+    FineTuningValidationImage,
 )
 from deployments.errors import ConflictError, InvalidRequestError, NotFoundError, OverloadedError
 from deployments.sdxl.contract import SDXLLimits
 from storage.datasets import DatasetNotFoundError, DatasetStore
 from storage.fine_tuning import MAX_CLAIM_ATTEMPTS, FineTuningJobNotFoundError, FineTuningStore
-from storage.fs import Storage
+from storage.fs import ObjectNotFoundError, Storage
 from storage.keys import new_id
 from storage.registry import LoraRegistry, LoraRegistryError
 from training.config import STORAGE_OPTIONS_ENV, TrainConfig, TrainConfigError
-from training.plan import TrainPlan, check_inputs, check_resume, job_entrypoint, read_status, resume_record
+from training.plan import (TrainPlan, check_inputs, check_resume, job_entrypoint, read_status, resume_record,
+                           run_prefix)
 
 ACTIVE_STATUSES = ("validating_files", "queued", "running")
 # A job Ray does not know (yet) with no run status: queued while its submission may still be under
@@ -71,7 +74,11 @@ TOP_LEVEL = ("dataset_version", "trigger_word", "instance_prompt", "class_prompt
 
 _RAY_STATUS = {"PENDING": "queued", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
                "STOPPED": "cancelled"}
-_STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan)")
+# training/loop.py's line per step: "step 3/8 loss 0.1234 lr 1.00e-03 epoch 2/4 1.52 samples/s" (older runs: no epoch)
+_STEP_LINE = re.compile(r"step (\d+)/(\d+) loss ([0-9.eE+-]+|nan)(?: lr ([0-9.eE+-]+))?(?: epoch (\d+)/(\d+))?"
+                        r"(?: ([0-9.eE+-]+) samples/s)?")
+# A run's files the API serves (GET /v1/fine_tuning/jobs/{id}/files?name=): its validation images.
+_RESULT_FILE = re.compile(r"validation/step-\d{6,}/seed-\d+\.png")
 
 
 class FineTuningLimits(BaseModel):
@@ -144,6 +151,10 @@ def cluster_nodes() -> list[dict[str, float]] | None:
 def _fits(available: float, each: float) -> int:
     # Ray counts resources in 1/10000 units: 1.0 CPU holds five 0.2-CPU workers (1.0 // 0.2 == 4.0 in floats).
     return int(round(available * 10_000)) // max(1, int(round(each * 10_000)))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None  # a JSON answer holds no NaN
 
 
 def _default_name(dataset: str) -> str:
@@ -452,6 +463,8 @@ class FineTuningService:
         total = (run.total_steps if run else 0) or plan["total_steps"]
         step = run.step if run else 0
         hyper = {name: config.get(name) for name in HYPERPARAMETERS if name in config}
+        per_epoch = max(1, int(plan.get("steps_per_epoch") or 1))
+        images = self._validation_images(record["id"], config["run_name"], run.validation_images if run else [])
         return FineTuningJob(
             id=record["id"], model=config["base_model"], created_at=int(record["created_at"]),
             finished_at=int(end_time / 1000) if end_time and status in ("succeeded", "failed", "cancelled") else None,
@@ -462,7 +475,43 @@ class FineTuningService:
             step=step, total_steps=total, progress=round(100.0 * step / max(total, 1), 2) if status != "succeeded"
             else 100.0, loss=run.loss if run and run.loss is not None and math.isfinite(run.loss) else None,
             state=run.state if run else None, resumed_from_step=run.resumed_from_step if run else None,
+            epoch=-(-step // per_epoch) if step else None, epochs=-(-total // per_epoch),
+            learning_rate=_finite(run.learning_rate) if run and step else None,
+            samples_per_s=_finite(run.samples_per_s) if run else None,
+            validation_prompt=plan.get("validation_prompt"), validation_images=images,
+            result_files=[image.file for image in images],
         )
+
+    @staticmethod
+    def _validation_images(job_id: str, run_name: str, rendered: list[dict]) -> list[FineTuningValidationImage]:
+        """The run's validation images (status.json lists each render's keys), oldest step first."""
+        prefix = run_prefix(run_name)
+        out = []
+        for image in rendered:
+            key = str(image.get("key", ""))
+            name = key[len(prefix):] if key.startswith(prefix) else ""
+            if _RESULT_FILE.fullmatch(name):
+                out.append(FineTuningValidationImage(step=int(image["step"]), seed=int(image["seed"]), file=name,
+                                                     url=f"/v1/fine_tuning/jobs/{job_id}/files?name={quote(name)}"))
+        return sorted(out, key=lambda image: (image.step, image.seed))
+
+    def open_file(self, job_id: str, name: str | None) -> tuple[Any, int]:
+        """``(binary handle, size)`` of one of the job's result files (a validation image); another owner's
+        job, or a name the job does not list, is a 404."""
+        record = self.load_record(job_id)
+        if not name:
+            raise InvalidRequestError("name: which of the job's result_files (e.g. "
+                                      "validation/step-000008/seed-0.png)", "name")
+        run = read_status(self.storage, record["config"]["run_name"])
+        listed = {image.file for image in self._validation_images(job_id, record["config"]["run_name"],
+                                                                    run.validation_images if run else [])}
+        if name not in listed:
+            raise NotFoundError(f"fine-tuning job {job_id} has no file {name!r}", "file")
+        key = run_prefix(record["config"]["run_name"]) + name
+        try:
+            return self.storage.open(key), self.storage.size(key)
+        except (ObjectNotFoundError, FileNotFoundError):
+            raise NotFoundError(f"fine-tuning job {job_id} has no file {name!r}", "file") from None
 
     async def list(self, after: str | None, limit: int) -> FineTuningJobList:
         who = caller()
@@ -502,6 +551,12 @@ class FineTuningService:
                 if match := _STEP_LINE.search(line):
                     event.type = "metrics"
                     event.data = {"step": int(match[1]), "total_steps": int(match[2]), "train_loss": float(match[3])}
+                    if match[4]:
+                        event.data["learning_rate"] = float(match[4])
+                    if match[5]:
+                        event.data.update(epoch=int(match[5]), epochs=int(match[6]))
+                    if match[7]:
+                        event.data["samples_per_s"] = float(match[7])
                 out.append(event)
             out.reverse()
             return FineTuningEventList(data=out[:limit], has_more=len(out) > limit)

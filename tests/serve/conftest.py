@@ -1,4 +1,9 @@
-"""The real app from configs/local.yaml, started with `serve run` on a local Ray instance."""
+"""The real app from configs/local.yaml, started with `serve run` on a local Ray instance.
+
+Its Collect sources (Unsplash and Pexels) point at the loopback stand-in (tests/source_standin.py),
+which runs in this process for as long as the app: `atelier.standin`, None when attached to a
+running app (ATELIER_TEST_APP), whose sources are whatever it was started with.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import httpx
 import pytest
 
 from local.runner import LocalServeApp
+from tests.source_standin import PEXELS_KEY, UNSPLASH_KEY, StandIn
 
 
 # Package scope (tests/serve is a package): the app and its Ray instance stop once the serve tests
@@ -16,13 +22,27 @@ from local.runner import LocalServeApp
 @pytest.fixture(scope="package")
 def atelier(tmp_path_factory) -> LocalServeApp:
     if os.environ.get("ATELIER_TEST_APP"):  # "BASE_URL[,RAY_ADDRESS]" of a running app, while developing
-        yield LocalServeApp.attached(os.environ["ATELIER_TEST_APP"])
-        return
-    # URL imports from the tests' own HTTP server on loopback are allowed explicitly.
-    app = LocalServeApp(tmp_path_factory.mktemp("atelier"),
-                        args_update={"ingress": {"dataset_import": {"allow_private_hosts": ["127.0.0.1"]}}})
-    with app:
+        app = LocalServeApp.attached(os.environ["ATELIER_TEST_APP"])
+        app.standin = None
         yield app
+        return
+    with StandIn() as standin:
+        # The sources' base URLs and download hosts from config; their keys by environment variable
+        # name (api_key_env), as in production. URL imports from the tests' own HTTP servers on
+        # loopback are allowed explicitly.
+        ingress = {**standin.ingress(), "dataset_import": {"allow_private_hosts": ["127.0.0.1"]}}
+        app = LocalServeApp(tmp_path_factory.mktemp("atelier"), args_update={"ingress": ingress})
+        app.standin = standin
+        # `serve run` passes its environment to the Ray node it starts, whose workers (the ingress,
+        # the job runner) read the keys: set for the start only.
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TEST_UNSPLASH_KEY", UNSPLASH_KEY)
+            env.setenv("TEST_PEXELS_KEY", PEXELS_KEY)
+            app.start()
+        try:
+            yield app
+        finally:
+            app.stop()
 
 
 @pytest.fixture()

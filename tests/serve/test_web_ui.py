@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
 from tests.serve.helpers import noise_image
 
 pytestmark = pytest.mark.serve
@@ -245,45 +247,151 @@ def test_the_inpainting_mask_can_be_painted_with_the_keyboard(page, client, tmp_
     assert client.get(f"/v1/jobs/{job_id}").json()["params"]["sdxl"]["mode"] == "inpaint"
 
 
-def test_a_lora_trained_from_the_ui_appears_in_the_generate_picker(page, tmp_path):
-    name = f"ui-corgi-{int(time.time())}"
+def collect_into_a_new_dataset(page, standin, name: str) -> str:
+    """Collect page: search the stand-in's Unsplash and Pexels, import four distinct results into a
+    new dataset `name`; returns its id."""
+    page.goto("/#/collect")
+    page.wait_for_selector("#co-src-unsplash:checked")
+    page.wait_for_selector("#co-src-pexels:checked")
+    page.fill("#co-query", "beach")
+    page.fill("#co-per-page", "4")
+    page.click("#co-search")
+    page.wait_for_selector("#co-results li:nth-child(8)")
+    assert "Ann Example" in page.inner_text("#co-results")  # results come with their credits
+    for result in ("unsplash:u1", "unsplash:u2", "pexels:1", "pexels:3"):  # (u3 and pexels 2 repeat u1's bytes)
+        page.check(f"[data-result='{result}']")
+    page.fill("#co-new-dataset", name)
+    page.fill("#co-tags", "beach")
+    page.click("#co-import")
+    page.wait_for_function("document.querySelector('#co-progress').innerText.startsWith('Imported')")
+    assert page.inner_text("#co-progress").startswith("Imported 4 images into version 1")
+    assert {"u1", "u2"} <= set(standin.pings)  # Unsplash's download_location was called for each
+    return page.eval_on_selector("#co-dataset", "s => s.value")
+
+
+def upload_a_new_dataset(page, tmp_path, name: str) -> str:
+    """Datasets page: a new dataset `name` with four uploaded images; returns its id."""
     files = []
     for i in range(4):
         path = tmp_path / f"corgi{i}.png"
         path.write_bytes(noise_image(64, 64, seed=40 + i))
         files.append(str(path))
-
     page.goto("/#/datasets")
     page.fill("#ds-name", name)
-    page.fill("#ds-trigger", "sks corgi")
     page.click("#ds-create")
-    page.select_option("#ds-select", value=option_value(page, "#ds-select", name))
+    dataset_id = option_value(page, "#ds-select", name)
+    page.select_option("#ds-select", value=dataset_id)
     page.set_input_files("#ds-files", files)
     page.click("#ds-upload")
     page.wait_for_function("document.querySelector('#ds-upload-result').innerText.startsWith('Added ')")
     assert re.fullmatch(r"Added 4 images: version \S+ has 4\.", page.inner_text("#ds-upload-result").strip())
+    return dataset_id
 
+
+def field_error(page, name: str) -> str:
+    """The message shown under a training form field (#ft-<name>), once it is shown."""
+    page.wait_for_selector(f"#ft-{name}-error", state="visible")
+    assert page.get_attribute(f"#ft-{name}", "aria-invalid") == "true"
+    return page.inner_text(f"#ft-{name}-error")
+
+
+def test_collect_caption_train_and_generate_with_the_lora(page, atelier, client, tmp_path):
+    """Issue 20's flow, collect → dataset → caption edit → train, on the real app, through to a
+    generation with the trained LoRA; and issue 22's training form: hyperparameters checked here
+    and by the API next to their fields; epoch, learning rate, samples/s and a validation image in
+    the run view. Attached to a running app without the stand-in, the images are uploaded instead."""
+    name = f"ui-beach-{int(time.time())}"
+    sent = []
+    page.on("request", lambda r: sent.append(r.url) if r.method == "POST" and "/v1/fine_tuning/jobs" in r.url
+            else None)
+
+    # 1. Collect (or upload), then edit a caption inline on the dataset page.
+    if atelier.standin is not None:
+        dataset_id = collect_into_a_new_dataset(page, atelier.standin, name)
+    else:
+        dataset_id = upload_a_new_dataset(page, tmp_path, name)
+    page.goto("/#/datasets")
+    page.click(f"button[data-browse='{dataset_id}']")
+    page.wait_for_selector("#ds-images li:nth-child(4)")
+    caption = page.locator("#ds-images textarea").first
+    image_id = caption.get_attribute("data-image")
+    caption.fill("sks beach, a caption edited inline")
+    caption.press("Tab")  # change fires on leaving the field
+    page.wait_for_function("document.querySelector('#ds-browser-status').innerText.startsWith('Caption saved')")
+    assert "version 2 has 4 images" in page.inner_text("#ds-browser-status")
+    images = client.get(f"/v1/datasets/{dataset_id}/images").json()
+    assert images["version"] == 2
+    assert {i["id"]: i["caption"] for i in images["data"]}[image_id] == "sks beach, a caption edited inline"
+
+    # 2. The training form: a bad value is refused by the page, before any request, next to its field...
     page.select_option("#ft-dataset", value=option_value(page, "#ft-dataset", name))
     page.fill("#ft-suffix", name)
+    page.fill("#ft-lr", "0.001")
     page.fill("#ft-steps", "4")
+    page.fill("#ft-batch", "1")
+    page.fill("#ft-resolution", "100")
+    page.select_option("#ft-method", "dreambooth")
+    page.click("#ft-start")
+    assert "multiple of 8" in field_error(page, "resolution")
+    assert "class prompt" in field_error(page, "class-prompt")
+    assert sent == []
+    page.select_option("#ft-method", "lora")
+    assert page.is_hidden("#ft-class-prompt")
+    page.fill("#ft-resolution", "64")
+    # ...and one the page lets through (a rank within the hard ceiling) is the API's 400, shown there too
+    page.fill("#ft-rank", "1000")
+    page.click("#ft-start")
+    assert "at most 256" in field_error(page, "rank")
+    assert page.is_hidden("#ft-resolution-error") and len(sent) == 1
+
+    # 3. Train: 4 steps of batch 1 on 2 workers with 2 images each are 2 epochs.
+    page.fill("#ft-rank", "4")
     page.click("#ft-start")
     status = page.locator("#ft-status")
     deadline = time.monotonic() + 420
-    while "succeeded" not in (text := status.inner_text()):
+    # the job's status badge (the run's own state, in brackets, says "succeeded" a little earlier than Ray)
+    while page.inner_text("#ft-status .badge") != "succeeded":
+        text = status.inner_text()
         assert "failed" not in text and "cancelled" not in text, text
         assert time.monotonic() < deadline, f"training did not finish: {text}"
         time.sleep(1)
+    job = next(j for j in client.get("/v1/fine_tuning/jobs", params={"limit": 100}).json()["data"]
+               if j["suffix"] == name)
+    assert job["status"] == "succeeded" and job["hyperparameters"]["learning_rate"] == 0.001
+    assert (job["total_steps"], job["epochs"], job["epoch"]) == (4, 2, 2)
+    assert page.inner_text("#ft-epoch") == "2 of 2"
+    assert float(page.inner_text("#ft-lr-now")) == pytest.approx(job["learning_rate"], rel=0.01)
+    assert job["samples_per_s"] > 0 and float(page.inner_text("#ft-rate")) == pytest.approx(job["samples_per_s"],
+                                                                                             abs=0.01)
+    page.wait_for_selector("#ft-chart svg")  # the loss chart, from the run's metrics events
 
-    page.goto("/#/generate")
-    option = page.locator("#gen-model option", has_text=name)
-    option.wait_for(state="attached")
-    assert option.count() == 1
-    # and it generates with it
-    page.select_option("#gen-model", value=option.get_attribute("value"))
+    # 4. The validation image of the final adapter: shown, and its download is the PNG.
+    assert [(i["step"], i["seed"]) for i in job["validation_images"]] == [(4, 0)]
+    figure = "#ft-validation-grid figure"
+    page.wait_for_function(f"[...document.querySelectorAll('{figure} img')].every(i => i.complete && i.naturalWidth)")
+    assert page.eval_on_selector_all(f"{figure} img", "imgs => imgs.map(i => i.naturalWidth)") == [64]
+    assert "Step 4 (final), seed 0" in page.inner_text(figure)
+    href = page.get_attribute(f"{figure} a[download]", "href")
+    with page.expect_download() as download:
+        page.click(f"{figure} a[download]")
+    saved = Image.open(download.value.path())
+    assert saved.format == "PNG" and saved.size == (64, 64), href
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "training_run.png"), full_page=True)  # the run view, for review
+
+    # 5. Generate with the LoRA, picked for us by the run's "Generate with it" link.
+    lora = job["fine_tuned_model"]
+    assert page.inner_text("#ft-lora") == lora and lora.startswith(f"{name}:")
+    page.click("#ft-model a")
+    page.wait_for_function("lora => document.querySelector('#gen-model').value === lora", arg=lora)
+    assert page.locator("#gen-model option", has_text=name).count() == 1
     page.fill("#gen-prompt", "a portrait")
     set_field(page, "#gen-size", "64x64")
+    bodies = []
+    page.on("request", lambda r: bodies.append(r.post_data or "") if r.method == "POST" else None)
     page.click("#gen-submit")
     page.wait_for_selector("#gen-grid[data-count='1'] figure.thumb img", timeout=120_000)
+    assert any(f'"lora":"{lora}"' in body.replace(" ", "") for body in bodies), bodies  # sent with the LoRA
 
 
 # What shows that a page has rendered its data (its show() has finished), by route.

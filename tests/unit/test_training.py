@@ -97,6 +97,7 @@ def loads_into_a_pipeline(model: Path, storage: Storage, key: str) -> dict:
     ({"learning_rate": -1e-4}, "learning_rate"),
     ({"learning_rate": float("inf")}, "learning_rate"),
     ({"learning_rate": float("nan")}, "learning_rate"),
+    ({"learning_rate": 2.0}, "learning_rate"),  # over MAX_LEARNING_RATE: a typo for 2e-4
     ({"alpha": float("inf")}, "alpha"),
     ({"max_grad_norm": float("nan")}, "max_grad_norm"),
     ({"rank": 100_000}, "rank"),

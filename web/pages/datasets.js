@@ -1,6 +1,8 @@
 // Datasets (create, upload images, browse, caption with the language model: POST
-// /v1/datasets/{id}/captions, a job followed to its end) and LoRA training runs (POST
-// /v1/fine_tuning/jobs, polled every 2 s with its events: status, step and a loss chart).
+// /v1/datasets/{id}/captions, a job followed to its end) and LoRA / DreamBooth training runs (POST
+// /v1/fine_tuning/jobs with the main hyperparameters, each checked here and by the API, whose 400
+// is shown next to the field it names; the run is polled every 2 s with its events: status, step,
+// epoch, learning rate, samples/s, a loss chart, and its validation images with download links).
 
 import { api, followJob, getKey } from "../api.js";
 import {
@@ -8,6 +10,26 @@ import {
 } from "../ui.js";
 
 const POLL_MS = 2000;
+// The hard ceilings of training/config.py (the app's `fine_tuning.limits` may set lower ones: the API says so).
+const MAX_LEARNING_RATE = 1;
+const MAX_BATCH = 256;
+const MAX_RANK = 1024;
+const MAX_RESOLUTION = 4096;
+// The form's fields by the request field (the API error's `param`) they set.
+const TRAIN_FIELDS = {
+  training_file: "ft-dataset",
+  method: "ft-method",
+  class_prompt: "ft-class-prompt",
+  instance_prompt: "ft-instance-prompt",
+  validation_prompt: "ft-validation-prompt",
+  suffix: "ft-suffix",
+  "hyperparameters.learning_rate": "ft-lr",
+  "hyperparameters.max_steps": "ft-steps",
+  "hyperparameters.n_epochs": "ft-epochs",
+  "hyperparameters.batch_size": "ft-batch",
+  "hyperparameters.rank": "ft-rank",
+  "hyperparameters.resolution": "ft-resolution",
+};
 const RUN_DONE = new Set(["succeeded", "failed", "cancelled"]);
 let currentRun = null; // the run shown in #ft-status
 let pollTimer = null;
@@ -33,13 +55,35 @@ export function init(section) {
     el("div", { class: "actions" }, el("button", { id: "ds-upload", type: "submit", class: "primary" }, "Upload")),
     el("p", { id: "ds-upload-result", role: "status" }),
     alertBox("ds-upload-error"));
+  const input = (id, attrs = {}) => el("input", { id, type: "text", "aria-describedby": `${id}-error`, ...attrs });
+  const number = (id, attrs = {}) => input(id, { type: "number", placeholder: "default", ...attrs });
   const train = el("form", { novalidate: true, class: "panel form", id: "ft-form", onsubmit: startRun },
     el("h2", {}, "Train a LoRA"),
-    field("Dataset", el("select", { id: "ft-dataset", required: true })),
-    el("div", { class: "row three" },
-      field("LoRA name", el("input", { id: "ft-suffix", type: "text", maxlength: "100", placeholder: "from dataset" })),
-      field("Steps", el("input", { id: "ft-steps", type: "number", min: "1", step: "1", placeholder: "default" })),
-      field("Rank", el("input", { id: "ft-rank", type: "number", min: "1", step: "1", placeholder: "default" }))),
+    el("div", { class: "row" },
+      withError("Dataset", el("select", { id: "ft-dataset", required: true, "aria-describedby": "ft-dataset-error" })),
+      withError("Method", el("select", { id: "ft-method", onchange: showMethod, "aria-describedby": "ft-method-error" },
+        el("option", { value: "lora" }, "LoRA (captions as they are)"),
+        el("option", { value: "dreambooth" }, "DreamBooth (one subject, prior preservation)")))),
+    el("div", { id: "ft-dreambooth", class: "row", hidden: true },
+      withError("Class prompt", input("ft-class-prompt", { maxlength: "1000", placeholder: "a photo of a dog" }),
+        "What the subject is; the run renders images of it to keep the class."),
+      withError("Instance prompt (optional)", input("ft-instance-prompt", { maxlength: "1000",
+        placeholder: "a photo of {trigger_word} dog" }), "The caption of every image; default: the trigger word.")),
+    el("div", { class: "row" },
+      withError("LoRA name", input("ft-suffix", { maxlength: "100", placeholder: "from dataset" })),
+      withError("Validation prompt (optional)", input("ft-validation-prompt", { maxlength: "1000",
+        placeholder: "default: the instance caption" }), "Rendered with the adapter at the end of the run.")),
+    el("fieldset", { class: "form ft-hyper" },
+      el("legend", {}, "Hyperparameters"),
+      el("div", { class: "row three" },
+        withError("Learning rate", number("ft-lr", { min: "0", max: String(MAX_LEARNING_RATE), step: "any" })),
+        withError("Steps", number("ft-steps", { min: "1", step: "1" }), "Or epochs, not both."),
+        withError("Epochs", number("ft-epochs", { min: "1", step: "1" }))),
+      el("div", { class: "row three" },
+        withError("Batch size", number("ft-batch", { min: "1", max: String(MAX_BATCH), step: "1" }), "Per worker."),
+        withError("Rank", number("ft-rank", { min: "1", max: String(MAX_RANK), step: "1" })),
+        withError("Resolution", number("ft-resolution", { min: "64", max: String(MAX_RESOLUTION), step: "8" }),
+          "Pixels, a multiple of 8."))),
     el("div", { class: "check" }, el("input", { id: "ft-new-version", type: "checkbox" }),
       el("label", { for: "ft-new-version" }, "New version if the name is taken")),
     el("div", { class: "actions" },
@@ -49,7 +93,16 @@ export function init(section) {
     el("div", { id: "ft-current", class: "run", hidden: true },
       el("p", { id: "ft-status", role: "status" }),
       el("p", { id: "ft-model" }),
-      el("div", { id: "ft-chart", class: "chart" }),
+      el("div", { class: "ft-progress" },
+        el("div", { id: "ft-chart", class: "chart" }),
+        el("dl", { id: "ft-metrics", class: "ft-metrics" },
+          el("dt", {}, "Epoch"), el("dd", { id: "ft-epoch" }, "—"),
+          el("dt", {}, "Learning rate"), el("dd", { id: "ft-lr-now" }, "—"),
+          el("dt", {}, "Samples/s"), el("dd", { id: "ft-rate" }, "—"))),
+      el("div", { id: "ft-validation", class: "ft-validation", hidden: true },
+        el("h3", {}, "Validation images"),
+        el("p", { id: "ft-validation-prompt-shown", class: "muted" }),
+        el("div", { id: "ft-validation-grid", class: "ft-validation-grid" })),
       el("details", {}, el("summary", {}, "Run log"), el("ol", { id: "ft-events", class: "events", reversed: true }))));
   const runs = el("div", { class: "panel" },
     el("div", { class: "panel-head" }, el("h2", {}, "Training runs"),
@@ -81,6 +134,17 @@ export function init(section) {
       el("button", { type: "button", id: "ds-next", onclick: () => browse(browsing.id, browsing.offset + PAGE) }, "Next")));
   section.append(el("div", { class: "layout" }, el("div", { class: "stack" }, list, browser, create, upload),
     el("div", { class: "stack" }, train, runs)));
+}
+
+/** A labelled control with the place for its error under it (filled by showFieldErrors). */
+function withError(label, control, hint) {
+  const box = field(label, control, hint);
+  box.append(el("small", { id: `${control.id}-error`, class: "field-error", hidden: true }));
+  return box;
+}
+
+function showMethod() {
+  $("#ft-dreambooth").hidden = $("#ft-method").value !== "dreambooth";
 }
 
 export function show() {
@@ -337,32 +401,102 @@ function runRow(run) {
     el("td", {}, el("button", { type: "button", onclick: () => follow(run.id) }, "Show")));
 }
 
+/** The form's request, or `{errors}` by request field when a value is wrong before asking the API. */
+function trainRequest() {
+  const errors = {};
+  const text = (id) => $(`#${id}`).value.trim();
+  const hyperparameters = {};
+  const numeric = (param, id, { integer = true, min = 1, max = Infinity, multiple = 1 } = {}) => {
+    const input = $(`#${id}`);
+    if (input.validity.badInput) return void (errors[param] = "Enter a number.");
+    const value = numberOf(input);
+    if (value === undefined) return;
+    if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
+      errors[param] = integer ? "Enter a whole number." : "Enter a number.";
+    } else if (value < min || value > max) {
+      errors[param] = max === Infinity ? `At least ${min}.` : `Between ${min} and ${max}.`;
+    } else if (value % multiple) {
+      errors[param] = `A multiple of ${multiple}.`;
+    } else {
+      hyperparameters[param.split(".")[1]] = value;
+    }
+  };
+  const lr = numberOf($("#ft-lr"));
+  if ($("#ft-lr").validity.badInput || (lr !== undefined && !(lr > 0 && lr <= MAX_LEARNING_RATE))) {
+    errors["hyperparameters.learning_rate"] = `Greater than 0 and at most ${MAX_LEARNING_RATE}.`;
+  } else if (lr !== undefined) {
+    hyperparameters.learning_rate = lr;
+  }
+  numeric("hyperparameters.max_steps", "ft-steps");
+  numeric("hyperparameters.n_epochs", "ft-epochs");
+  if (hyperparameters.max_steps !== undefined && hyperparameters.n_epochs !== undefined) {
+    errors["hyperparameters.n_epochs"] = "Give steps or epochs, not both.";
+  }
+  numeric("hyperparameters.batch_size", "ft-batch", { max: MAX_BATCH });
+  numeric("hyperparameters.rank", "ft-rank", { max: MAX_RANK });
+  numeric("hyperparameters.resolution", "ft-resolution", { min: 64, max: MAX_RESOLUTION, multiple: 8 });
+  const method = $("#ft-method").value;
+  if (!text("ft-dataset")) errors.training_file = "Choose a dataset.";
+  if (method === "dreambooth" && !text("ft-class-prompt")) {
+    errors.class_prompt = "DreamBooth needs a class prompt: what the subject is (a dog, a person...).";
+  }
+  const suffix = text("ft-suffix");
+  if (suffix && !/^[A-Za-z0-9_-][A-Za-z0-9_.-]*$/.test(suffix)) errors.suffix = "Letters, digits, _ . - only.";
+  if (Object.keys(errors).length) return { errors };
+  const body = { training_file: text("ft-dataset"), method, hyperparameters, suffix: suffix || undefined,
+    validation_prompt: text("ft-validation-prompt") || undefined,
+    new_version: $("#ft-new-version").checked || undefined };
+  if (method === "dreambooth") {
+    body.class_prompt = text("ft-class-prompt");
+    body.instance_prompt = text("ft-instance-prompt") || undefined;
+  }
+  return { body };
+}
+
+function clearFieldErrors() {
+  for (const id of Object.values(TRAIN_FIELDS)) {
+    $(`#${id}`).removeAttribute("aria-invalid");
+    const box = $(`#${id}-error`);
+    box.textContent = "";
+    box.hidden = true;
+  }
+}
+
+/** Each message next to its field (by request field); false when none of them is a field of the form. */
+function showFieldErrors(errors) {
+  const shown = Object.keys(errors).filter((param) => param in TRAIN_FIELDS);
+  for (const param of shown) {
+    const id = TRAIN_FIELDS[param];
+    $(`#${id}`).setAttribute("aria-invalid", "true");
+    const box = $(`#${id}-error`);
+    box.textContent = errors[param];
+    box.hidden = false;
+  }
+  if (!shown.length) return false;
+  $(`#${TRAIN_FIELDS[shown[0]]}`).focus();
+  const labels = shown.map((param) => $(`label[for="${TRAIN_FIELDS[param]}"]`).textContent);
+  showError($("#ft-error"), `Not started: see ${labels.join(", ")}.`);
+  return true;
+}
+
 async function startRun(event) {
   event.preventDefault();
   const error = $("#ft-error");
   clearError(error);
+  clearFieldErrors();
+  const { body, errors } = trainRequest();
+  if (errors) return showFieldErrors(errors);
   const button = $("#ft-start");
   button.disabled = true;
   try {
     const models = await loadModels();
-    const hyperparameters = {};
-    const steps = numberOf($("#ft-steps"));
-    const rank = numberOf($("#ft-rank"));
-    if (steps !== undefined) hyperparameters.max_steps = steps;
-    if (rank !== undefined) hyperparameters.rank = rank;
-    const body = {
-      model: models.image.id,
-      training_file: $("#ft-dataset").value,
-      method: "lora",
-      hyperparameters,
-      suffix: $("#ft-suffix").value.trim() || undefined,
-      new_version: $("#ft-new-version").checked || undefined,
-    };
-    const run = await api("POST", "/v1/fine_tuning/jobs", { json: body });
+    const run = await api("POST", "/v1/fine_tuning/jobs", { json: { model: models.image.id, ...body } });
     follow(run.id, run);
     loadRuns();
   } catch (err) {
-    showError(error, err);
+    // The API's 400 names the field ("hyperparameters.rank"); its message starts with the config's name of it.
+    const message = String(err.message || "").replace(/^[\w.]+: /, "").replace(/^Value error, /, "");
+    if (!(err.param && showFieldErrors({ [err.param]: message }))) showError(error, err);
   } finally {
     button.disabled = false;
   }
@@ -385,6 +519,9 @@ function follow(id, first) {
   $("#ft-current").hidden = false;
   $("#ft-chart").replaceChildren();
   $("#ft-events").replaceChildren();
+  $("#ft-validation").hidden = true;
+  $("#ft-validation-grid").replaceChildren();
+  shownImages = "";
   if (first) showRun(first);
   const tick = async () => {
     if (currentRun !== id) return;
@@ -408,6 +545,32 @@ function follow(id, first) {
   tick();
 }
 
+let shownImages = ""; // the validation files shown, so a poll does not reload them
+
+/** Epoch, learning rate and samples/s of the run's last step, and its validation images. */
+function showMetrics(run) {
+  $("#ft-epoch").textContent = run.epoch ? `${run.epoch} of ${run.epochs}` : "—";
+  $("#ft-lr-now").textContent = run.learning_rate != null ? run.learning_rate.toExponential(2) : "—";
+  $("#ft-rate").textContent = run.samples_per_s != null ? run.samples_per_s.toFixed(2) : "—";
+  const images = run.validation_images || [];
+  const files = images.map((i) => i.file).join(" ");
+  if (files === shownImages) return;
+  shownImages = files;
+  const grid = $("#ft-validation-grid");
+  revokeBlobs(grid);
+  grid.replaceChildren(...images.map((image) => {
+    const last = image.step === run.total_steps;
+    const label = `Step ${image.step}${last ? " (final)" : ""}, seed ${image.seed}`;
+    const img = el("img", { alt: `Validation image, ${label}`, loading: "lazy", decoding: "async" });
+    const download = el("a", { download: `${run.suffix}-${image.file.replaceAll("/", "-")}`,
+      dataset: { file: image.file } }, "Download");
+    setMedia(img, image.url, (src) => { download.href = src; });
+    return el("figure", { class: "thumb" }, img, el("figcaption", {}, el("span", { class: "muted" }, label), " ", download));
+  }));
+  $("#ft-validation-prompt-shown").textContent = run.validation_prompt ? `“${run.validation_prompt}”` : "";
+  $("#ft-validation").hidden = !images.length;
+}
+
 function showRun(run) {
   const loss = run.loss != null ? `, loss ${run.loss.toFixed(4)}` : "";
   const state = run.state && run.state !== run.status ? ` (${run.state})` : "";
@@ -416,6 +579,7 @@ function showRun(run) {
     ` Run ${run.id} for “${run.suffix}”: ${run.status}${state} — step ${run.step} of ${run.total_steps}` +
     ` (${Math.round(run.progress)}%)${loss}.`);
   $(`#ft-jobs tr[data-run="${run.id}"]`)?.replaceWith(runRow(run)); // keep its row in the list current
+  showMetrics(run);
   const cancel = $("#ft-cancel");
   cancel.hidden = RUN_DONE.has(run.status);
   cancel.disabled = false;
