@@ -119,6 +119,9 @@ class TextToImageParams(_DiffusionParams):
 
 class ImageToImageParams(_DiffusionParams):
     strength: float = Field(0.8, gt=0, le=1)
+    # As on text_to_image: checked against the registry and pinned to a version by the workflows service.
+    lora: str | None = Field(None, max_length=300)
+    lora_scale: float = Field(1.0, ge=0, le=4)
 
 
 class UpscaleParams(NodeParams):

@@ -69,6 +69,9 @@ async def edit_images(
     guidance_scale: float | None = Form(None),
     strength: float = Form(0.8, gt=0, le=1),
     style: str | None = Form(None),
+    lora: str | None = Form(None, description="A registered LoRA from GET /v1/models: 'name' (latest) or "
+                                              "'name:version'; as on /v1/images/generations."),
+    lora_scale: float = Form(1.0, description="The LoRA's weight (0 to 4)."),
     async_: bool = Query(False, alias="async"),
     images: ImagesService = Depends(images_service),
     files: Uploads = Depends(uploads),
@@ -76,6 +79,7 @@ async def edit_images(
     body = ImageGenerationRequest(
         prompt=prompt, model=model, n=n, size=size, response_format=response_format,
         negative_prompt=negative_prompt, seed=seed, steps=steps, guidance_scale=guidance_scale, style=style,
+        lora=lora or None, lora_scale=lora_scale,
     )
     image_bytes = await files.read(image, "image")
     mask_bytes = await files.read(mask, "mask") if mask is not None else None

@@ -1,4 +1,5 @@
 // Text-to-image: POST /v1/images/generations?async=true, followed over SSE, shown as a grid.
+// With HD (x4) checked it is text-to-image-hd (`"upscale": true`): every image x4 by the upscaler.
 
 import { api } from "../api.js";
 import {
@@ -22,12 +23,18 @@ export function init(section) {
     el("p", { id: "gen-model-hint", class: "muted" }),
     el("div", { class: "row" },
       field("Images", el("select", { id: "gen-n" }, ...["1", "2", "4", "8"].map((n) => option(n)))),
-      field("Size", el("select", { id: "gen-size" }))),
+      field("Size", el("select", { id: "gen-size", onchange: showHdSize }))),
     el("div", { class: "row three" },
       field("Seed", el("input", { id: "gen-seed", type: "number", min: "0", step: "1", placeholder: "random" })),
       field("Steps", el("input", { id: "gen-steps", type: "number", min: "1", step: "1", placeholder: "default" })),
       field("Guidance", el("input", { id: "gen-guidance", type: "number", min: "0", max: "30", step: "0.5",
         placeholder: "default" }))),
+    // Shown only when an upscaler is deployed (GET /v1/models lists one).
+    el("div", { id: "gen-hd-row", hidden: true },
+      el("div", { class: "check" },
+        el("input", { id: "gen-hd", type: "checkbox", onchange: showHdSize }),
+        el("label", { for: "gen-hd" }, "HD (x4): upscale every image four times with the upscaler")),
+      el("p", { id: "gen-hd-hint", class: "muted hint", "aria-live": "polite" })),
     el("div", { class: "check", id: "gen-refine-row", hidden: true },
       el("input", { id: "gen-refine", type: "checkbox" }),
       el("label", { for: "gen-refine" }, "Refine the prompt with the language model first")),
@@ -88,6 +95,27 @@ function fillModelChoices() {
   if (meta.max_steps) $("#gen-steps").max = String(meta.max_steps);
   if (meta.default_steps) $("#gen-steps").placeholder = `default ${meta.default_steps}`;
   $("#gen-refine-row").hidden = !all.some((m) => m.kind === "text");
+  $("#gen-hd-row").hidden = !upscalerCard();
+  showHdSize();
+}
+
+function upscalerCard() {
+  return models?.all.find((m) => m.kind === "upscaler");
+}
+
+/** With HD checked: the size the images come out at, and the upscaler's input limit. */
+function showHdSize() {
+  const hint = $("#gen-hd-hint");
+  const upscaler = upscalerCard();
+  if (!upscaler || !$("#gen-hd").checked) {
+    hint.textContent = "";
+    return;
+  }
+  const scale = upscaler.metadata?.scale || 4;
+  const max = upscaler.metadata?.max_input_size;
+  const [width, height] = ($("#gen-size").value || "").split("x").map(Number);
+  const out = width && height ? `${width} × ${height} → ${width * scale} × ${height * scale}. ` : "";
+  hint.textContent = `${out}Images up to ${max ? `${max} × ${max}` : "the upscaler's limit"} can be upscaled.`;
 }
 
 /** The caller's own image presets; none if they cannot be read (the built-in styles still work). */
@@ -138,6 +166,8 @@ async function reuse(jobId) {
     setSelect($("#gen-model"), p.lora || models.image?.id || "");
     showTrigger();
     $("#gen-refine").checked = Boolean(job.params.refine);
+    $("#gen-hd").checked = job.kind === "images.text_to_image_hd" && Boolean(upscalerCard());
+    showHdSize();
     $("#gen-info").textContent = `Settings loaded from job ${jobId}.`;
   } catch (err) {
     showError(error, err);
@@ -158,6 +188,7 @@ async function submit(event) {
     guidance_scale: numberOf($("#gen-guidance")),
     style: $("#gen-style").value === "none" ? undefined : $("#gen-style").value,
     refine: $("#gen-refine").checked || undefined,
+    upscale: !$("#gen-hd-row").hidden && $("#gen-hd").checked ? true : undefined,
   };
   if (chosen && chosen !== imageModel) {
     body.model = imageModel; // a LoRA runs on the base model
@@ -174,7 +205,13 @@ async function submit(event) {
     const p = job.params?.sdxl || {};
     const elapsed = job.finished_at && job.started_at ? ` in ${(job.finished_at - job.started_at).toFixed(1)} s` : "";
     const revised = job.result?.refine?.prompt ? ` Refined prompt: “${job.result.refine.prompt}”.` : "";
+    // An HD job's outputs are the upscaled images: their own size, and the generated one's.
+    const first = images[0] || {};
+    const hd = job.kind === "images.text_to_image_hd";
+    const size = hd && first.width ? `${first.width}×${first.height} (HD x4 of ${p.width}×${p.height})`
+      : `${p.width}×${p.height}`;
+    $("#gen-grid").classList.toggle("hd", hd);
     $("#gen-summary").textContent =
-      `${images.length} image${images.length === 1 ? "" : "s"}, ${p.width}×${p.height}${elapsed} (job ${job.id}).${revised}`;
+      `${images.length} image${images.length === 1 ? "" : "s"}, ${size}${elapsed} (job ${job.id}).${revised}`;
   }
 }
