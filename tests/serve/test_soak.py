@@ -12,7 +12,7 @@ pytestmark = pytest.mark.serve
 def test_rss_of_proxy_ingress_and_sdxl_stays_within_ten_percent(atelier):
     ray = atelier.connect_ray()
     try:
-        report = soak(atelier.base_url, ray, requests=300, warmup=100, concurrency=8, samples=4)
+        report = soak(atelier.base_url, ray, requests=150, warmup=60, concurrency=8, samples=4)
     finally:
         ray.shutdown()
     assert set(report["statuses"]) == {200}, sorted(set(report["statuses"]))
