@@ -7,30 +7,13 @@ Reuses the package's app (tests/serve/conftest.py `atelier`) and browser; two ti
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 
 import pytest
 from tests.serve.helpers import wait_for_job
 
 pytestmark = pytest.mark.serve
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
 
-
-@pytest.fixture()
-def page(browser, atelier, request):
-    # as tests/serve/test_web_ui.py: bypass_csp only for Playwright's own predicates
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=atelier.base_url,
-                                  bypass_csp=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def make_image(client, prompt: str) -> dict:

@@ -26,24 +26,7 @@ from tests.serve.helpers import noise_image, wait_for_job
 
 pytestmark = pytest.mark.serve
 
-ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
 
-
-@pytest.fixture()
-def page(browser, atelier, request):
-    # bypass_csp: Playwright's string predicates run through eval, which the app's CSP forbids
-    # (test_web_ui.py checks the UI under its CSP).
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=atelier.base_url,
-                                  bypass_csp=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def is_post(path: str):

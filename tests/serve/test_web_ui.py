@@ -20,22 +20,6 @@ pytestmark = pytest.mark.serve
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts" / "ui"
 
 
-@pytest.fixture()
-def page(browser, atelier, request):
-    # bypass_csp: Playwright's own string predicates (wait_for_function) run through eval, which the
-    # app's Content-Security-Policy forbids; the UI itself runs under it in test_the_ui_runs_under_its_csp.
-    context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=atelier.base_url,
-                                  bypass_csp=True)
-    page = context.new_page()
-    page.set_default_timeout(60_000)
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"{request.node.name}.png"), full_page=True)
-    context.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
-
 
 GEN_IMAGES_LOADED = "[...document.querySelectorAll('#gen-grid img')].every(i => i.complete && i.naturalWidth)"
 
