@@ -296,9 +296,11 @@ class JobRunnerDeployment:
         except Exception as exc:  # every failure ends the job with its reason, never a silent loss
             error = exc if isinstance(exc, AtelierError) else None
             logger.exception("job %s failed", job_id)
+            body = error.to_body()["error"] if error else {}
             ctx.save(status="failed", finished_at=time.time(),
                      error=JobError(type=error.error_type if error else type(exc).__name__,
-                                    message=error.message if error else str(exc) or repr(exc)))
+                                    message=error.message if error else str(exc) or repr(exc),
+                                    **{k: body.get(k) for k in ("param", "code", "category")}))
         finally:
             beat.set()
             record = ctx.record

@@ -65,6 +65,12 @@ def _names(value: Any, key: str) -> bool:
 class JobError(BaseModel):
     type: str
     message: str
+    # What the failure's error body named, so an answer built from the record has the same shape as
+    # one raised in the ingress: the field at fault, OpenAI's `code` (content_policy_violation) and
+    # the policy category of a refusal.
+    param: str | None = None
+    code: str | None = None
+    category: str | None = None
 
 
 class JobOutput(BaseModel):

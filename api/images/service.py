@@ -260,16 +260,26 @@ class JobFailedError(AtelierError):
     STATUS = {"invalid_request_error": 400, "not_found_error": 404, "model_not_found": 404,
               "conflict_error": 409, "overloaded_error": 503}
 
-    def __init__(self, message: str, error_type: str = "server_error", param: str | None = None):
+    def __init__(self, message: str, error_type: str = "server_error", param: str | None = None,
+                 code: str | None = None, category: str | None = None):
         super().__init__(message, param)
         self.error_type = error_type
         self.status_code = self.STATUS.get(error_type, 500)
+        self.code, self.category = code, category
 
     @classmethod
     def of(cls, record: JobRecord) -> "JobFailedError":
+        """The job's recorded error, with what it named (field, code, a refusal's category)."""
         error = record.error
         message = error.message if error else "the job failed"
-        return cls(f"job {record.id} failed: {message}", error.type if error else "server_error")
+        if error is None:
+            return cls(f"job {record.id} failed: {message}")
+        return cls(f"job {record.id} failed: {message}", error.type, error.param, error.code, error.category)
+
+    def to_body(self) -> dict:
+        body = super().to_body()
+        body["error"].update({k: v for k, v in (("code", self.code), ("category", self.category)) if v})
+        return body
 
     def __reduce__(self):
-        return JobFailedError, (self.message, self.error_type, self.param)
+        return JobFailedError, (self.message, self.error_type, self.param, self.code, self.category)

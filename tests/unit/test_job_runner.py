@@ -72,6 +72,25 @@ def test_failure_is_recorded_with_its_reason(runner):
     failed = runner.store.get(record.id)
     assert failed.status == "failed"
     assert failed.error.type == "invalid_request_error" and "not readable" in failed.error.message
+    assert failed.error.param == "image"
+
+
+def test_a_refused_output_keeps_its_code_and_category_for_the_answer_built_from_the_record(runner):
+    from api.images.service import JobFailedError
+    from deployments.llm.vision import ContentPolicyError
+
+    def pipeline(ctx, handles):
+        raise ContentPolicyError("the image was refused by the content policy (hate)", "prompt", category="hate")
+
+    record = with_pipeline(runner, pipeline)
+    runner.run_job(record.id)
+    failed = runner.store.get(record.id)
+    assert (failed.error.code, failed.error.category, failed.error.param) == ("content_policy_violation", "hate",
+                                                                             "prompt")
+    answer = JobFailedError.of(failed)  # what a synchronous caller waiting on the job gets
+    body = answer.to_body()["error"]
+    assert answer.status_code == 400 and body["code"] == "content_policy_violation" and body["category"] == "hate"
+    assert body["param"] == "prompt" and "refused" in body["message"]
 
 
 def test_the_context_parses_the_request_once_into_the_kinds_payload(runner):
