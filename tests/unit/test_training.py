@@ -26,7 +26,7 @@ from storage.datasets import DatasetStore, ImageItem
 from storage.registry import LoraRegistry
 from training.config import TrainConfig, TrainConfigError, load_config
 from training.loop import FAIL_AT_ENV, train
-from training.plan import check_inputs, read_status, resume_record, run_prefix
+from training.plan import check_inputs, read_status, resume_record
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(900)
@@ -387,21 +387,25 @@ def test_min_images_is_a_floor_and_hyperparameters_are_bounded(api):
 
 def kill_a_train_worker_after_a_checkpoint(storage: Storage, run_name: str, killed: dict,
                                            timeout_s: float = 600) -> None:
-    """From outside the run: once a checkpoint of step >= 2 is in storage, SIGKILL the process of
-    one Ray Train worker of this cluster on this node. Fills ``killed`` with the pid and that step."""
+    """From outside the run: once a checkpoint of step >= 2 is committed, SIGKILL the process of
+    one Ray Train worker of this cluster on this node. Fills ``killed`` with the pid and that step.
+
+    Committed means recorded in the run's status.json, which rank 0 writes once `ray.train.report`
+    has returned (the upload finished): a checkpoint folder seen in storage while its files are
+    still uploading is not one a run can promise to resume from (the CI run of 2026-12-04 killed a
+    worker between the two, and the run rightly started again from step 0)."""
     import ray._private.state  # the GCS actor table: ray.util.state needs the dashboard init_local_ray leaves out
 
     node_id = ray.get_runtime_context().get_node_id()
-    prefix = run_prefix(run_name)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not killed:
-        steps = [int(key[len(prefix):].split("/")[0].removeprefix("checkpoint_")) for key in storage.list(prefix)
-                 if key.endswith("/state.json") and key[len(prefix):].startswith("checkpoint_")]
+        status = read_status(storage, run_name)
+        step = (status.checkpoint_step or 0) if status is not None else 0
         workers = [actor for actor in ray._private.state.actors(actor_state_name="ALIVE").values()
                    if actor["ActorClassName"] == "RayTrainWorker" and actor["Address"]["NodeID"] == node_id
                    and actor["Pid"]]
-        if steps and max(steps) >= 2 and workers:
-            killed.update(pid=workers[-1]["Pid"], checkpoint_step=max(steps))
+        if step >= 2 and workers:
+            killed.update(pid=workers[-1]["Pid"], checkpoint_step=step)
             os.kill(killed["pid"], signal.SIGKILL)
             return
         time.sleep(0.1)
