@@ -110,7 +110,7 @@ def test_collect_then_edit_captions_inline(browser, served):
         page.fill("#co-new-dataset", "ui-beaches")
         page.fill("#co-tags", "beach, sand")
         page.click("#co-import")
-        page.wait_for_function("document.querySelector('#co-progress').innerText.startsWith('Imported')")
+        page.wait_for_function("document.querySelector('#co-progress')?.innerText.startsWith('Imported')")
         assert page.inner_text("#co-progress").startswith("Imported 2 images into version 1")
         dataset_id = page.eval_on_selector("#co-dataset", "s => s.value")
         store = built.services.datasets.store
@@ -126,7 +126,7 @@ def test_collect_then_edit_captions_inline(browser, served):
         image_id = caption.get_attribute("data-image")
         caption.fill("a caption edited inline")
         caption.press("Tab")  # change fires on leaving the field
-        page.wait_for_function("document.querySelector('#ds-browser-status').innerText.startsWith('Caption saved')")
+        page.wait_for_function("document.querySelector('#ds-browser-status')?.innerText.startsWith('Caption saved')")
         assert "version 2 has 2 images" in page.inner_text("#ds-browser-status")
         v2 = {r["sha256"]: r for r in store.manifest(dataset_id, 2).to_pylist()}
         assert v2[image_id]["caption"] == "a caption edited inline"
@@ -134,7 +134,7 @@ def test_collect_then_edit_captions_inline(browser, served):
         assert v1[image_id]["caption"] != "a caption edited inline"  # version 1 keeps its caption
 
         page.click(f"button[data-remove='{image_id}']")
-        page.wait_for_function("document.querySelector('#ds-browser-status').innerText.startsWith('Image removed')")
+        page.wait_for_function("document.querySelector('#ds-browser-status')?.innerText.startsWith('Image removed')")
         assert "version 3 has 1 image" in page.inner_text("#ds-browser-status")
         assert page.locator("#ds-images li").count() == 1
         assert store.versions(dataset_id) == [1, 2, 3] and store.manifest(dataset_id, 1).num_rows == 2

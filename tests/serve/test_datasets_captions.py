@@ -173,10 +173,10 @@ def test_caption_button_in_the_browser(browser, served):
         page.select_option("#ds-caption-style", "tags")
         page.fill("#ds-caption-trigger", "zxq")
         page.click("#ds-caption")
-        page.wait_for_function("document.querySelector('#ds-caption-progress').innerText.startsWith('Captioned')")
+        page.wait_for_function("document.querySelector('#ds-caption-progress')?.innerText.startsWith('Captioned')")
         assert page.inner_text("#ds-caption-progress") == \
             "Captioned 3 images: version 2 (1 kept, 0 skipped, 0 failed)."
-        page.wait_for_function("document.querySelector('#ds-browser-title').innerText.endsWith('version 2')")
+        page.wait_for_function("document.querySelector('#ds-browser-title')?.innerText.endsWith('version 2')")
         shown = page.locator("#ds-images figcaption").all_inner_texts()
         assert sorted(shown) == sorted([items[0].caption] + [f"zxq, a tags caption {sha[:6]}" for sha in (
             r["sha256"] for r in store.manifest(dataset, 1).to_pylist() if not r["caption"])])
@@ -186,9 +186,9 @@ def test_caption_button_in_the_browser(browser, served):
         page.select_option("#ds-caption-style", "sentence")
         page.check("#ds-caption-overwrite")
         page.click("#ds-caption")
-        page.wait_for_function("document.querySelector('#ds-caption-progress').innerText.includes('version 3')")
+        page.wait_for_function("document.querySelector('#ds-caption-progress')?.innerText.includes('version 3')")
         assert page.inner_text("#ds-caption-progress").startswith("Captioned 4 images: version 3 (0 kept")
-        page.wait_for_function("document.querySelector('#ds-browser-title').innerText.endsWith('version 3')")
+        page.wait_for_function("document.querySelector('#ds-browser-title')?.innerText.endsWith('version 3')")
         assert all(text.startswith("zxq, a sentence caption ") for text in
                    page.locator("#ds-images figcaption").all_inner_texts())
         assert store.versions(dataset) == [1, 2, 3]

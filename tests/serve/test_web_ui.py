@@ -135,7 +135,7 @@ def test_a_video_made_from_an_image_plays_and_shows_in_the_gallery(page, tmp_pat
     page.fill("#video-seed", "2")
     page.click("#video-submit")
     page.wait_for_selector("#video-player", timeout=180_000)
-    page.wait_for_function("document.querySelector('#video-player').readyState >= 1", timeout=60_000)
+    page.wait_for_function("document.querySelector('#video-player')?.readyState >= 1", timeout=60_000)
     duration = page.eval_on_selector("#video-player", "v => v.duration")
     assert duration > 0, duration
     assert "100%" in page.inner_text("#video-progress-label")
@@ -145,7 +145,7 @@ def test_a_video_made_from_an_image_plays_and_shows_in_the_gallery(page, tmp_pat
     page.goto("/#/gallery")
     card = f"#gallery-grid article[data-job='{video_id}'][data-kind='video']"
     page.wait_for_selector(f"{card} video")
-    page.wait_for_function(f"document.querySelector(\"{card} video\").readyState >= 1", timeout=60_000)
+    page.wait_for_function(f"document.querySelector(\"{card} video\")?.readyState >= 1", timeout=60_000)
     assert page.eval_on_selector(f"{card} video", "v => v.duration") > 0
     poster = page.eval_on_selector(f"{card} video", "v => v.poster")
     status, content_type = page.evaluate(
@@ -247,7 +247,7 @@ def collect_into_a_new_dataset(page, standin, name: str) -> str:
     page.fill("#co-new-dataset", name)
     page.fill("#co-tags", "beach")
     page.click("#co-import")
-    page.wait_for_function("document.querySelector('#co-progress').innerText.startsWith('Imported')")
+    page.wait_for_function("document.querySelector('#co-progress')?.innerText.startsWith('Imported')")
     assert page.inner_text("#co-progress").startswith("Imported 4 images into version 1")
     assert {"u1", "u2"} <= set(standin.pings)  # Unsplash's download_location was called for each
     return page.eval_on_selector("#co-dataset", "s => s.value")
@@ -267,7 +267,7 @@ def upload_a_new_dataset(page, tmp_path, name: str) -> str:
     page.select_option("#ds-select", value=dataset_id)
     page.set_input_files("#ds-files", files)
     page.click("#ds-upload")
-    page.wait_for_function("document.querySelector('#ds-upload-result').innerText.startsWith('Added ')")
+    page.wait_for_function("document.querySelector('#ds-upload-result')?.innerText.startsWith('Added ')")
     assert re.fullmatch(r"Added 4 images: version \S+ has 4\.", page.inner_text("#ds-upload-result").strip())
     return dataset_id
 
@@ -301,7 +301,7 @@ def test_collect_caption_train_and_generate_with_the_lora(page, atelier, client,
     image_id = caption.get_attribute("data-image")
     caption.fill("sks beach, a caption edited inline")
     caption.press("Tab")  # change fires on leaving the field
-    page.wait_for_function("document.querySelector('#ds-browser-status').innerText.startsWith('Caption saved')")
+    page.wait_for_function("document.querySelector('#ds-browser-status')?.innerText.startsWith('Caption saved')")
     assert "version 2 has 4 images" in page.inner_text("#ds-browser-status")
     images = client.get(f"/v1/datasets/{dataset_id}/images").json()
     assert images["version"] == 2
@@ -367,7 +367,7 @@ def test_collect_caption_train_and_generate_with_the_lora(page, atelier, client,
     lora = job["fine_tuned_model"]
     assert page.inner_text("#ft-lora") == lora and lora.startswith(f"{name}:")
     page.click("#ft-model a")
-    page.wait_for_function("lora => document.querySelector('#gen-model').value === lora", arg=lora)
+    page.wait_for_function("lora => document.querySelector('#gen-model')?.value === lora", arg=lora)
     assert page.locator("#gen-model option", has_text=name).count() == 1
     page.fill("#gen-prompt", "a portrait")
     set_field(page, "#gen-size", "64x64")

@@ -61,7 +61,7 @@ def open_editor(page) -> None:
 
 def new_workflow(page) -> None:
     page.click("#wf-new")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '0'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '0'")
 
 
 def open_template(page, template: str) -> None:
@@ -151,7 +151,7 @@ def test_drag_from_the_palette_connect_refuse_a_wrong_type_and_set_a_param(page)
 
     # A fitting connection, drawn with the mouse.
     connect(page, prompt, "text", image, "prompt")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.edges === '1'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.edges === '1'")
     assert page.locator(f".react-flow__edge[data-id='prompt.text>text_to_image.prompt']").count() == 1
 
     # A list of images does not fit a single-image input: refused, with the reason, and no edge.
@@ -226,7 +226,7 @@ def test_a_run_shows_every_node_complete_with_progress_and_the_output_image(page
     # The output node shows the image.
     img = f"{node_sel('out')} .wf-node-media img"
     page.wait_for_selector(img)
-    page.wait_for_function(f"(() => {{ const i = document.querySelector(\"{img}\"); return i.complete && i.naturalWidth > 0; }})()")
+    page.wait_for_function(f"(() => {{ const i = document.querySelector(\"{img}\"); return i?.complete && i.naturalWidth > 0; }})()")
     assert page.eval_on_selector(img, "i => [i.naturalWidth, i.naturalHeight]") == [64, 64]
     job_id = page.get_attribute("#page-workflows", "data-job")
     job = client.get(f"/v1/jobs/{job_id}").json()
@@ -247,7 +247,7 @@ def test_a_run_shows_every_node_complete_with_progress_and_the_output_image(page
 def test_save_reload_and_open_keeps_the_layout(page):
     open_editor(page)
     open_template(page, "diamond")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '9'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '9'")
     # Move a node with the mouse, group two nodes and add a comment: all part of the layout.
     before = positions(page)
     start = centre(page, f"{node_sel('pick_a')} .wf-node-head")
@@ -275,7 +275,7 @@ def test_save_reload_and_open_keeps_the_layout(page):
     assert positions(page) != laid_out  # the page starts on its example
     page.click(f"#wf-saved li[data-workflow='{saved_id}'] button.wf-open")
     page.wait_for_selector("#wf-message:has-text('Opened editor layout test')")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '9'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '9'")
     assert positions(page) == laid_out
     assert page.locator(".react-flow__node-group").count() == 1
     assert page.inner_text(".react-flow__node-comment") == "branch a is the warm one"
@@ -378,7 +378,7 @@ def test_the_editor_works_from_the_keyboard(page):
     for node_type in ("prompt", "text_to_image", "output", "select"):
         page.focus(f"#wf-palette [data-type='{node_type}']")
         page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '4'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '4'")
     # connect with the form beside the canvas; a wrong type is refused there too
     page.select_option("#wf-connect-from", "prompt.text")
     page.select_option("#wf-connect-to", "output.value")
@@ -405,15 +405,15 @@ def test_the_editor_works_from_the_keyboard(page):
     page.focus(f"{node_sel('text_to_image')}")
     page.keyboard.press("Control+c")
     page.keyboard.press("Control+v")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '5'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '5'")
     assert "text_to_image_2" in node_ids(page)
     assert page.is_checked("#wf-sel-text_to_image_2") and not page.is_checked("#wf-sel-text_to_image")  # the copy is selected
     page.keyboard.press("Delete")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '4'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '4'")
     page.keyboard.press("Control+z")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '5'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '5'")
     page.keyboard.press("Control+y")
-    page.wait_for_function("document.querySelector('#page-workflows').dataset.nodes === '4'")
+    page.wait_for_function("document.querySelector('#page-workflows')?.dataset.nodes === '4'")
 
     # arrow keys move the focused, selected node
     page.focus("#wf-canvas")
