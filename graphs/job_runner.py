@@ -37,6 +37,8 @@ from storage.jobs import TERMINAL_STATUSES, JobError, JobOutput, JobRecord
 logger = logging.getLogger("ray.serve")
 
 RUN_JOB_TASK = "atelier.run_job"
+# Celery's default retries a publish 3 times; each try against a dead broker can wait on a connect
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 
 class JobQueueConfig(BaseModel):
@@ -51,20 +53,35 @@ class JobQueueConfig(BaseModel):
     max_queue_depth: int = Field(1000, ge=1, description="Unfinished jobs past which submission gets 503.")
     backpressure_wait_s: float = Field(
         600.0, ge=0, description="How long a job waits out full model queues (503s) before it fails.")
+    consumer_stall_s: float = Field(
+        60.0, gt=0, description=(
+            "A runner with free slots while jobs wait in the Redis queue for this long has a consumer "
+            "that stopped taking work (Celery's, after a broker outage): its health check fails and "
+            "Serve replaces it. Redis only."))
     polling_interval_s: float | None = Field(
         0.05, gt=0, le=10, description=(
             "How often a polling broker (Kombu's virtual transports: the SQLite broker) looks for new "
             "jobs; Kombu's default is 1 s. Redis pushes, so this does not apply there. None: Kombu's default."))
 
     def task_processor_config(self) -> TaskProcessorConfig:
+        broker_url = os.path.expandvars(self.broker_url)
+        # One message reserved per running thread: a dead worker then strands only the jobs it was
+        # running, which the reaper recovers.
+        app_config: dict[str, Any] = {"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True,
+                                      # a submission while the broker is down is refused within seconds
+                                      # (503 + Retry-After), not held by publish retries
+                                      "task_publish_retry_policy": PUBLISH_RETRY_POLICY}
+        # Redis: a bounded connect (redis-py's default is none), so a publish to a dead broker fails in
+        # seconds. Not socket_timeout: the consumer's blocking reads must not time out. (Not for the
+        # SQLite broker, whose channel hands unknown options to create_engine.)
+        redis_options = ({"socket_connect_timeout": 2} if broker_url.startswith(("redis://", "rediss://")) else None)
         return TaskProcessorConfig(
             queue_name=self.queue_name,
             adapter_config=CeleryAdapterConfig(
-                broker_url=os.path.expandvars(self.broker_url),
+                broker_url=broker_url,
                 backend_url=os.path.expandvars(self.backend_url),
-                # One message reserved per running thread: a dead worker then strands only the
-                # jobs it was running, which the reaper recovers.
-                app_custom_config={"worker_prefetch_multiplier": 1, "broker_connection_retry_on_startup": True},
+                app_custom_config=app_config,
+                broker_transport_options=redis_options,
                 # The job record holds the outcome; nothing reads Celery's result, so none is stored.
                 task_custom_config={"ignore_result": True},
             ),
@@ -143,15 +160,79 @@ def new_task_id() -> str:
 
 def send_job(adapter, record: JobRecord) -> None:
     """Enqueue a persisted record under its task id; a task finding another id on the record is stale."""
-    adapter.enqueue_task_sync(RUN_JOB_TASK, kwargs={"job_id": record.id}, task_id=record.task_id)
+    # ignore_result: the job record holds the outcome. Without it Celery subscribes to the result
+    # backend on every send; after a Redis outage that subscriber gives up for good ("Retry limit
+    # exceeded while trying to reconnect to the Celery result store backend"), failing every later
+    # submission through that replica (found by tests/cluster/test_2_broker_outage.py).
+    adapter.enqueue_task_sync(RUN_JOB_TASK, kwargs={"job_id": record.id}, task_id=record.task_id, ignore_result=True)
 
 
 def enqueue_job(adapter, store: JobStore, record: JobRecord) -> str:
-    """Enqueue an existing record again: persist a new task id, then send it."""
-    record.task_id = new_task_id()
+    """Enqueue an existing record again: persist it queued under a new task id, then send it.
+
+    The task id goes first, so that the old message (if one survives) is stale when it arrives. If
+    the send fails (the broker is down) the record is put back as it was, so that the next reaper
+    pass finds it again, and the error is raised.
+    """
+    before = record.model_copy(deep=True)
+    record.status, record.task_id = "queued", new_task_id()
     store.save(record)
-    send_job(adapter, record)
+    try:
+        send_job(adapter, record)
+    except Exception:
+        store.save(before)
+        record.status, record.task_id = before.status, before.task_id
+        raise
     return record.task_id
+
+
+# A key every runner keeps in a Redis broker. Its absence means the broker lost what it held (a
+# restart without persistence, a flush, a failover to an empty replica), queued jobs' messages included.
+BROKER_SENTINEL_KEY = "atelier:broker-sentinel"
+
+
+def claim_broker_loss(broker_url: str, timeout_s: float = 2.0) -> bool:
+    """True once after a Redis broker lost its data: sets the sentinel key back (SET NX), so exactly one
+    caller sees each loss. False while the key is there, and always for brokers that keep their
+    messages in a durable file (the SQLite broker). Raises when the broker cannot be reached."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return False
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    try:
+        return bool(client.set(BROKER_SENTINEL_KEY, str(time.time()), nx=True))
+    finally:
+        client.close()
+
+
+def redis_queue_length(broker_url: str, queue_name: str) -> int | None:
+    """Messages waiting in a Redis broker's queue (what Ray's async-inference policy reads too); None
+    for other brokers, or when the broker cannot be reached."""
+    if not broker_url.startswith(("redis://", "rediss://")):
+        return None
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        return int(client.llen(queue_name))
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def release_broker_loss(broker_url: str) -> None:
+    """Undo a claim whose recovery did not finish, so that the next pass (here or elsewhere) retries it."""
+    import redis
+
+    client = redis.Redis.from_url(broker_url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.delete(BROKER_SENTINEL_KEY)
+    except Exception:  # unreachable again: it comes back empty, and the next claim sees that anyway
+        logger.warning("could not release the broker sentinel", exc_info=True)
+    finally:
+        client.close()
 
 
 class ReplicaLostError(AtelierError):
@@ -256,12 +337,24 @@ class JobRunnerDeployment:
         self._assets_index_dir = assets_index_dir
         self._sweeper: threading.Thread | None = None
         self._stop = threading.Event()
+        self._running = 0  # jobs this replica runs now (Celery's threads)
+        self._running_lock = threading.Lock()
+        self._idle_with_backlog_since: float | None = None
         self._reaper = threading.Thread(target=self._reap_forever, name="job-reaper", daemon=True)
         self._reaper.start()
 
     # Registered as a Celery task by `task_consumer`; Celery runs it in one of its threads.
     @task_handler(name=RUN_JOB_TASK)
     def run_job(self, job_id: str) -> dict:
+        with self._running_lock:
+            self._running += 1
+        try:
+            return self._run_job(job_id)
+        finally:
+            with self._running_lock:
+                self._running -= 1
+
+    def _run_job(self, job_id: str) -> dict:
         from celery import current_task
 
         task_id = current_task.request.id if current_task else None
@@ -375,7 +468,8 @@ class JobRunnerDeployment:
             logger.debug("queue depth not reported", exc_info=True)
 
     def reap_once(self) -> list[str]:
-        """Recover running jobs whose heartbeat stopped: re-enqueue, or fail when out of attempts."""
+        """Recover running jobs whose heartbeat stopped: re-enqueue, or fail when out of attempts.
+        Then, if the broker lost its messages, send the queued jobs again (resend_lost_messages)."""
         now = time.time()
         recovered = []
         for record in self.store.list_active():
@@ -385,8 +479,11 @@ class JobRunnerDeployment:
             if now - last_seen < self.queue.lease_s:
                 continue
             if record.attempts < record.max_attempts:
-                record.status = "queued"
-                record.task_id = enqueue_job(self._adapter, self.store, record)
+                try:
+                    record.task_id = enqueue_job(self._adapter, self.store, record)
+                except Exception as exc:  # the broker is down: left as it was, for the next pass
+                    logger.warning("job %s lost its runner; could not re-enqueue it yet: %s", record.id, exc)
+                    continue
                 logger.warning("job %s lost its runner; re-enqueued (attempt %d)", record.id, record.attempts + 1)
             else:
                 record.status = "failed"
@@ -396,7 +493,39 @@ class JobRunnerDeployment:
                 self.store.save(record)
                 logger.warning("job %s lost its runner %d times; failed", record.id, record.attempts)
             recovered.append(record.id)
+        self.resend_lost_messages()
         return recovered
+
+    def resend_lost_messages(self) -> list[str]:
+        """After the broker lost its data (a Redis restarted without persistence), send every queued job
+        again. A queued job is durable in storage but its message was only in the broker; without
+        this it would stay queued forever. Each goes under a new task id, so a message that did
+        survive is stale when it arrives (run_job skips it), and no job runs twice."""
+        url = os.path.expandvars(self.queue.broker_url)
+        try:
+            if not claim_broker_loss(url):
+                return []
+        except Exception as exc:  # unreachable: the next pass looks again
+            logger.debug("broker not reachable for the sentinel check: %s", exc)
+            return []
+        resent = []
+        try:
+            for record in self.store.list_active():
+                if record.status != "queued":
+                    continue
+                try:
+                    record = self.store.get(record.id)  # a runner may have taken it since the listing
+                except KeyError:
+                    continue
+                if record.status == "queued":
+                    enqueue_job(self._adapter, self.store, record)
+                    resent.append(record.id)
+        except Exception:
+            release_broker_loss(url)  # not finished: the next pass claims the loss again
+            raise
+        if resent:
+            logger.warning("the job broker lost its messages; sent %d queued jobs again: %s", len(resent), resent)
+        return resent
 
     def sweep_assets(self):
         """Apply the retention policy (or report what it would delete) when this period's lease is ours."""
@@ -415,6 +544,25 @@ class JobRunnerDeployment:
     def check_health(self) -> None:
         if not self._reaper.is_alive():
             raise RuntimeError("job reaper thread died")
+        self._check_consumer()
+
+    def _check_consumer(self) -> None:
+        """Fail the health check when jobs wait in the queue while this replica has free slots, for
+        longer than `consumer_stall_s`: its Celery consumer stopped taking work (seen after a Redis
+        restart: it logged its reconnect attempts and then took nothing). Serve then replaces the
+        replica; jobs it was running are re-enqueued by the reaper when their heartbeat stops."""
+        waiting = redis_queue_length(os.path.expandvars(self.queue.broker_url), self.queue.queue_name)
+        if not waiting or self._running >= self.queue.concurrency:
+            self._idle_with_backlog_since = None
+            return
+        now = time.monotonic()
+        if self._idle_with_backlog_since is None:
+            self._idle_with_backlog_since = now
+        elif now - self._idle_with_backlog_since > self.queue.consumer_stall_s:
+            raise RuntimeError(
+                f"the job consumer takes no work: {waiting} jobs have waited in the queue for "
+                f"{now - self._idle_with_backlog_since:.0f}s while this runner runs {self._running} of "
+                f"{self.queue.concurrency}")
 
     def __del__(self):
         self._stop.set()

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from local.cluster import REPO, LocalCluster, RedisServer, build_bundle, free_port, wait_for
+from tests.cluster.helpers import report
 from tests.s3_server import S3Server
 
 S3_BUCKET = "atelier-cluster"
@@ -104,7 +105,7 @@ def cluster(tmp_path_factory):
         cluster = LocalCluster(extra_env={**s3.env(), "ATELIER_REDIS_HOST": f"127.0.0.1:{redis.port}"})
         cluster.s3, cluster.redis, cluster.scratch = s3, redis, scratch
         cluster.start()
-        print(f"\n[cluster] 2 nodes, redis and S3 up in {time.monotonic() - started:.1f}s")
+        report(f"[cluster] 2 nodes, redis and S3 up in {time.monotonic() - started:.1f}s")
         yield cluster
     finally:
         if cluster is not None:
@@ -124,5 +125,23 @@ def atelier(cluster) -> ClusterApp:
     app.deploy()
     app.wait_running(timeout_s=400)
     app.wait_spread("SDXLDeployment", {"node_a": 1, "node_b": 1})
-    print(f"\n[cluster] serve deploy to RUNNING, spread on both nodes, in {time.monotonic() - started:.1f}s")
+    report(f"[cluster] serve deploy to RUNNING, spread on both nodes, in {time.monotonic() - started:.1f}s")
     return app
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.cluster.helpers import FIGURES
+
+    if FIGURES:
+        terminalreporter.section("two-node cluster: figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="package")
+def dataset_id(atelier) -> str:
+    """One small dataset on S3 for the package's fine-tuning runs."""
+    from tests.cluster.helpers import make_dataset
+
+    with atelier.client() as client:
+        return make_dataset(client)

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import httpx
 
-from tests.serve.helpers import decode_b64_png
+from tests.serve.helpers import decode_b64_png, noise_image
 
 TERMINAL = ("completed", "failed", "cancelled")
+
+# The figures the tests measure (jobs accepted/completed/lost, recovery times, replica counts over
+# time), printed again at the end of the run by conftest.py's terminal summary, passed or not.
+FIGURES: list[str] = []
+
+
+def report(line: str) -> None:
+    line = line.strip("\n")
+    print(line)
+    FIGURES.append(line)
 
 
 class ReplicaTimeline(threading.Thread):
@@ -46,3 +57,28 @@ def generate(base_url: str, seed: int, steps: int = 4) -> tuple[int, str]:
     if r.status_code == 503:
         assert r.headers.get("retry-after"), r.headers  # overloaded or a replica lost: says when to retry
     return r.status_code, r.text[:200]
+
+
+def make_dataset(client, count: int = 8) -> str:
+    """A dataset of `count` noise images on the app's storage (S3), for the fine-tuning runs."""
+    created = client.post("/v1/datasets", json={"name": f"gulls-{uuid.uuid4().hex[:8]}", "trigger_word": "zwx"})
+    assert created.status_code == 201, created.text
+    dataset_id = created.json()["id"]
+    files = [("files", (f"gull{i}.png", noise_image(72, 64, seed=200 + i), "image/png")) for i in range(count)]
+    uploaded = client.post(f"/v1/datasets/{dataset_id}/images", files=files)
+    assert uploaded.status_code == 200 and uploaded.json()["added"] == count, uploaded.text
+    return dataset_id
+
+
+def train_workers_by_node(cluster) -> dict[str, int]:
+    """Live Ray Train workers per node label."""
+    resp = httpx.get(f"{cluster.dashboard_url}/api/v0/actors", headers=cluster.auth_headers(), timeout=20,
+                     params={"limit": 10000, "detail": "true"})
+    actors = resp.json()["data"]["result"]["result"]
+    labels = cluster.node_labels()
+    counts: dict[str, int] = {}
+    for actor in actors:
+        if actor["state"] == "ALIVE" and "RayTrainWorker" in (actor.get("class_name") or ""):
+            label = labels.get(actor.get("node_id"), "gone")
+            counts[label] = counts.get(label, 0) + 1
+    return counts

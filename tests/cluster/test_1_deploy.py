@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from tests.serve.helpers import decode_b64_png
@@ -30,3 +33,15 @@ def test_images_through_both_nodes_proxies(atelier):
         assert image.size == (64, 64)
         ok += 1
     assert ok == 8
+
+
+def test_each_node_loads_the_model_from_its_own_copy_of_the_bundle(atelier):
+    """The config's relative model path is opened in each node's own unpacked working_dir (under that
+    node's Ray temp dir), not in the copy of the node that built the app (api.app keeps it relative)."""
+    cluster = atelier.cluster
+    for node in (cluster.head, cluster.worker):
+        logs = node.temp_dir.glob("session_*/logs/serve/replica_atelier_SDXLDeployment_*.log")
+        paths = [m.group(1) for log in logs for m in re.finditer(r"loading \w+ from (\S+)", log.read_text(errors="replace"))]
+        assert paths, f"no SDXL replica of {node.name} logged its model folder"
+        for path in paths:
+            assert os.path.realpath(path).startswith(os.path.realpath(node.temp_dir)) and path.endswith("models/tiny/sdxl"), (node.name, path)

@@ -185,7 +185,7 @@ class RunningQueue:
         self.store: JobStore | None = None
         self.sdxl: FakeSDXL | None = None
 
-    def enqueue_task_sync(self, name, kwargs, task_id):
+    def enqueue_task_sync(self, name, kwargs, task_id, **options):
         self.sent.append(kwargs["job_id"])
         threading.Thread(target=self.run, args=(kwargs["job_id"],), daemon=True).start()
 

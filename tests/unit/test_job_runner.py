@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from types import SimpleNamespace
@@ -219,6 +220,115 @@ def test_reaper_requeues_a_job_whose_runner_died_then_fails_it(runner):
     assert runner.store.get(fresh.id).status == "in_progress"  # a live job is left alone
 
 
+class DownQueue(FakeQueue):
+    """A broker that refuses every message, as one that is down does."""
+
+    def enqueue_task_sync(self, name, args=None, kwargs=None, **options):
+        raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+
+
+def test_a_lost_runners_job_stays_for_the_next_pass_while_the_broker_is_down(runner):
+    record = runner.store.create("test", {}, max_attempts=2)
+    stale = time.time() - 60
+    runner.store.update(record.id, status="in_progress", attempts=1, heartbeat_at=stale, task_id="old")
+    runner._adapter = DownQueue()
+    assert runner.reap_once() == []
+    kept = runner.store.get(record.id)  # as it was: not queued under a task id no message carries
+    assert (kept.status, kept.task_id, kept.attempts) == ("in_progress", "old", 1)
+    runner._adapter = FakeQueue()  # the broker is back
+    assert runner.reap_once() == [record.id]
+    requeued = runner.store.get(record.id)
+    assert requeued.status == "queued" and runner._adapter.sent == [(RUN_JOB_TASK, {"job_id": record.id},
+                                                                     requeued.task_id)]
+
+
+@pytest.fixture()
+def redis_broker(tmp_path):
+    from local.cluster import RedisServer
+
+    if RedisServer.executable() is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("redis-server is not installed (`make redis`); under CI these tests must run")
+        pytest.skip("redis-server is not installed (`make redis` installs Debian's)")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def test_queued_jobs_are_sent_again_after_the_broker_lost_its_messages(runner, redis_broker):
+    """A Redis broker restarted without persistence has lost every queued job's message: the reaper
+    sees its sentinel key gone and sends each queued job again, under a new task id (so a message
+    that did survive is skipped as stale). One claim per loss, whichever runner gets it."""
+    import redis
+
+    runner.queue.broker_url = redis_broker.url + "/0"
+    queued = [runner.store.create("test", {}, task_id=f"t{i}") for i in range(3)]
+    running = runner.store.create("test", {})
+    runner.store.update(running.id, status="in_progress", attempts=1, heartbeat_at=time.time())
+
+    # a broker without the sentinel (first start, or data lost): every queued job is sent again
+    assert sorted(runner.resend_lost_messages()) == sorted(r.id for r in queued)
+    again = {r.id: runner.store.get(r.id).task_id for r in queued}
+    assert all(task_id and not task_id.startswith("t") for task_id in again.values())
+    assert sorted(kwargs["job_id"] for _, kwargs, _ in runner._adapter.sent) == sorted(again)
+    assert {task_id for _, _, task_id in runner._adapter.sent} == set(again.values())
+    # the sentinel is there now: nothing more, from this runner or another
+    other = JobRunnerDeployment(runner.queue.model_dump(), storage_root=runner.store.storage.root)
+    other._adapter = FakeQueue()
+    assert runner.resend_lost_messages() == [] and other.resend_lost_messages() == []
+    other._stop.set()
+
+    # the broker loses its data again; a job taken by a runner meanwhile is left alone
+    redis.Redis.from_url(runner.queue.broker_url).flushall()
+    runner.store.update(queued[0].id, status="in_progress", attempts=1, heartbeat_at=time.time())
+    runner._adapter = FakeQueue()
+    assert sorted(runner.reap_once()) == []  # nothing lost its runner; the resend rides the same pass
+    assert sorted(kwargs["job_id"] for _, kwargs, _ in runner._adapter.sent) == sorted(r.id for r in queued[1:])
+
+    # a resend that cannot finish (the broker refuses) leaves the jobs as they were and the loss
+    # unclaimed, so the next pass tries again
+    redis.Redis.from_url(runner.queue.broker_url).flushall()
+    before = {r.id: runner.store.get(r.id).task_id for r in queued[1:]}
+    runner._adapter = DownQueue()
+    with pytest.raises(ConnectionError):
+        runner.resend_lost_messages()
+    assert {r.id: runner.store.get(r.id).task_id for r in queued[1:]} == before
+    assert all(runner.store.get(r.id).status == "queued" for r in queued[1:])
+    runner._adapter = FakeQueue()
+    assert sorted(runner.resend_lost_messages()) == sorted(r.id for r in queued[1:])
+
+
+def test_a_runner_idle_beside_a_waiting_queue_fails_its_health_check(runner, redis_broker):
+    """A consumer that stopped taking work (Celery's, after a Redis restart) leaves jobs waiting while
+    its replica has free slots: past consumer_stall_s the health check fails, so Serve replaces it.
+    A busy runner, or an empty queue, is healthy."""
+    import redis
+
+    runner.queue.broker_url = redis_broker.url + "/0"
+    runner.queue.consumer_stall_s = 0.3
+    runner.check_health()  # nothing waits
+    redis.Redis(port=redis_broker.port).lpush(runner.queue.queue_name, b"a message")
+    runner.check_health()  # the first look only starts the clock
+    runner._running = runner.queue.concurrency  # every slot busy: waiting is normal
+    time.sleep(0.4)
+    runner.check_health()
+    runner._running = 1
+    runner.check_health()
+    time.sleep(0.4)
+    with pytest.raises(RuntimeError, match="takes no work: 1 jobs have waited"):
+        runner.check_health()
+    redis.Redis(port=redis_broker.port).delete(runner.queue.queue_name)  # drained: healthy again
+    runner.check_health()
+
+
+def test_an_unreachable_broker_is_not_taken_as_a_loss(runner):
+    from local.cluster import free_port
+
+    runner.queue.broker_url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    runner.store.create("test", {})
+    assert runner.resend_lost_messages() == [] and runner._adapter.sent == []
+
+
 # --- the queue depth gauge -------------------------------------------------------------------
 
 
@@ -408,3 +518,30 @@ def test_a_cancel_racing_the_start_of_a_queued_job_wins(runner, monkeypatch):
     monkeypatch.setattr(runner.store, "is_cancel_requested", racing)
     assert runner.run_job(record.id)["status"] == "cancelled"
     assert not ran and runner.store.get(record.id).status == "cancelled"
+
+
+def test_an_enqueue_to_a_dead_redis_broker_fails_within_seconds(redis_broker):
+    """The ingress answers 503 + Retry-After while the broker is down: the publish must give up
+    promptly (bounded retries and socket waits), not hold the request for Celery's defaults; and
+    once the broker is back (empty), the same adapter publishes again, every time (the result
+    backend, which nothing reads, is never subscribed to)."""
+    from ray.serve.task_consumer import instantiate_adapter_from_config
+
+    from graphs.job_runner import send_job
+
+    config = JobQueueConfig(broker_url=redis_broker.url + "/0", backend_url=redis_broker.url + "/1")
+    adapter = instantiate_adapter_from_config(config.task_processor_config())
+    job = lambda i: SimpleNamespace(id=f"job_{i}", task_id=f"t{i}")  # noqa: E731
+    send_job(adapter, job(1))  # up: taken
+    redis_broker.stop()
+    started = time.monotonic()
+    with pytest.raises(Exception) as raised:
+        send_job(adapter, job(2))
+    took = time.monotonic() - started
+    assert took < 8, f"the publish to a dead broker took {took:.1f}s to fail ({raised.value!r})"
+    redis_broker.start()  # back, empty
+    for i in range(3, 8):
+        send_job(adapter, job(i))
+    import redis
+
+    assert redis.Redis(port=redis_broker.port).llen(config.queue_name) == 5

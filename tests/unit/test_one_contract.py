@@ -69,7 +69,7 @@ DEPLOYMENT_CLS = {"sdxl": SDXLDeployment, "svd": SVDDeployment, "upscaler": Upsc
 
 
 class FakeQueue:
-    def enqueue_task_sync(self, name, kwargs, task_id):
+    def enqueue_task_sync(self, name, kwargs, task_id, **options):
         raise AssertionError("the API enqueued a job for a bad input")
 
 

@@ -143,7 +143,7 @@ class FakeQueue:
     def __init__(self):
         self.sent = []
 
-    def enqueue_task_sync(self, name, kwargs, task_id):
+    def enqueue_task_sync(self, name, kwargs, task_id, **options):
         self.sent.append(kwargs["job_id"])
 
 

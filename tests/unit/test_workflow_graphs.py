@@ -456,7 +456,7 @@ def test_cache_key_holds_the_model_so_a_swap_recomputes() -> None:
 # ------------------------------------------------------- checks against the running models (WorkflowsService)
 
 class FakeQueue:
-    def enqueue_task_sync(self, name, kwargs, task_id):
+    def enqueue_task_sync(self, name, kwargs, task_id, **options):
         pass
 
 

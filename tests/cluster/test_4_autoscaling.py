@@ -1,33 +1,58 @@
 """Autoscaling you can watch: SDXL 1 -> 2 under load and back to 1 when idle; the job runner scales
-on the Redis queue's length (Ray's async-inference policy). Replica counts over time are printed."""
+on the Redis queue's length (Ray's async-inference policy). Replica counts over time are printed.
+
+The same `serve deploy` carries two broken apps beside it (a missing model path, an unreachable
+Redis): each must end DEPLOY_FAILED with its cause in `serve status`, not crash-loop without one,
+and leave the good app alone. (They fail while the autoscaling runs, which saves a deploy cycle.)"""
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
 import pytest
 
 from local.cluster import wait_for
-from tests.cluster.helpers import ReplicaTimeline, generate
+from tests.cluster.helpers import ReplicaTimeline, generate, report
 
 pytestmark = pytest.mark.serve
+
+
+def _broken_app(atelier, name: str, prefix: str, **args_update) -> dict:
+    app = copy.deepcopy(atelier.config()["applications"][0])
+    app["name"], app["route_prefix"] = name, prefix
+    for section, values in args_update.items():
+        app["args"][section] = {**app["args"][section], **values}
+    for deployment in app["deployments"]:  # one small replica each: these apps only have to fail
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
+    return app
+
+
+def _failed(cluster, app: str) -> dict | None:
+    status = cluster.serve_status()["applications"].get(app) or {}
+    return status if status.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") else None
 
 
 def total(cluster, deployment: str) -> int:
     return sum(cluster.replicas_by_node(deployment).values())
 
 
-def test_sdxl_and_job_runner_scale_up_under_load_and_down_when_idle(atelier):
+def test_sdxl_and_job_runner_scale_up_and_down_and_broken_apps_name_their_cause(atelier):
     cluster = atelier.cluster
     t0 = time.monotonic()
     timeline = ReplicaTimeline(cluster, ("SDXLDeployment", "JobRunnerDeployment"), t0)
     timeline.start()
     marks: dict[str, float] = {}
     try:
-        # Short delays, and SDXL allowed down to one replica.
+        # Short delays, and SDXL allowed down to one replica; the two broken apps beside it.
+        missing = _broken_app(atelier, "missing-model", "/broken-model", sdxl={"model": "models/tiny/no-such-model"})
+        no_redis = _broken_app(atelier, "no-redis", "/broken-redis",
+                               queue={"broker_url": "redis://127.0.0.1:9/0", "backend_url": "redis://127.0.0.1:9/1"})
         atelier.deploy(atelier.config({"SDXLDeployment": {"autoscaling_config": {
-            "min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8}}}), "autoscale.yaml")
+            "min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 2, "downscale_delay_s": 8}}},
+            extra_apps=[missing, no_redis]), "autoscale.yaml")
         wait_for(lambda: total(cluster, "SDXLDeployment") == 1, 180, 1, "SDXL down to 1 replica (idle)")
         marks["sdxl idle at 1"] = time.monotonic() - t0
 
@@ -64,16 +89,26 @@ def test_sdxl_and_job_runner_scale_up_under_load_and_down_when_idle(atelier):
             statuses = [client.get(f"/v1/jobs/{j}").json()["status"] for j in jobs]
         wait_for(lambda: total(cluster, "JobRunnerDeployment") == 1, 180, 1, "job runner back to 1 when the queue is empty")
         marks["job runner back to 1"] = time.monotonic() - t0
+
+        # The broken apps, by now long failed (or soon): each names its cause; the good app runs.
+        model = wait_for(lambda: _failed(cluster, "missing-model"), 300, 2, "missing-model DEPLOY_FAILED")
+        redis = wait_for(lambda: _failed(cluster, "no-redis"), 300, 2, "no-redis DEPLOY_FAILED")
+        report(f"[faults] missing model: {model['status']}: {str(model)[-600:]}")
+        report(f"[faults] unreachable redis: {redis['status']}: {str(redis)[-600:]}")
+        assert "no-such-model" in str(model), model
+        assert "Redis broker at 127.0.0.1:9 is unreachable" in str(redis), redis
+        assert cluster.serve_status()["applications"]["atelier"]["status"] == "RUNNING"
     finally:
         timeline.stop.set()
         timeline.join()
-        print("\n[autoscaling] " + ", ".join(f"{k} at {v:.1f}s" for k, v in marks.items()))
-        print("[autoscaling] replicas over time (s):")
+        report("\n[autoscaling] " + ", ".join(f"{k} at {v:.1f}s" for k, v in marks.items()))
+        report("[autoscaling] replicas over time (s):")
         for t, sample in timeline.samples:
-            print(f"    {t:7.1f}  {sample}")
-        # back to the base config (2 SDXL replicas, one per node) for the tests after this one
+            report(f"    {t:7.1f}  {sample}")
+        # back to the base config (2 SDXL replicas, one per node; no broken apps) for the tests after this one
         atelier.deploy()
         atelier.wait_running()
+        wait_for(lambda: set(cluster.serve_status()["applications"]) == {"atelier"}, 120, 2, "broken apps removed")
     assert statuses.count("completed") == len(jobs), statuses
     counts = [sum(s.get("SDXLDeployment", {}).values()) for _, s in timeline.samples if "error" not in s]
     assert 2 in counts and counts.index(2) < len(counts) - 1 - counts[::-1].index(1)  # up, then down

@@ -1,0 +1,84 @@
+"""A 10 s outage of the Celery broker (Redis, killed, and back empty: no persistence) loses no
+accepted job. Jobs queued before it had their messages only in Redis; the job runners' reaper sees
+the broker's sentinel key gone and sends them again. A submission during the outage is refused with
+503 + Retry-After (never accepted and then dropped); sync requests, which need no broker, go on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from local.cluster import wait_for
+from tests.cluster.helpers import TERMINAL, generate, report
+
+pytestmark = pytest.mark.serve
+
+OUTAGE_S = 10.0
+
+
+def _submit(client, i: int):
+    return client.post("/v1/images/generations", params={"async": "true"},
+                       json={"prompt": f"a quay {i}", "size": "64x64", "steps": 8, "seed": i})
+
+
+def test_a_broker_outage_loses_no_accepted_job(atelier):
+    redis = atelier.cluster.redis
+    client = atelier.client()
+    accepted = []
+    for i in range(12):  # 4 run per runner replica; the rest wait in Redis
+        r = _submit(client, i)
+        assert r.status_code == 202, r.text
+        accepted.append(r.json()["id"])
+    wait_for(lambda: any(client.get(f"/v1/jobs/{j}").json()["status"] == "in_progress" for j in accepted),
+             120, 0.3, "a job running")
+    queued_at_kill = sum(client.get(f"/v1/jobs/{j}").json()["status"] == "queued" for j in accepted)
+
+    t_down = time.monotonic()
+    redis.stop()  # SIGKILL; it comes back with nothing
+    during, sync = [], []
+    i = 100
+    while time.monotonic() - t_down < OUTAGE_S:
+        started = time.monotonic()
+        r = _submit(client, i)
+        during.append((r.status_code, round(time.monotonic() - started, 2)))
+        if r.status_code == 202:
+            accepted.append(r.json()["id"])
+        else:
+            assert r.status_code == 503 and r.headers.get("retry-after"), (r.status_code, r.text)
+            assert r.json()["error"]["message"], r.text
+        if len(sync) < 2:
+            sync.append(generate(atelier.base_url, i, steps=2)[0])
+        i += 1
+        time.sleep(0.5)
+    redis.start()  # the same port, empty
+    t_up = time.monotonic()
+
+    after = _submit(client, 999)  # the queue takes jobs again
+    assert after.status_code == 202, after.text
+    accepted.append(after.json()["id"])
+
+    finals: dict[str, dict] = {}
+    def all_done():
+        for job_id in accepted:
+            if job_id not in finals:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if job["status"] in TERMINAL:
+                    finals[job_id] = job
+        return len(finals) == len(accepted)
+    try:
+        wait_for(all_done, 300, 1, "every accepted job finished")
+    except TimeoutError:
+        pass
+    lost = [j for j in accepted if j not in finals]
+    completed = [j for j, job in finals.items() if job["status"] == "completed"]
+    failed = {j: job["error"] for j, job in finals.items() if job["status"] != "completed"}
+    report(f"\n[broker outage] {OUTAGE_S:.0f}s down; {queued_at_kill} jobs queued at the kill; submissions during "
+          f"it (status, seconds): {during}; sync requests during it: {sync}")
+    report(f"[broker outage] accepted={len(accepted)} completed={len(completed)} failed={len(failed)} lost={len(lost)}; "
+          f"all done {time.monotonic() - t_up:.1f}s after the broker came back")
+    assert not lost, f"accepted jobs neither completed nor failed: {lost}"
+    assert not failed, failed
+    assert queued_at_kill > 0  # the case that matters: messages that were only in the broker
+    assert 200 in sync, sync  # the synchronous path does not need the broker
+    assert all(seconds < 30 for _, seconds in during), during  # refused promptly, not hung on the broker
