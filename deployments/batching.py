@@ -124,6 +124,14 @@ class ContinuousBatcher(Generic[T, R]):
                 raise RuntimeError(f"the batch function returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # the whole call failed: its own items fail, the next batch runs
             results = [exc] * len(batch)
+        except BaseException as exc:
+            # The worker itself is being cancelled (or the process is exiting) mid-batch: its callers
+            # get an error now rather than wait forever on futures nobody will resolve. (The next
+            # submit starts a new worker for the requests still queued.)
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(RuntimeError(f"the batch was interrupted ({type(exc).__name__})"))
+            raise
         for waiting, result in zip(batch, results):
             if waiting.future.done():
                 continue

@@ -140,6 +140,25 @@ def test_a_failed_batch_fails_only_its_own_requests():
     assert run(go()) == "next:done"
 
 
+def test_a_worker_cancelled_mid_batch_fails_its_requests_and_the_next_submit_runs():
+    """Nobody may wait forever on a batch whose worker was cancelled while it ran: its requests fail
+    at once, those still queued run on the worker the next submit starts."""
+    async def go():
+        model = Model()
+        batcher = batcher_for(model)
+        running = asyncio.ensure_future(batcher.submit(("first", 1, "64")))
+        await model.started.wait()
+        queued = await submit_all(batcher, [("queued", 1, "64")])
+        batcher._worker.cancel()
+        with pytest.raises(RuntimeError, match="interrupted"):
+            await asyncio.wait_for(running, 5)
+        model.release.set()
+        later = asyncio.ensure_future(batcher.submit(("later", 1, "64")))
+        return await asyncio.wait_for(queued[0], 5), await asyncio.wait_for(later, 5)
+
+    assert run(go()) == ("queued:done", "later:done")
+
+
 def test_per_item_errors_reach_only_their_request():
     async def run_batch(items):
         return [ValueError(f"bad {name}") if name == "bad" else name for name, _, _ in items]
