@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field, create_model, model_validator
+import ray
 from ray import serve
 from ray.serve import Application
 from ray.serve.task_consumer import task_consumer
@@ -72,8 +73,15 @@ class _AppArgs(BaseModel):
         return self
 
     def resolved(self) -> AtelierArgs:
-        """Relative local paths made absolute (replicas may not share the cwd)."""
+        """Relative local paths made absolute (replicas may not share the cwd).
+
+        Except model folders shipped with the code: when Ray runs the app from a runtime_env
+        `working_dir` (and no base_dir is given), every node unpacks its own copy of it, which is
+        each replica's cwd. A relative model path then stays relative, so that each replica opens
+        its own node's copy rather than the path of the node that built the app.
+        """
         base = Path(self.base_dir or os.getcwd())
+        shipped = self.base_dir is None and shipped_working_dir() is not None
         args = self.model_copy(deep=True)
         if "://" not in args.storage_root:
             args.storage_root = str((base / args.storage_root).resolve())
@@ -82,6 +90,8 @@ class _AppArgs(BaseModel):
         for name, spec in SPECS.items():
             section = getattr(args, name)
             model = getattr(section, spec.model_field, None) if section is not None else None
+            if model and not Path(model).is_absolute() and shipped:
+                continue
             if model and (base / model).exists():  # else a hub id, e.g. stabilityai/stable-diffusion-xl-base-1.0
                 setattr(args, name, section.model_copy(update={spec.model_field: str((base / model).resolve())}))
         for field in ("broker_url", "backend_url"):
@@ -104,6 +114,16 @@ AtelierArgs = create_model(
     __doc__="The app's args: storage, queue, ingress, and one typed section per model spec (`sdxl`, `svd`, ...).",
     **{name: _model_field(spec) for name, spec in SPECS.items()},
 )
+
+
+def shipped_working_dir() -> str | None:
+    """The runtime_env `working_dir` Ray runs this process from (a URI or a path), or None."""
+    try:
+        if not ray.is_initialized():
+            return None
+        return ray.get_runtime_context().runtime_env.get("working_dir") or None
+    except Exception:  # noqa: BLE001 - no Ray context: not shipped
+        return None
 
 
 def _absolute_sqlite(url: str, base: Path) -> str:

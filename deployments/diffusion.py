@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from pydantic import BaseModel
 from deployments.errors import InvalidRequestError, JobCancelledError
 from deployments.limits import MAX_SEED  # noqa: F401  (where the deployments have always found it)
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
+
+logger = logging.getLogger("ray.serve")
 
 
 def resolve_device(device: str) -> str:
@@ -237,6 +240,9 @@ def load_diffusers_pipeline(pipeline_cls, model: str, *, device: str = "auto", d
                             variant: str | None = None):
     """`pipeline_cls.from_pretrained(model)` in the configured precision, moved to its device."""
     device = resolve_device(device)
+    # where a local folder is really read from (a relative path is the replica's cwd: its node's own
+    # copy of a shipped working_dir); the cluster tests check it per node
+    logger.info("loading %s from %s", pipeline_cls.__name__, os.path.abspath(model) if os.path.isdir(model) else model)
     pipe = pipeline_cls.from_pretrained(
         model, torch_dtype=resolve_dtype(dtype, device), variant=variant, use_safetensors=True
     )

@@ -139,6 +139,33 @@ def test_relative_paths_resolve_against_base_dir(tmp_path):
     assert args.ingress.queue.broker_url == args.queue.broker_url
 
 
+def test_models_shipped_in_a_working_dir_stay_relative(tmp_path, monkeypatch):
+    """Under a runtime_env working_dir each node unpacks its own copy (each replica's cwd): a relative
+    model path must not become the building node's absolute path. Local storage still resolves."""
+    import api.app
+
+    (tmp_path / "models" / "tiny" / "sdxl").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(api.app, "shipped_working_dir", lambda: "s3://bucket/releases/atelier-1.zip")
+    args = minimal_args(tmp_path)
+    del args["base_dir"]
+    shipped = AtelierArgs.model_validate(args).resolved()
+    assert shipped.sdxl.model == "models/tiny/sdxl"
+    assert shipped.storage_root == str(tmp_path / "var" / "storage")
+    # an explicit base_dir still pins every path to it, shipped or not
+    pinned = AtelierArgs.model_validate(minimal_args(tmp_path)).resolved()
+    assert pinned.sdxl.model == str(tmp_path / "models" / "tiny" / "sdxl")
+    # and without a working_dir (a checkout on each node), relative paths resolve against the cwd
+    monkeypatch.setattr(api.app, "shipped_working_dir", lambda: None)
+    assert AtelierArgs.model_validate(args).resolved().sdxl.model == str(tmp_path / "models" / "tiny" / "sdxl")
+
+
+def test_outside_ray_nothing_counts_as_shipped():
+    from api.app import shipped_working_dir
+
+    assert shipped_working_dir() is None
+
+
 def test_hub_ids_and_urls_are_left_alone(tmp_path):
     args = AtelierArgs.model_validate({
         "base_dir": str(tmp_path), "storage_root": "s3://bucket/prefix",
