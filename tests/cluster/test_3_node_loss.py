@@ -58,6 +58,7 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     wait_for(lambda: sum(client.get(f"/v1/jobs/{j}").json()["status"] == "in_progress" for j in accepted) >= 2,
              120, 0.3, "jobs running")
     step_at_kill = client.get(f"/v1/fine_tuning/jobs/{run_id}").json().get("step") or run["step"]
+    assert step_at_kill < TRAIN_STEPS, "the run finished before the kill: nothing to resume"
 
     # 3. Lose the worker node: its raylet, GCS client, agents, replicas, train worker, all SIGKILLed at once.
     t_kill = time.monotonic()
@@ -76,6 +77,8 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
             break
         time.sleep(0.5)
     assert recovered_at is not None, probes
+    report(f"[node loss] killed {killed} processes of the worker node (training at step {step_at_kill}); the app "
+           f"served an image again {recovered_at:.1f}s after the kill (probes: {probes})")
     cluster.wait_nodes(1, 60)
 
     # 5. Every accepted job ends completed or failed (with a reason), none stuck.
@@ -97,10 +100,17 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     failed = {j: job["error"] for j, job in finals.items() if job["status"] != "completed"}
     sync_results = [f.result(timeout=240) for f in sync]
     pool.shutdown()
+    sync_ok = sum(1 for s, _ in sync_results if s == 200)
+    report(f"[node loss] async jobs accepted={len(accepted)} completed={len(completed)} failed={len(failed)} "
+           f"lost={len(lost)} (all finished {t_jobs_done:.1f}s after the kill); sync requests {len(sync_results)}: "
+           f"ok={sync_ok}, others={[(s, text[:120]) for s, text in sync_results if s != 200]}")
+    for job_id, error in failed.items():
+        report(f"[node loss]   failed {job_id}: {error}")
 
     # 6. Serve replaced the lost replicas on the head node.
     on_head = atelier.wait_spread("SDXLDeployment", {"node_a": 2}, 180)
     t_replaced = time.monotonic() - t_kill
+    report(f"[node loss] SDXL back to 2 replicas on the head after {t_replaced:.1f}s ({on_head})")
 
     # 7. The training run went on with the head's worker, from its last checkpoint, and finished.
     final = wait_for(lambda: (lambda j: j if j["status"] in ("succeeded", "failed", "cancelled") else None)(
@@ -110,6 +120,8 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     resumed = [int(m) for e in events for m in re.findall(r"resumed from checkpoint at step (\d+)", e.get("message", ""))]
     if final.get("resumed_from_step") is not None:  # the run's own status.json, as the API shows it
         resumed.append(final["resumed_from_step"])
+    report(f"[node loss] training: workers per node {spread}; killed at step {step_at_kill}; resumed from steps "
+           f"{resumed}; {final['status']} at step {final.get('step')} {t_trained:.1f}s after the kill")
 
     # 8. The node comes back (a new machine: its own new scratch dir); under load the next SDXL
     #    replica goes to it, and requests through its proxy succeed again.
@@ -123,31 +135,28 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     loaders = [threading.Thread(target=load, daemon=True) for _ in range(8)]
     for t in loaders:
         t.start()
+    def target(deployment: str) -> int:
+        return atelier.app_status()["deployments"][deployment]["target_num_replicas"]
     try:
-        spread_again = wait_for(lambda: (lambda c: c if c.get("node_b") else None)(cluster.replicas_by_node("SDXLDeployment")),
-                                240, 1, "an SDXL replica on the returned node")
+        # load until Serve wants a 3rd replica (at most 2 per node: it can only go to the returned
+        # node), then let the node start it without the load competing for the cores
+        wait_for(lambda: target("SDXLDeployment") >= 3, 180, 1, "SDXL scaled to a 3rd replica under load")
     finally:
         stop_load.set()
         for t in loaders:
             t.join(timeout=130)
-    timeline.stop.set()
-    timeline.join()
-
-    sync_ok = sum(1 for s, _ in sync_results if s == 200)
-    report(f"[node loss] killed {killed} processes of the worker node")
-    report(f"[node loss] async jobs accepted={len(accepted)} completed={len(completed)} failed={len(failed)} "
-           f"lost={len(lost)} (all finished {t_jobs_done:.1f}s after the kill); sync requests {len(sync_results)}: "
-           f"ok={sync_ok}, others={[(s, text[:120]) for s, text in sync_results if s != 200]}")
-    for job_id, error in failed.items():
-        report(f"[node loss]   failed {job_id}: {error}")
-    report(f"[node loss] app served an image again {recovered_at:.1f}s after the kill "
-           f"(probes: {probes}); SDXL back to 2 replicas on the head after {t_replaced:.1f}s ({on_head})")
-    report(f"[node loss] training: workers per node {spread}; killed at step {step_at_kill}; resumed from steps "
-           f"{resumed}; {final['status']} at step {final.get('step')} {t_trained:.1f}s after the kill")
-    report(f"[node loss] worker node rejoined in {t_rejoined:.1f}s; SDXL spread again: {spread_again}")
-    report("[node loss] replicas over time (s since the start):")
-    for t, sample in timeline.samples:
-        report(f"    {t:7.1f}  {sample}")
+    try:
+        spread_again = wait_for(lambda: (lambda c: c if c.get("node_b") else None)(cluster.replicas_by_node("SDXLDeployment")),
+                                240, 1, "an SDXL replica on the returned node")
+        ingress = atelier.wait_spread("IngressDeployment", {"node_a": 1, "node_b": 1}, 120)  # beside its proxy
+    finally:
+        timeline.stop.set()
+        timeline.join()
+        report("[node loss] replicas over time (s since the start):")
+        for t, sample in timeline.samples:
+            report(f"    {t:7.1f}  {sample}")
+    report(f"[node loss] worker node rejoined in {t_rejoined:.1f}s; spread again: SDXL {spread_again}, "
+           f"ingress {ingress}")
 
     assert not lost, f"jobs lost (neither completed nor failed): {lost}"
     assert all(job["error"] and job["error"]["message"] for job in finals.values() if job["status"] == "failed")

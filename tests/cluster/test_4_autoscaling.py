@@ -35,6 +35,19 @@ def _failed(cluster, app: str) -> dict | None:
     return status if status.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") else None
 
 
+def queue_length(cluster) -> int:
+    """Messages waiting in the job queue's Redis list: what Ray's async-inference policy reads."""
+    import redis
+
+    client = redis.Redis(port=cluster.redis.port, socket_timeout=2)
+    try:
+        return client.llen("atelier-jobs")
+    except redis.RedisError:
+        return -1
+    finally:
+        client.close()
+
+
 def total(cluster, deployment: str) -> int:
     return sum(cluster.replicas_by_node(deployment).values())
 
@@ -82,7 +95,14 @@ def test_sdxl_and_job_runner_scale_up_and_down_and_broken_apps_name_their_cause(
                                 json={"prompt": f"a barn {i}", "size": "64x64", "steps": 8, "seed": i})
                 assert r.status_code == 202, r.text
                 jobs.append(r.json()["id"])
-            wait_for(lambda: total(cluster, "JobRunnerDeployment") == 2, 180, 1, "job runner up to 2 on queue length")
+            lengths: list[tuple[float, int]] = []
+            def up():
+                lengths.append((round(time.monotonic() - t0, 1), queue_length(cluster)))
+                return total(cluster, "JobRunnerDeployment") == 2
+            try:
+                wait_for(up, 180, 1, "job runner up to 2 on queue length")
+            finally:
+                report(f"[autoscaling] the Redis queue's length while the backlog waited (s, messages): {lengths[::5]}")
             marks["job runner up to 2"] = time.monotonic() - t0
             wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] in ("completed", "failed") for j in jobs),
                      300, 2, "the backlog done")
