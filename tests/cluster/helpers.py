@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 
+from local.cluster import wait_for
 from tests.serve.helpers import decode_b64_png, noise_image
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -57,6 +58,51 @@ def generate(base_url: str, seed: int, steps: int = 4) -> tuple[int, str]:
     if r.status_code == 503:
         assert r.headers.get("retry-after"), r.headers  # overloaded or a replica lost: says when to retry
     return r.status_code, r.text[:200]
+
+
+def wait_finished(client, job_ids: list[str], timeout_s: float) -> tuple[list[str], dict[str, str], list[str]]:
+    """Poll until every job is terminal or the deadline passes: (completed, failed: {id: error},
+    lost: neither by then)."""
+    finals: dict[str, dict] = {}
+
+    def all_done():
+        for job_id in job_ids:
+            if job_id not in finals:
+                job = client.get(f"/v1/jobs/{job_id}").json()
+                if job["status"] in TERMINAL:
+                    finals[job_id] = job
+        return len(finals) == len(job_ids)
+
+    try:
+        wait_for(all_done, timeout_s, 1, "every accepted job finished")
+    except TimeoutError:
+        pass
+    completed = [j for j, job in finals.items() if job["status"] == "completed"]
+    failed = {j: job["error"] for j, job in finals.items() if job["status"] != "completed"}
+    return completed, failed, [j for j in job_ids if j not in finals]
+
+
+class Load:
+    """`clients` threads each sending sync text-to-image requests in a loop while the block runs."""
+
+    def __init__(self, base_url: str, clients: int = 8, steps: int = 8):
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._loop, args=(base_url, steps), daemon=True)
+                        for _ in range(clients)]
+
+    def _loop(self, base_url: str, steps: int) -> None:
+        while not self.stop.is_set():
+            generate(base_url, 7, steps=steps)
+
+    def __enter__(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=130)
 
 
 def make_dataset(client, count: int = 8) -> str:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from local.cluster import wait_for
-from tests.cluster.helpers import TERMINAL, generate, report
+from tests.cluster.helpers import generate, report, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -58,21 +58,7 @@ def test_a_broker_outage_loses_no_accepted_job(atelier):
     assert after.status_code == 202, after.text
     accepted.append(after.json()["id"])
 
-    finals: dict[str, dict] = {}
-    def all_done():
-        for job_id in accepted:
-            if job_id not in finals:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if job["status"] in TERMINAL:
-                    finals[job_id] = job
-        return len(finals) == len(accepted)
-    try:
-        wait_for(all_done, 300, 1, "every accepted job finished")
-    except TimeoutError:
-        pass
-    lost = [j for j in accepted if j not in finals]
-    completed = [j for j, job in finals.items() if job["status"] == "completed"]
-    failed = {j: job["error"] for j, job in finals.items() if job["status"] != "completed"}
+    completed, failed, lost = wait_finished(client, accepted, 300)
     report(f"\n[broker outage] {OUTAGE_S:.0f}s down; {queued_at_kill} jobs queued at the kill; submissions during "
           f"it (status, seconds): {during}; sync requests during it: {sync}")
     report(f"[broker outage] accepted={len(accepted)} completed={len(completed)} failed={len(failed)} lost={len(lost)}; "

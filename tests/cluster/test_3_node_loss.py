@@ -12,7 +12,6 @@ One kill covers both: a node is lost with everything on it. The figures are prin
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from local.cluster import wait_for
-from tests.cluster.helpers import TERMINAL, ReplicaTimeline, generate, report, train_workers_by_node
+from tests.cluster.helpers import Load, ReplicaTimeline, generate, report, train_workers_by_node, wait_finished
 
 pytestmark = pytest.mark.serve
 
@@ -82,22 +81,8 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     cluster.wait_nodes(1, 60)
 
     # 5. Every accepted job ends completed or failed (with a reason), none stuck.
-    finals = {}
-    def all_done():
-        for job_id in accepted:
-            if job_id not in finals:
-                job = client.get(f"/v1/jobs/{job_id}").json()
-                if job["status"] in TERMINAL:
-                    finals[job_id] = job
-        return len(finals) == len(accepted)
-    try:
-        wait_for(all_done, 240, 1, "every accepted job finished")
-    except TimeoutError:
-        pass
+    completed, failed, lost = wait_finished(client, accepted, 240)
     t_jobs_done = time.monotonic() - t_kill
-    lost = [j for j in accepted if j not in finals]
-    completed = [j for j, job in finals.items() if job["status"] == "completed"]
-    failed = {j: job["error"] for j, job in finals.items() if job["status"] != "completed"}
     sync_results = [f.result(timeout=240) for f in sync]
     pool.shutdown()
     sync_ok = sum(1 for s, _ in sync_results if s == 200)
@@ -128,23 +113,12 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     t_back = time.monotonic()
     cluster.restart_worker()
     t_rejoined = time.monotonic() - t_back
-    stop_load = threading.Event()
-    def load():
-        while not stop_load.is_set():
-            generate(atelier.base_url, 7, steps=8)
-    loaders = [threading.Thread(target=load, daemon=True) for _ in range(8)]
-    for t in loaders:
-        t.start()
     def target(deployment: str) -> int:
         return atelier.app_status()["deployments"][deployment]["target_num_replicas"]
-    try:
-        # load until Serve wants a 3rd replica (at most 2 per node: it can only go to the returned
-        # node), then let the node start it without the load competing for the cores
+    # load until Serve wants a 3rd replica (at most 2 per node: it can only go to the returned node),
+    # then let the node start it without the load competing for the cores
+    with Load(atelier.base_url):
         wait_for(lambda: target("SDXLDeployment") >= 3, 180, 1, "SDXL scaled to a 3rd replica under load")
-    finally:
-        stop_load.set()
-        for t in loaders:
-            t.join(timeout=130)
     try:
         spread_again = wait_for(lambda: (lambda c: c if c.get("node_b") else None)(cluster.replicas_by_node("SDXLDeployment")),
                                 240, 1, "an SDXL replica on the returned node")
@@ -159,7 +133,7 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
            f"ingress {ingress}")
 
     assert not lost, f"jobs lost (neither completed nor failed): {lost}"
-    assert all(job["error"] and job["error"]["message"] for job in finals.values() if job["status"] == "failed")
+    assert all(error and error["message"] for error in failed.values())
     assert len(completed) >= len(accepted) // 2, failed
     # A sync request on the lost node's proxy or replica can fail; each one gets an answer.
     assert all(s in (0, 200, 503) for s, _ in sync_results), sync_results

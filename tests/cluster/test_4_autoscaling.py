@@ -8,13 +8,12 @@ and leave the good app alone. (They fail while the autoscaling runs, which saves
 from __future__ import annotations
 
 import copy
-import threading
 import time
 
 import pytest
 
 from local.cluster import wait_for
-from tests.cluster.helpers import ReplicaTimeline, generate, report
+from tests.cluster.helpers import Load, ReplicaTimeline, report
 
 pytestmark = pytest.mark.serve
 
@@ -70,20 +69,9 @@ def test_sdxl_and_job_runner_scale_up_and_down_and_broken_apps_name_their_cause(
         marks["sdxl idle at 1"] = time.monotonic() - t0
 
         # 1. SDXL: 8 clients in a loop -> 2 replicas.
-        stop = threading.Event()
-        def load():
-            while not stop.is_set():
-                generate(atelier.base_url, 3, steps=8)
-        threads = [threading.Thread(target=load, daemon=True) for _ in range(8)]
-        for t in threads:
-            t.start()
-        try:
+        with Load(atelier.base_url, steps=8):
             wait_for(lambda: total(cluster, "SDXLDeployment") == 2, 180, 1, "SDXL up to 2 replicas under load")
             marks["sdxl up to 2"] = time.monotonic() - t0
-        finally:
-            stop.set()
-            for t in threads:
-                t.join(timeout=130)
         wait_for(lambda: total(cluster, "SDXLDeployment") == 1, 180, 1, "SDXL back to 1 replica after idle")
         marks["sdxl back to 1"] = time.monotonic() - t0
 

@@ -62,3 +62,21 @@ def replica_actors(ray, deployment: str, app: str = "atelier") -> list:
     prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     return [ray.get_actor(a["name"], namespace=a["namespace"])
             for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+
+
+def browse_dataset(page, dataset_id: str, images: int) -> None:
+    """On the datasets page, open one dataset's image browser and wait for its first `images` images.
+    The click is retried: on a loaded machine the list can be re-rendered (the page's own refresh)
+    between Playwright finding the button and the click landing, and the click is then lost."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in range(3):
+        page.click(f"button[data-browse='{dataset_id}']")
+        try:
+            page.wait_for_function("id => document.querySelector('#ds-browser-title')?.textContent.includes(id)",
+                                   arg=dataset_id, timeout=20_000)
+            break
+        except PlaywrightTimeout:
+            if attempt == 2:
+                raise
+    page.wait_for_selector(f"#ds-images li:nth-child({images})")

@@ -21,6 +21,7 @@ from graphs.job_runner import JobContext
 from graphs.registry import JOB_PIPELINES
 from storage.jobs import JobError
 from tests.keyed_app import keyed_app
+from tests.serve.helpers import browse_dataset
 from tests.source_standin import PEXELS_KEY, UNSPLASH_KEY, StandIn
 
 pytestmark = pytest.mark.serve
@@ -119,8 +120,7 @@ def test_collect_then_edit_captions_inline(browser, served):
 
         # 3. the dataset page: its images with credits; edit a caption inline, then remove an image
         page.goto("/#/datasets")
-        page.click(f"button[data-browse='{dataset_id}']")
-        page.wait_for_selector("#ds-images li:nth-child(2)")
+        browse_dataset(page, dataset_id, 2)
         assert "Photo by" in page.inner_text("#ds-images")
         caption = page.locator("#ds-images textarea").first
         image_id = caption.get_attribute("data-image")

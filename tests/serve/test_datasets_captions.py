@@ -28,7 +28,7 @@ from graphs.registry import JOB_PIPELINES
 from storage.jobs import JobError
 from storage.sample_dataset import TRIGGER, sample_items
 from tests.keyed_app import keyed_app
-from tests.serve.helpers import wait_for_job
+from tests.serve.helpers import browse_dataset, wait_for_job
 
 pytestmark = pytest.mark.serve
 
@@ -165,8 +165,7 @@ def test_caption_button_in_the_browser(browser, served):
         page.fill("#api-key", KEY)
         page.click("#api-key-save")
         page.goto("/#/datasets")
-        page.click(f"button[data-browse='{dataset}']")
-        page.wait_for_selector("#ds-images li:nth-child(4)")
+        browse_dataset(page, dataset, 4)
         assert page.locator("#ds-images figcaption", has_text="No caption").count() == 3
 
         # 1. short tags, with a trigger word: the three without a caption get one, the user's stays

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.serve.helpers import noise_image
+from tests.serve.helpers import browse_dataset, noise_image
 
 pytestmark = pytest.mark.serve
 
@@ -295,8 +295,7 @@ def test_collect_caption_train_and_generate_with_the_lora(page, atelier, client,
     else:
         dataset_id = upload_a_new_dataset(page, tmp_path, name)
     page.goto("/#/datasets")
-    page.click(f"button[data-browse='{dataset_id}']")
-    page.wait_for_selector("#ds-images li:nth-child(4)")
+    browse_dataset(page, dataset_id, 4)
     caption = page.locator("#ds-images textarea").first
     image_id = caption.get_attribute("data-image")
     caption.fill("sks beach, a caption edited inline")
