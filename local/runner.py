@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -119,7 +120,14 @@ class LocalServeApp:
         bin_dir = Path(sys.executable).parent
         # A throwaway instance for tests and benchmarks: token auth off, so a test driver can join it
         # by address (Ray only turns token auth on for drivers that find a cluster via "auto").
+        # Its own Ray temp dir, holding its own "current cluster" file (written once it is up): Ray's
+        # job supervisor finds the cluster a job's driver joins by address "auto", which without that
+        # file means any gcs_server process on the machine. With another Ray instance running, a
+        # fine-tuning job's driver joined that one instead (CI, 2026-12-04: "Authentication token is
+        # missing or incorrect" from a token-auth cluster that was not ours).
+        self.ray_tmpdir = tempfile.mkdtemp(prefix="atl-ray-", dir="/tmp")
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
+               "RAY_TMPDIR": self.ray_tmpdir,
                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
                "RAY_OVERRIDE_RESOURCES": os.environ.get("RAY_OVERRIDE_RESOURCES", LOCAL_RAY_RESOURCES)}
         self.process = subprocess.Popen(
@@ -135,6 +143,9 @@ class LocalServeApp:
             try:
                 # /readyz: every model replica answers, not only the ingress
                 if httpx.get(f"{self.base_url}/readyz", timeout=10).status_code == 200:
+                    from ray._private.utils import write_ray_address
+
+                    write_ray_address(self.ray_address(), os.path.join(self.ray_tmpdir, "ray"))
                     return self
             except httpx.HTTPError:
                 pass
