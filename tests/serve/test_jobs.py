@@ -21,7 +21,7 @@ def submit(client, **fields) -> dict:
 
 
 def test_job_runs_from_202_to_completed_with_progress_to_100(client):
-    job = submit(client, n=2, steps=6)
+    job = submit(client, n=2, steps=16)  # long enough (about 1 s here) for the 0.25 s SSE poll to see a step
     assert job["status"] in ("queued", "in_progress") and job["object"] == "job"
     events = read_events(client, job["id"])
     progress = [event["progress"] for event in events]
@@ -29,7 +29,7 @@ def test_job_runs_from_202_to_completed_with_progress_to_100(client):
     assert any(0 < p < 100 for p in progress), progress  # intermediate steps were reported
     final = events[-1]
     assert final["status"] == "completed" and final["progress"] == 100
-    assert final["stage"] == "generate" and final["step"] == final["total_steps"] == 6
+    assert final["stage"] == "generate" and final["step"] == final["total_steps"] == 16
     assert [o["seed"] for o in final["outputs"]] == [11, 12]
     for output in final["outputs"]:
         png = httpx.get(output["url"], timeout=30)
