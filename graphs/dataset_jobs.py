@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 from deployments.errors import (
@@ -40,8 +41,10 @@ from storage.datasets import (
     check_prefix_allowed,
     image_content_type,
 )
-from storage.sources import host_allowed, ping_download
+from storage.sources import RateLimitState, host_allowed, ping_download
 from storage.url_import import UrlRefusedError
+
+logger = logging.getLogger(__name__)
 
 REPORTED = 100  # names listed in the job result; the counts are always complete
 
@@ -132,16 +135,19 @@ def dataset_collect(ctx, handles: dict[str, Any]) -> None:
 
     1. Each result's download URL must be on its source's download hosts (the recorded config);
        one that is not is rejected by name. The rest are fetched through the safe URL importer
-       (storage.url_import: SSRF checks, limits, deadlines), deduped by content hash, and land
-       as one version with their attribution in the manifest.
+       (storage.url_import: SSRF checks, limits, deadlines), with every redirect hop held to the
+       job's sources' download hosts (a hop off them rejects the item by name), deduped by
+       content hash, and land as one version with their attribution in the manifest.
     2. After the commit, each Unsplash photo that landed has its ``download_location`` called (the
        API's guidelines), with the key from this process's environment. A ping that fails is
-       reported in the result, never fails the import.
+       reported in the result, never fails the import; once Unsplash's rate-limit headers say no
+       request is left, the rest are not called but logged and reported as not pinged.
 
     Progress is one step per result; a cancel stops between (and during) fetches and commits nothing.
     """
     payload: DatasetCollectPayload = ctx.payload
-    config = payload.import_config
+    hosts = sorted({host for source in payload.sources.values() for host in source.download_hosts})
+    config = payload.import_config.model_copy(update={"allowed_hosts": hosts})
     store = DatasetStore(ctx.store.storage, max_image_bytes=config.max_bytes, max_pixels=config.max_pixels)
     tags = list(payload.tags or [])
 
@@ -175,16 +181,17 @@ def dataset_collect(ctx, handles: dict[str, Any]) -> None:
 
     # 2. the Unsplash download pings, for what landed
     failed_names = set(result.duplicates) | {r.filename for r in result.rejected}
-    pings, ping_errors = 0, []
+    pings, ping_errors, rate = 0, [], RateLimitState()
     for item in payload.items:
         if item.id in failed_names or not item.download_location or item.source not in payload.sources:
             continue
         if item.source != "unsplash":
             continue
-        problem = ping_download(payload.sources[item.source], item.download_location, payload.app_name)
+        problem = ping_download(payload.sources[item.source], item.download_location, payload.app_name, rate=rate)
         if problem is None:
             pings += 1
         else:
+            logger.warning("collect job %s: the Unsplash download of %s was not counted: %s", ctx.id, item.id, problem)
             ping_errors.append({"filename": item.id, "reason": problem})
 
     ctx.record.result = {

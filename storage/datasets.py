@@ -379,9 +379,12 @@ def image_content_type(key: str) -> str:
 
 
 def is_dataset_image_key(key: str) -> bool:
-    """Whether ``key`` is an image file of some dataset (what a files route may serve)."""
+    """Whether ``key`` is an image file of some dataset or its thumbnail (what a files route may serve)."""
     parts = key.split("/")
-    return len(parts) == 4 and f"{parts[0]}/" == DATASETS_PREFIX and parts[2] == "images"
+    return len(parts) == 4 and f"{parts[0]}/" == DATASETS_PREFIX and parts[2] in ("images", "thumbs")
+
+
+THUMBNAIL_PX = 256  # the longer side of a dataset image's thumbnail
 
 
 # --- archives and captions -------------------------------------------------------------------
@@ -671,6 +674,10 @@ class DatasetStore:
     @staticmethod
     def image_key(dataset_id: str, sha256: str, ext: str) -> str:
         return f"{dataset_prefix(dataset_id)}images/{sha256}.{ext}"
+
+    @staticmethod
+    def thumbnail_key(dataset_id: str, sha256: str) -> str:
+        return f"{dataset_prefix(dataset_id)}thumbs/{sha256}.jpg"
 
     # -- datasets ---------------------------------------------------------------------------
 
@@ -1114,9 +1121,29 @@ class DatasetStore:
         return result
 
     def sample_keys(self, dataset_id: str, n: int = 4, version: int | None = None) -> list[str]:
-        """The first ``n`` image keys of a version (thumbnails)."""
-        table = self.manifest(dataset_id, version)
-        return table.column("key").slice(0, n).to_pylist()
+        """The thumbnail keys of the first ``n`` images of a version."""
+        return self.thumbnail_keys(dataset_id, self.manifest(dataset_id, version).slice(0, n).to_pylist())
+
+    def thumbnail_keys(self, dataset_id: str, rows: list[dict]) -> list[str]:
+        """For manifest rows, the key of each image's JPEG thumbnail (at most THUMBNAIL_PX on its
+        longer side), made and stored beside the images on first use; an image that small already
+        is its own thumbnail. Like the images, thumbnails are shared by all versions and go with
+        the dataset."""
+        def one(row: dict) -> str:
+            if max(row["width"] or 0, row["height"] or 0) <= THUMBNAIL_PX:
+                return row["key"]
+            key = self.thumbnail_key(dataset_id, row["sha256"])
+            if not self.storage.exists(key):
+                with self.storage.open(row["key"]) as f, Image.open(f) as image:
+                    image.draft("RGB", (THUMBNAIL_PX, THUMBNAIL_PX))  # JPEGs decode at a reduced scale
+                    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+                    out = io.BytesIO()
+                    image.convert("RGB").save(out, "JPEG", quality=85)
+                self.storage.put_bytes(key, out.getvalue(), content_type="image/jpeg")
+            return key
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            return list(pool.map(one, rows))
 
 
 class DatasetWriter:

@@ -13,7 +13,10 @@ Results are normalised (:class:`SourceResult`): id (``<source>:<its id>``), thum
 download URLs, size, description, photographer with profile and photo page URLs, and licence.
 Each answer's rate-limit headers (``X-Ratelimit-Limit``/``-Remaining``/``-Reset``) come back as
 :class:`RateLimit`; a 429 (or Unsplash's 403 with no requests left) is a
-:class:`SourceRateLimitedError` carrying the reset time.
+:class:`SourceRateLimitedError` carrying the reset time. Each source remembers the last headers
+it saw (:class:`RateLimitState`, in this process): while they say no request is left and the
+reset is still ahead, a search is refused with that same error without calling the source.
+Unsplash sends no reset time; a spent window without one is waited out for ``EXHAUSTED_WAIT_S``.
 
 A search page is remembered per owner (:class:`CollectRecords`, one small JSON object per result
 under ``collect/<owner>/results/``): an import takes only result ids this server returned to that
@@ -25,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -42,6 +46,7 @@ __all__ = [
     "CollectConfig",
     "CollectRecords",
     "RateLimit",
+    "RateLimitState",
     "SearchPage",
     "Source",
     "SourceConfig",
@@ -57,6 +62,7 @@ __all__ = [
 COLLECT_PREFIX = "collect/"
 SOURCE_NAMES = ("unsplash", "pexels")
 ORIENTATIONS = ("landscape", "portrait", "square")
+EXHAUSTED_WAIT_S = 60.0  # a spent window whose reset the source does not say (Unsplash) is not retried sooner
 
 
 # --- config ------------------------------------------------------------------------------------
@@ -110,6 +116,39 @@ class RateLimit(BaseModel):
     limit: int | None = None
     remaining: int | None = None
     reset_at: float | None = Field(None, description="Unix time the window resets, when the source says.")
+
+
+class RateLimitState:
+    """The last rate-limit headers one source sent (thread-safe): whether it may be called now."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = RateLimit()
+
+    @property
+    def last(self) -> RateLimit:
+        with self._lock:
+            return self._last
+
+    def seen(self, response: httpx.Response, now: float | None = None) -> RateLimit:
+        """Remember an answer's rate-limit headers (a 429 spends the window whatever they say;
+        an answer without them changes nothing); returns the headers as sent."""
+        now = time.time() if now is None else now
+        rate = rate_limit_of(response.headers, now)
+        kept = rate.model_copy(update={"remaining": 0}) if response.status_code == 429 else rate
+        if kept.remaining is None:
+            return rate
+        if kept.remaining == 0 and kept.reset_at is None:
+            kept = kept.model_copy(update={"reset_at": now + EXHAUSTED_WAIT_S})
+        with self._lock:
+            self._last = kept
+        return rate
+
+    def exhausted(self, now: float | None = None) -> RateLimit | None:
+        """The remembered headers while they say no request is left until a reset still ahead."""
+        last = self.last
+        now = time.time() if now is None else now
+        return last if last.remaining == 0 and last.reset_at is not None and last.reset_at > now else None
 
 
 class SourceResult(BaseModel):
@@ -166,6 +205,12 @@ class SourceRateLimitedError(SourceError):
     def __init__(self, message: str, reset_at: float | None, param: str | None = "sources"):
         super().__init__(message, param, status=429)
         self.reset_at = reset_at
+
+
+def _limited_message(name: str, rate: RateLimit) -> str:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rate.reset_at)) if rate.reset_at else "an unknown time"
+    return (f"{name} rate limit reached ({rate.limit if rate.limit is not None else '?'} requests per window); "
+            f"it resets at {when}")
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -234,6 +279,7 @@ class Source:
         self.config = config
         self.app_name = app_name
         self.transport = transport
+        self.rate = RateLimitState()
 
     # what the API wants
     def _auth(self, key: str) -> dict[str, str]:
@@ -289,13 +335,16 @@ class Source:
         status = self.status()
         if not status.available:
             raise SourceError(f"source {self.name} is unavailable: {status.reason}", "sources", 400)
+        spent = self.rate.exhausted()
+        if spent is not None:  # not asked again before its window resets
+            raise SourceRateLimitedError(_limited_message(self.name, spent), spent.reset_at)
         path, params = self._search_request(query, page, per_page, orientation, color)
         try:
             with self._client(key) as client:
                 response = client.get(path, params=params)
         except httpx.HTTPError as exc:
             raise SourceError(f"{self.name} did not answer: {type(exc).__name__}: {exc}", "sources", 502) from None
-        rate = rate_limit_of(response.headers)
+        rate = self.rate.seen(response)
         self._raise_for(response, rate)
         try:
             data = response.json()
@@ -310,11 +359,7 @@ class Source:
         if code == 200:
             return
         if code == 429 or (code == 403 and rate.remaining == 0):
-            when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(rate.reset_at)) if rate.reset_at
-                    else "an unknown time")
-            raise SourceRateLimitedError(
-                f"{self.name} rate limit reached ({rate.limit if rate.limit is not None else '?'} requests per "
-                f"window); it resets at {when}", rate.reset_at)
+            raise SourceRateLimitedError(_limited_message(self.name, rate), rate.reset_at)
         if code in (401, 403):
             raise SourceError(f"{self.name} refused the configured API key (HTTP {code}); check "
                               f"{self.config.api_key_env}", "sources", 502)
@@ -394,14 +439,19 @@ def build_sources(config: CollectConfig, transport: httpx.BaseTransport | None =
 
 
 def ping_download(config: SourceConfig, download_location: str, app_name: str = "atelier",
-                  transport: httpx.BaseTransport | None = None) -> str | None:
+                  transport: httpx.BaseTransport | None = None, rate: RateLimitState | None = None) -> str | None:
     """Call an Unsplash photo's ``download_location`` with the key; None if it answered 200, else
-    why not. The key goes only to the configured API's own origin."""
+    why not. The key goes only to the configured API's own origin. With ``rate``, the source's
+    remembered rate limit: while it is spent the call is not made (the reason says until when),
+    and each answer's headers update it."""
     if _origin(download_location) != _origin(config.base_url):
         return f"download_location {download_location!r} is not on the configured API ({config.base_url})"
     key = api_key(config)
     if key is None:
         return f"no API key in this process's environment ({config.api_key_env})"
+    spent = rate.exhausted() if rate is not None else None
+    if spent is not None:
+        return f"not called: {_limited_message('unsplash', spent)}"
     try:
         with httpx.Client(timeout=config.timeout_s, trust_env=False, follow_redirects=False, transport=transport,
                           headers={"Authorization": f"Client-ID {key}", "Accept-Version": "v1",
@@ -409,6 +459,8 @@ def ping_download(config: SourceConfig, download_location: str, app_name: str = 
             response = client.get(download_location)
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"
+    if rate is not None:
+        rate.seen(response)
     return None if response.status_code == 200 else f"HTTP {response.status_code}"
 
 

@@ -9,7 +9,8 @@ Every URL, and every redirect hop, goes through the same checks before a byte is
 3. the connection goes to the address that was checked (the request is sent to the IP with
    ``Host`` and TLS SNI set to the name), so a second DNS answer cannot swap in another one
    (DNS rebinding);
-4. redirects are not followed by the client: each ``Location`` is checked as in 1-3;
+4. redirects are not followed by the client: each ``Location`` is checked as in 1-3 (and
+   against ``allowed_hosts`` when the config sets it: a collect job's source download hosts);
 5. the body is streamed and dropped at ``max_bytes`` (a declared ``Content-Length`` over the
    limit is refused before reading); a declared non-image ``Content-Type`` is refused, and the
    bytes must identify as an image (PIL) of at most ``max_pixels`` (read from its header);
@@ -86,6 +87,10 @@ class DatasetImportConfig(BaseModel):
     max_urls: int = Field(1000, ge=1, description="Per import: URLs, job ids or output keys.")
     max_files: int = Field(10_000, ge=1, description="Per prefix import.")
     max_redirects: int = Field(5, ge=0)
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="When set, the only host names a fetch may reach, the URL and every redirect hop alike, on top "
+                    "of the checks above (a collect job sets its sources' download hosts). None: any host.")
     max_pixels: int = Field(
         DEFAULT_MAX_PIXELS, gt=0,
         description="Width x height an image added to a dataset may have (uploads, zip members and imports "
@@ -313,16 +318,20 @@ def fetch_url(url: str, config: DatasetImportConfig, client: httpx.Client | None
     and soon after ``stop`` is set.
     """
     allow = _AllowList(config.allow_private_hosts)
+    hosts = None if config.allowed_hosts is None else {_normal_host(h) for h in config.allowed_hosts}
     own_client = client is None
     client = client or _new_client(config)
     deadline = time.monotonic() + config.timeout_s
     watchdog = _Watchdog(deadline, stop)
     current = url
     try:
-        for _hop in range(config.max_redirects + 1):
+        for hop in range(config.max_redirects + 1):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or watchdog.fired:
                 return _ended(url, watchdog, config)
+            if hosts is not None and _normal_host(check_url(current)[1]) not in hosts:
+                raise UrlRefusedError(f"{'redirect to ' if hop else ''}{current!r} is not on the allowed hosts "
+                                      f"({', '.join(sorted(hosts))})")
             request = _pinned_request(client, current, allow, remaining, watchdog.trace)
             response = client.send(request, stream=True)
             try:

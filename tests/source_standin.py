@@ -6,11 +6,15 @@ It answers the documented JSON shapes: Unsplash ``GET /search/photos`` (``{"tota
 (``{"total_results", "page", "per_page", "photos": [photo], "next_page"}``,
 ``Authorization: <key>``), with ``X-Ratelimit-Limit``/``-Remaining`` (and Pexels'
 ``X-Ratelimit-Reset``) headers; 401 for a bad key; 429 with a reset for the query
-``ratelimited``. Images are small PNGs under ``/img/<name>.png``.
+``ratelimited``. Images are small PNGs under ``/img/<name>.png`` (``/img/slow*`` take a second,
+``/img/gone*`` are 404s); ``/redirect?to=<url>`` answers 302 to ``url``.
 
 Photos: Unsplash ``u1``..``u5`` and Pexels ``1``..``5``; Unsplash ``u3`` and Pexels ``2`` serve the
 bytes of ``u1`` (duplicates by content), and Unsplash ``evil`` names an image on ``localhost``,
-a host the sources' download allow-list does not hold.
+a host the sources' download allow-list does not hold. Other Unsplash queries (``QUERIES``) find
+slow photos, one whose image is gone, ``hop`` (redirected to ``localhost``) and ``rehop``
+(redirected to 127.0.0.1, a download host). With ``ping_budget`` set, each download_location
+call spends one and says how many are left (``X-Ratelimit-Remaining``); none left is a 429.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import http.server
 import json
 import threading
 import time
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from tests.keyed_app import png
 
@@ -27,6 +31,8 @@ UNSPLASH_KEY = "good-unsplash-key"
 PEXELS_KEY = "good-pexels-key"
 RESET_IN_S = 1800
 SAME_AS = {"u3": "u1", "p2": "u1"}  # image name -> the name whose bytes it serves
+BEACH = ["u1", "u2", "u3", "u4", "u5", "evil"]
+QUERIES = {"slow": ["u1", "slow1", "slow2", "slow3"], "troubled": ["u1", "gone", "hop", "rehop", "u2"]}
 
 
 class StandIn:
@@ -35,6 +41,7 @@ class StandIn:
         self.searches: list[tuple[str, dict]] = []  # (path, query params) of each search
         self.image_gets: list[str] = []
         self.reset_at = int(time.time()) + RESET_IN_S
+        self.ping_budget: int | None = None
         standin = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -64,16 +71,31 @@ class StandIn:
                                           {"X-Ratelimit-Limit": "50", "X-Ratelimit-Remaining": "0",
                                            "X-Ratelimit-Reset": str(standin.reset_at)})
                     per_page = int(query.get("per_page", 10))
-                    names = ["u1", "u2", "u3", "u4", "u5", "evil"][:per_page]
-                    return self._json(200, {"total": 6, "total_pages": -(-6 // per_page),
+                    found = QUERIES.get(query.get("query"), BEACH)
+                    names = found[:per_page]
+                    return self._json(200, {"total": len(found), "total_pages": -(-len(found) // per_page),
                                             "results": [standin.unsplash_photo(n) for n in names]},
                                       {"X-Ratelimit-Limit": "50", "X-Ratelimit-Remaining": "49"})
                 if parts.path.startswith("/photos/") and parts.path.endswith("/download"):
                     if auth != f"Client-ID {UNSPLASH_KEY}":
                         return self._json(401, {"errors": ["OAuth error: The access token is invalid"]})
                     photo = parts.path.split("/")[2]
+                    if standin.ping_budget is None:
+                        headers = {}
+                    elif standin.ping_budget <= 0:
+                        return self._json(429, {"errors": ["Rate Limit Exceeded"]},
+                                          {"X-Ratelimit-Limit": "50", "X-Ratelimit-Remaining": "0"})
+                    else:
+                        standin.ping_budget -= 1
+                        headers = {"X-Ratelimit-Limit": "50", "X-Ratelimit-Remaining": str(standin.ping_budget)}
                     standin.pings.append(photo)
-                    return self._json(200, {"url": f"{standin.url}/img/{photo}.png"})
+                    return self._json(200, {"url": f"{standin.url}/img/{photo}.png"}, headers)
+                if parts.path == "/redirect":
+                    self.send_response(302)
+                    self.send_header("Location", query["to"])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if parts.path == "/v1/search":
                     standin.searches.append((parts.path, query))
                     if auth != PEXELS_KEY:
@@ -91,6 +113,8 @@ class StandIn:
                 if parts.path.startswith("/img/") and parts.path.endswith(".png"):
                     name = parts.path[len("/img/"):-len(".png")]
                     standin.image_gets.append(name)
+                    if name.startswith("gone"):
+                        return self._json(404, {"errors": ["not found"]})
                     if name.startswith("slow"):
                         time.sleep(1.0)
                     seed = sum(ord(c) * 31 ** i for i, c in enumerate(SAME_AS.get(name, name))) % 2**31
@@ -108,8 +132,11 @@ class StandIn:
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def unsplash_photo(self, name: str) -> dict:
-        host = f"http://localhost:{self.httpd.server_address[1]}" if name == "evil" else self.url
-        image = f"{host}/img/{name}.png"
+        localhost = f"http://localhost:{self.httpd.server_address[1]}"
+        image = f"{localhost if name == 'evil' else self.url}/img/{name}.png"
+        if name in ("hop", "rehop"):
+            target = f"{localhost if name == 'hop' else self.url}/img/{name}.png"
+            image = f"{self.url}/redirect?{urlencode({'to': target})}"
         return {
             "id": name, "width": 24, "height": 16, "color": "#aabbcc", "description": f"photo {name} on a beach",
             "alt_description": "a beach",

@@ -2,6 +2,7 @@
 
     GET  /v1/collect/sources                  -> sources, availability (and why not), licence summary
     POST /v1/collect/search                   {"query", "sources"?, "page"?, "per_page"?, "orientation"?, "color"?}
+                                              (headers X-RateLimit-<Source>-Limit/-Remaining/-Reset)
     POST /v1/datasets/{id}/collect            {"result_ids", "tags"?} -> 202 job (kind datasets.collect)
 
 The work is CollectService's (api/collect/service.py).
@@ -9,7 +10,7 @@ The work is CollectService's (api/collect/service.py).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 
 from api.collect.protocol import CollectImportRequest, CollectSearchRequest, CollectSearchResponse, SourceList
 from api.collect.service import CollectService
@@ -32,8 +33,11 @@ async def list_sources(collect: CollectService = Depends(collect_service)) -> So
 
 @router.post("/v1/collect/search", response_model=CollectSearchResponse,
              responses={429: {"model": ErrorResponse}, 502: {"model": ErrorResponse}})
-async def search(body: CollectSearchRequest, collect: CollectService = Depends(collect_service)) -> CollectSearchResponse:
-    return await collect.search(body)
+async def search(body: CollectSearchRequest, response: Response,
+                 collect: CollectService = Depends(collect_service)) -> CollectSearchResponse:
+    found = await collect.search(body)
+    response.headers.update(collect.rate_limit_headers([*found.sources, *(e.source for e in found.errors)]))
+    return found
 
 
 @router.post("/v1/datasets/{dataset_id}/collect", status_code=202, response_model=JobView,

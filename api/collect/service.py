@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Iterable
 
 from api.auth import caller
 from api.collect.protocol import (
@@ -79,6 +79,17 @@ class CollectService:
     def list_sources(self) -> SourceList:
         return SourceList(data=[self.sources[name].status() for name in SOURCE_NAMES])
 
+    def rate_limit_headers(self, names: Iterable[str]) -> dict[str, str]:
+        """``X-RateLimit-<Source>-Limit``/``-Remaining``/``-Reset`` (Unix seconds): what each named
+        source's last answer said, as far as it said it."""
+        headers = {}
+        for name in names:
+            last = self.sources[name].rate.last
+            for field, value in (("Limit", last.limit), ("Remaining", last.remaining), ("Reset", last.reset_at)):
+                if value is not None:
+                    headers[f"X-RateLimit-{name.capitalize()}-{field}"] = str(int(value))
+        return headers
+
     def _chosen(self, names: list[str] | None) -> list[Source]:
         if names is None:
             chosen = [s for s in self.sources.values() if s.status().available]
@@ -101,7 +112,9 @@ class CollectService:
     async def search(self, body: CollectSearchRequest) -> CollectSearchResponse:
         """Each chosen source's page of results, normalised, remembered for the caller's imports.
         Bad input is a 400 before any source is called; if every source fails, its error is the
-        answer (429 with the reset time for a rate limit), otherwise failures are listed."""
+        answer (429 with the reset time for a rate limit), otherwise failures are listed. A source
+        whose remembered rate limit is spent is not called until it resets (its 429 as if it had
+        answered); see :meth:`rate_limit_headers`."""
         who = caller()
         query = body.query.strip()
         if not query:
@@ -123,7 +136,9 @@ class CollectService:
         pages = [a for a in answers if isinstance(a, SearchPage)]
         failures = [a for a in answers if isinstance(a, SourceError)]
         if not pages:
-            raise source_error(failures[0])
+            error = source_error(failures[0])
+            error.headers.update(self.rate_limit_headers(source.name for source in chosen))
+            raise error
         results = [result for page in pages for result in page.results]
         await asyncio.to_thread(self.records.remember, who.owner, results)
         errors = [SourceFailure(source=source.name, type=type(a).__name__, message=a.message,

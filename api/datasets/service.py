@@ -165,14 +165,16 @@ class DatasetsService:
             chosen, latest = self._version(dataset_id, version)
             table = self.store.manifest(dataset_id, chosen)
             rows = table.slice(offset, limit).to_pylist()
+            thumbnails = self.store.thumbnail_keys(dataset_id, rows)
             data = []
-            for row in rows:
+            for row, thumbnail in zip(rows, thumbnails):
                 url = self.files.url_for(row["key"], base_url)
                 try:
                     attribution = json.loads(row["attribution"]) if row.get("attribution") else None
                 except ValueError:
                     attribution = None
-                data.append(DatasetImage(id=row["sha256"], key=row["key"], url=url, thumbnail_url=url,
+                data.append(DatasetImage(id=row["sha256"], key=row["key"], url=url,
+                                         thumbnail_url=self.files.url_for(thumbnail, base_url),
                                          width=row["width"], height=row["height"], caption=row["caption"] or "",
                                          tags=list(row["tags"] or []), source=row["source"] or "",
                                          license=row["license"] or "", filename=row["filename"] or "",

@@ -9,6 +9,9 @@ by test_web_ui.py against the real app.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import socket
 import threading
 import time
@@ -104,6 +107,13 @@ def test_collect_then_edit_captions_inline(browser, served):
         assert "Ann Example" in page.inner_text("#co-results li:first-child")
         assert "Bo Example" in page.inner_text("#co-results li:last-child")
         assert "requests left" in page.inner_text("#co-rate")
+        # the colour filter offers what every checked source knows: teal is Unsplash's alone
+        colours = lambda: page.eval_on_selector_all("#co-colour option", "os => os.map(o => o.value)")  # noqa: E731
+        assert "red" in colours() and "teal" not in colours()
+        page.uncheck("#co-src-pexels")
+        assert "teal" in colours()
+        page.check("#co-src-pexels")
+        assert "teal" not in colours()
 
         # 2. pick two, import into a new dataset, follow the job to its end
         page.check("[data-result='unsplash:u1']")
@@ -117,6 +127,7 @@ def test_collect_then_edit_captions_inline(browser, served):
         store = built.services.datasets.store
         assert store.manifest(dataset_id).num_rows == 2
         assert "u1" in standin.pings  # the Unsplash download was counted
+        assert page.locator("#co-rejections").is_hidden()
 
         # 3. the dataset page: its images with credits; edit a caption inline, then remove an image
         page.goto("/#/datasets")
@@ -138,6 +149,31 @@ def test_collect_then_edit_captions_inline(browser, served):
         assert "version 3 has 1 image" in page.inner_text("#ds-browser-status")
         assert page.locator("#ds-images li").count() == 1
         assert store.versions(dataset_id) == [1, 2, 3] and store.manifest(dataset_id, 1).num_rows == 2
+
+        # 4. the credits of the version shown, downloaded as CSV: one row per image left, with its photographer
+        with page.expect_download() as download:
+            page.click("#ds-credits")
+        assert download.value.suggested_filename == f"{dataset_id}-v3-credits.csv"
+        rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text())))
+        left = store.manifest(dataset_id, 3).to_pylist()[0]
+        assert len(rows) == 1 and json.loads(left["attribution"])["photographer"] in rows[0].values(), rows
+
+        # 5. a result whose image is gone: the import lands the rest and names it with why
+        page.goto("/#/collect")
+        page.wait_for_selector(f"#co-dataset option[value='{dataset_id}']", state="attached")
+        page.select_option("#co-dataset", dataset_id)
+        page.fill("#co-query", "troubled")
+        page.fill("#co-per-page", "10")
+        page.click("#co-search")
+        page.wait_for_selector("[data-result='unsplash:gone']")
+        page.check("[data-result='unsplash:gone']")
+        page.check("[data-result='unsplash:u2']")
+        page.click("#co-import")
+        page.wait_for_function("document.querySelector('#co-progress')?.innerText.includes('into version 4')")
+        assert page.inner_text("#co-progress").startswith("Imported 1 image into version 4")
+        assert "1 rejected" in page.inner_text("#co-progress")
+        rejected = page.inner_text("#co-rejections")
+        assert page.locator("#co-rejections li").count() == 1 and "unsplash:gone" in rejected and "404" in rejected
     finally:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "collect_flow.png"), full_page=True)

@@ -365,6 +365,9 @@ def test_collect_caption_train_and_generate_with_the_lora(page, atelier, client,
     # 5. Generate with the LoRA, picked for us by the run's "Generate with it" link.
     lora = job["fine_tuned_model"]
     assert page.inner_text("#ft-lora") == lora and lora.startswith(f"{name}:")
+    # trained on the edited version: the adapter's manifest names version 2 and its dataset
+    card = client.get(f"/v1/models/{lora}").json()["metadata"]
+    assert (card["dataset_id"], card["dataset_version"]) == (dataset_id, 2), card
     page.click("#ft-model a")
     page.wait_for_function("lora => document.querySelector('#gen-model')?.value === lora", arg=lora)
     assert page.locator("#gen-model option", has_text=name).count() == 1

@@ -65,19 +65,28 @@ def dataset(client, who: str = "alice", name: str = "beaches") -> str:
     return made.json()["id"]
 
 
-def run_job(app, job_id: str) -> dict:
+def run_job(app, job_id: str, on_step=None) -> dict:
+    """Runs the job here; ``on_step(done, total)`` sees each progress step after it is recorded."""
     store = app.services.jobs.jobs
     ctx = JobContext(store, store.get(job_id))
+    if on_step is not None:
+        step = ctx.step
+        ctx.step = lambda done, total: (step(done, total), on_step(done, total))
     dataset_collect(ctx, {})
     return ctx.record.result
 
 
-def collect(app, dataset_id: str, ids: list[str], who: str = "alice", tags: list[str] | None = None) -> dict:
+def submit(app, dataset_id: str, ids: list[str], who: str = "alice", tags: list[str] | None = None) -> str:
     accepted = app.client.post(f"/v1/datasets/{dataset_id}/collect", headers=bearer(who),
                                json={"result_ids": ids, "tags": tags or []})
     assert accepted.status_code == 202, accepted.text
     assert accepted.json()["id"] in app.queue.sent
-    return run_job(app, accepted.json()["id"])
+    return accepted.json()["id"]
+
+
+def collect(app, dataset_id: str, ids: list[str], who: str = "alice", tags: list[str] | None = None,
+            on_step=None) -> dict:
+    return run_job(app, submit(app, dataset_id, ids, who, tags), on_step)
 
 
 # --- connectors ------------------------------------------------------------------------------
@@ -124,6 +133,20 @@ def test_a_bad_key_and_a_rate_limit_are_clear_errors(standin, monkeypatch):
     assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(standin.reset_at)) in limited.value.message
 
 
+def test_a_spent_rate_limit_is_respected_until_its_reset(standin, keys):
+    pexels = PexelsSource(config(standin).pexels)
+    assert pexels.search("beach").rate_limit.remaining == 19999 and pexels.rate.exhausted() is None
+    with pytest.raises(SourceRateLimitedError):
+        pexels.search("ratelimited")
+    asked = len(standin.searches)
+    with pytest.raises(SourceRateLimitedError) as refused:  # the same error, without asking the source
+        pexels.search("beach")
+    assert len(standin.searches) == asked
+    assert refused.value.reset_at == standin.reset_at and refused.value.status == 429
+    assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(standin.reset_at)) in refused.value.message
+    assert pexels.rate.exhausted(now=standin.reset_at + 1) is None  # asked again once the window resets
+
+
 def test_sources_without_a_key_are_unavailable_with_the_reason(tmp_path, standin, monkeypatch):
     monkeypatch.delenv("TEST_UNSPLASH_KEY", raising=False)
     monkeypatch.setenv("TEST_PEXELS_KEY", PEXELS_KEY)
@@ -163,6 +186,11 @@ def test_search_through_the_api(app, standin):
                                          "rate_limit": {"limit": 20000, "remaining": 19999,
                                                         "reset_at": float(standin.reset_at)}}
     assert body["errors"] == []
+    # the rate-limit state as headers too, per source (Unsplash says no reset time)
+    assert found.headers["X-RateLimit-Unsplash-Limit"] == "50"
+    assert found.headers["X-RateLimit-Unsplash-Remaining"] == "49" and "X-RateLimit-Unsplash-Reset" not in found.headers
+    assert found.headers["X-RateLimit-Pexels-Remaining"] == "19999"
+    assert found.headers["X-RateLimit-Pexels-Reset"] == str(standin.reset_at)
 
 
 @pytest.mark.parametrize("body,param", [
@@ -191,9 +219,18 @@ def test_a_rate_limited_source_is_a_429_with_its_reset_time(app, standin):
     assert error["type"] == "source_rate_limited" and error["param"] == "sources"
     assert time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(standin.reset_at)) in error["message"]
     assert 0 < int(limited.headers["Retry-After"]) <= 1800
-    # with two sources, both limited: the same 429; a bad key is a 502 that says which variable
+    assert limited.headers["X-RateLimit-Unsplash-Remaining"] == "0"
+    assert limited.headers["X-RateLimit-Unsplash-Reset"] == str(standin.reset_at)
+    # until the reset, Unsplash is not asked again: the same 429, whatever the query
+    asked = len(standin.searches)
+    again = app.client.post("/v1/collect/search", headers=bearer("alice"),
+                            json={"query": "beach", "sources": ["unsplash"]})
+    assert again.status_code == 429 and again.json()["error"] == error, again.text
+    assert 0 < int(again.headers["Retry-After"]) <= 1800 and len(standin.searches) == asked
+    # with two sources, both limited: the same 429 (only Pexels was asked)
     assert app.client.post("/v1/collect/search", headers=bearer("alice"),
                            json={"query": "ratelimited"}).status_code == 429
+    assert [path for path, _ in standin.searches[asked:]] == ["/v1/search"]
 
 
 def test_a_refused_key_is_a_502_naming_the_variable(app, monkeypatch):
@@ -301,6 +338,67 @@ def test_cancelled_collect_commits_nothing(app, standin):
         run_job(app, job_id)
     assert app.services.datasets.store.versions(mine) == []
     assert len(standin.pings) == pings
+
+
+def test_a_cancel_in_the_middle_of_downloads_commits_and_pings_nothing(app, standin):
+    client = app.client
+    mine = dataset(client)
+    client.post("/v1/collect/search", headers=bearer("alice"), json={"query": "slow"})
+    job_id = submit(app, mine, ["unsplash:u1", "unsplash:slow1", "unsplash:slow2", "unsplash:slow3"])
+    store = app.services.jobs.jobs
+    store.save(store.get(job_id).model_copy(update={"status": "in_progress"}))
+    steps = []
+
+    def cancel_once_one_landed(done: int, total: int) -> None:
+        steps.append(done)
+        if done == 1:  # u1 is in; the slow ones (a second each) are still downloading
+            assert client.post(f"/v1/jobs/{job_id}/cancel", headers=bearer("alice")).status_code == 200
+
+    pings = len(standin.pings)
+    with pytest.raises(JobCancelledError):
+        run_job(app, job_id, cancel_once_one_landed)
+    assert steps[0] == 1 and steps[-1] < 4  # stopped before every download ended
+    assert app.services.datasets.store.versions(mine) == []
+    assert len(standin.pings) == pings
+
+
+def test_failed_and_redirected_downloads_are_per_item_errors(app, standin):
+    client = app.client
+    mine = dataset(client)
+    client.post("/v1/collect/search", headers=bearer("alice"), json={"query": "troubled"})
+    steps = []
+    result = collect(app, mine, ["unsplash:u1", "unsplash:gone", "unsplash:hop", "unsplash:rehop", "unsplash:u2"],
+                     on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(done, 5) for done in range(1, 6)]  # one step per download, up to the total
+    assert (result["version"], result["added"]) == (1, 3), result
+    reasons = {r["filename"]: r["reason"] for r in result["rejections"]}
+    assert set(reasons) == {"unsplash:gone", "unsplash:hop"}
+    assert reasons["unsplash:gone"] == "failed: HTTP 404"
+    # a redirect off the source's download hosts: refused before the hop is fetched; one that
+    # stays on them lands
+    assert reasons["unsplash:hop"].startswith("refused: redirect to 'http://localhost:")
+    assert "not on the allowed hosts (127.0.0.1)" in reasons["unsplash:hop"]
+    assert "hop" not in standin.image_gets and "rehop" in standin.image_gets
+    rows = app.services.datasets.store.manifest(mine).to_pylist()
+    assert sorted(r["filename"] for r in rows) == ["unsplash:rehop", "unsplash:u1", "unsplash:u2"]
+    assert result["download_pings"] == 3 and result["download_ping_errors"] == []
+
+
+def test_download_pings_stop_while_unsplash_has_no_requests_left(app, standin):
+    client = app.client
+    mine = dataset(client)
+    client.post("/v1/collect/search", headers=bearer("alice"), json={"query": "beach", "per_page": 10})
+    pings = len(standin.pings)
+    standin.ping_budget = 1  # the first ping's answer says none are left
+    try:
+        result = collect(app, mine, ["unsplash:u1", "unsplash:u2", "unsplash:u4"])
+    finally:
+        standin.ping_budget = None
+    assert result["added"] == 3  # the import is whole: a ping never fails it
+    assert result["download_pings"] == 1 and standin.pings[pings:] == ["u1"]
+    errors = result["download_ping_errors"]
+    assert [e["filename"] for e in errors] == ["unsplash:u2", "unsplash:u4"]
+    assert all(e["reason"].startswith("not called: unsplash rate limit reached") for e in errors), errors
 
 
 def test_the_ping_goes_only_to_the_configured_api(standin, keys):

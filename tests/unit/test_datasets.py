@@ -9,7 +9,9 @@ import tracemalloc
 import zipfile
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from storage.datasets import (
     MANIFEST_SCHEMA,
@@ -604,3 +606,39 @@ def test_an_add_racing_a_delete_leaves_nothing_behind(store, dataset_id):
         writer.commit()
     assert store.storage.list(f"datasets/{dataset_id}/") == []
     assert dataset_id not in [d.id for d in store.list()]
+
+
+def big_image() -> bytes:
+    """A 600x400 PNG small in bytes (smooth gradients compress): under the tests' upload limit."""
+    x, y = np.meshgrid(np.linspace(0, 255, 600), np.linspace(0, 255, 400))
+    out = io.BytesIO()
+    Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_image_listing_and_card_serve_small_thumbnails_made_once(api):
+    client, ctx = api
+    dataset_id = client.post("/v1/datasets", json={"name": "wide"}).json()["id"]
+    files = [("files", ("big.png", big_image(), "image/png")),
+             ("files", ("small.png", noise_image(40, 30, 2), "image/png"))]
+    assert client.post(f"/v1/datasets/{dataset_id}/images", files=files).status_code == 200
+    listed = {i["filename"]: i for i in client.get(f"/v1/datasets/{dataset_id}/images").json()["data"]}
+    big, small = listed["big.png"], listed["small.png"]
+    assert small["thumbnail_url"] == small["url"]  # already small: its own thumbnail
+    assert big["thumbnail_url"] != big["url"] and big["thumbnail_url"].endswith(f"/thumbs/{big['id']}.jpg")
+    key = big["thumbnail_url"].split("/v1/files/", 1)[1]
+    assert is_dataset_image_key(key)  # served by the files route like the image itself
+    with Image.open(io.BytesIO(ctx.storage.get_bytes(key))) as thumb:
+        assert (thumb.format, thumb.size) == ("JPEG", (256, 171))
+        # a picture of the image, not of something else: close to the image scaled down
+        expected = Image.open(io.BytesIO(ctx.storage.get_bytes(big["key"]))).convert("RGB").resize((256, 171))
+        diff = np.abs(np.asarray(thumb.convert("RGB"), dtype=int) - np.asarray(expected, dtype=int)).mean()
+        assert diff < 20, diff
+    # the dataset card shows the same thumbnails, and later listings reuse the stored file
+    ctx.storage.put_bytes(key, b"stored once")
+    card = client.get(f"/v1/datasets/{dataset_id}").json()["thumbnails"]
+    assert big["thumbnail_url"] in card and small["url"] in card
+    assert big["thumbnail_url"] in [i["thumbnail_url"] for i in client.get(f"/v1/datasets/{dataset_id}/images").json()["data"]]
+    assert ctx.storage.get_bytes(key) == b"stored once"
+    assert client.delete(f"/v1/datasets/{dataset_id}?confirm=wide").status_code == 200
+    assert not ctx.storage.exists(key)  # thumbnails go with the dataset

@@ -17,7 +17,9 @@ export function init(section) {
       field("Per page", el("input", { id: "co-per-page", type: "number", min: "1", max: "80", value: "20" })),
       field("Orientation", el("select", { id: "co-orientation" },
         el("option", { value: "" }, "Any"), el("option", { value: "landscape" }, "Landscape"),
-        el("option", { value: "portrait" }, "Portrait"), el("option", { value: "square" }, "Square")))),
+        el("option", { value: "portrait" }, "Portrait"), el("option", { value: "square" }, "Square"))),
+      field("Colour", el("select", { id: "co-colour" }, el("option", { value: "" }, "Any")),
+        "The colours every checked source filters by.")),
     el("div", { class: "actions" },
       el("button", { id: "co-search", type: "submit", class: "primary" }, "Search"),
       el("button", { id: "co-more", type: "button", hidden: true, onclick: () => runSearch(null, true) }, "Next page")),
@@ -34,6 +36,7 @@ export function init(section) {
     field("Tags", el("input", { id: "co-tags", type: "text", placeholder: "fox, winter" }), "Comma-separated."),
     el("div", { class: "actions" }, el("button", { id: "co-import", type: "submit", class: "primary" }, "Import")),
     el("p", { id: "co-progress", role: "status" }),
+    el("ul", { id: "co-rejections", class: "muted", hidden: true }),
     alertBox("co-import-error"));
   section.append(el("div", { class: "layout" }, el("div", { class: "stack" }, search, importer),
     el("div", { class: "stack" }, grid)));
@@ -45,16 +48,32 @@ export function show() {
 }
 
 let page = 1;
+let sourceList = []; // GET /v1/collect/sources
+
+// The colour select offers what every checked source can filter by (a source refuses a colour it
+// does not know, with a 400 naming `color`).
+function fillColours() {
+  const select = $("#co-colour");
+  const before = select.value;
+  const checked = sourceList.filter((s) => $(`#co-src-${s.name}`)?.checked);
+  const common = checked.length ? checked.map((s) => s.colors || [])
+    .reduce((all, colours) => all.filter((c) => colours.includes(c))) : [];
+  select.replaceChildren(el("option", { value: "" }, "Any"),
+    ...common.map((c) => el("option", { value: c }, c.replaceAll("_", " "))));
+  select.value = common.includes(before) ? before : "";
+}
 
 async function loadSources() {
   const box = $("#co-sources");
   try {
     const { data } = await api("GET", "/v1/collect/sources");
+    sourceList = data;
     box.replaceChildren(...data.map((s) => el("span", { class: "co-source" },
       el("input", { type: "checkbox", id: `co-src-${s.name}`, value: s.name, checked: s.available,
-        disabled: !s.available }),
+        disabled: !s.available, onchange: fillColours }),
       el("label", { for: `co-src-${s.name}`, title: s.license_summary }, ` ${s.name} `),
       el("small", {}, s.available ? `(${s.license}, up to ${s.max_per_page} a page) ` : `(unavailable: ${s.reason}) `))));
+    fillColours();
   } catch (err) {
     showError($("#co-error"), err);
   }
@@ -83,6 +102,8 @@ async function runSearch(event, next = false) {
   if (sources.length) body.sources = sources;
   const orientation = $("#co-orientation").value;
   if (orientation) body.orientation = orientation;
+  const colour = $("#co-colour").value;
+  if (colour) body.color = colour;
   const button = $("#co-search");
   button.disabled = true;
   try {
@@ -91,7 +112,9 @@ async function runSearch(event, next = false) {
     showResults();
     $("#co-more").hidden = !Object.values(found.sources).some((s) => s.total_pages && s.total_pages > page);
     $("#co-rate").textContent = Object.entries(found.sources).map(([name, s]) =>
-      `${name}: ${s.total} found, ${s.rate_limit.remaining ?? "?"} requests left`).join(" · ") +
+      `${name}: ${s.total} found, ${s.rate_limit.remaining ?? "?"} requests left` +
+      (s.rate_limit.reset_at ? ` (until ${new Date(s.rate_limit.reset_at * 1000).toLocaleTimeString()})` : ""))
+      .join(" · ") +
       found.errors.map((e) => ` · ${e.source} failed: ${e.message}`).join("");
   } catch (err) {
     showError(error, err);
@@ -127,6 +150,8 @@ async function runImport(event) {
   const progress = $("#co-progress");
   clearError(error);
   progress.textContent = "";
+  const rejections = $("#co-rejections");
+  rejections.hidden = true;
   if (!chosen.size) return showError(error, "Select at least one result to import.");
   const button = $("#co-import");
   button.disabled = true;
@@ -149,6 +174,9 @@ async function runImport(event) {
       ? `Imported ${r.added} image${r.added === 1 ? "" : "s"} into version ${r.version} (${r.images} in all); ` +
         `${r.duplicates} duplicate${r.duplicates === 1 ? "" : "s"}, ${r.rejected} rejected.`
       : `The import ${final.status}${final.error ? `: ${final.error.message}` : ""}.`;
+    // each item that did not land, with why (a download that failed, a host off the source's list)
+    rejections.replaceChildren(...(r.rejections || []).map((x) => el("li", {}, `${x.filename}: ${x.reason}`)));
+    rejections.hidden = !(r.rejections || []).length;
     if (final.status === "completed") chosen.clear();
     showResults();
     await loadDatasets(datasetId);
