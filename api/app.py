@@ -155,6 +155,7 @@ def build_app(args: AtelierArgs | dict) -> Application:
         task_consumer(task_processor_config=args.queue.task_processor_config())(JobRunnerDeployment),
         name="JobRunnerDeployment",
         max_ongoing_requests=args.queue.concurrency,  # Serve sizes the consumer's thread pool with this
+        graceful_shutdown_timeout_s=args.queue.drain_s + 15,  # a stopping runner lets its jobs finish
     )
     job_runner = job_runner_cls.bind(args.queue, **models, **storage, retention=args.ingress.assets.retention,
                                      assets_index_dir=args.ingress.assets.index_dir)

@@ -58,6 +58,13 @@ class JobQueueConfig(BaseModel):
             "A runner with free slots while jobs wait in the Redis queue for this long has a consumer "
             "that stopped taking work (Celery's, after a broker outage): its health check fails and "
             "Serve replaces it. Redis only."))
+    drain_s: float = Field(
+        120.0, ge=0, description=(
+            "On shutdown (a scale-down, a redeploy), how long a runner waits for the jobs it runs to "
+            "finish before it stops. Serve picks the replica to stop by Serve requests, which jobs are "
+            "not, so without this a scale-down cut running jobs (the reaper re-enqueued them, each at the "
+            "cost of an attempt). The deployment's graceful_shutdown_timeout_s (default drain_s + 15) "
+            "must exceed it."))
     polling_interval_s: float | None = Field(
         0.05, gt=0, le=10, description=(
             "How often a polling broker (Kombu's virtual transports: the SQLite broker) looks for new "
@@ -566,3 +573,19 @@ class JobRunnerDeployment:
 
     def __del__(self):
         self._stop.set()
+        self.drain()
+
+    def drain(self) -> int:
+        """Wait, at most `queue.drain_s`, for the jobs this replica runs to finish; how many were
+        still running. Serve calls `__del__` on shutdown after Ray's task_consumer wrapper has told
+        Celery to stop (a warm shutdown: it takes no new job and lets running ones end)."""
+        deadline = time.monotonic() + self.queue.drain_s
+        if self._running:
+            logger.info("job runner stopping: waiting up to %.0fs for %d running jobs", self.queue.drain_s,
+                        self._running)
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if self._running:
+            logger.warning("job runner stopping with %d jobs still running after %.0fs: the reaper re-enqueues "
+                           "them when their heartbeats stop", self._running, self.queue.drain_s)
+        return self._running

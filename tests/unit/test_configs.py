@@ -210,6 +210,9 @@ def test_build_app_binds_each_present_section_and_hands_the_ingress_its_limits(m
     # every spec's handle by name, None where its section is left out
     assert {name: wiring[name] for name in SPECS} == {name: bound.get(name) for name in SPECS}
     assert wiring["job_runner"] is not None
+    # a runner stopped by Serve waits for its jobs (queue.drain_s) before Serve kills it
+    runner_config = wiring["job_runner"]._bound_deployment._deployment_config
+    assert runner_config.graceful_shutdown_timeout_s == JobQueueConfig.model_fields['drain_s'].default + 15
     assert set(wiring["limits"]) == {name for name in bound if SPECS[name].limits_cls}
     assert wiring["limits"]["sdxl"].source == bound["sdxl"].model  # derived after the paths resolve
     assert all(isinstance(value, BaseModel) for value in wiring["limits"].values())
@@ -347,3 +350,11 @@ def test_production_limits_are_derived_from_the_config_alone():
     limits = model_limits(AtelierArgs.model_validate(app_args("serve_config.yaml")))
     assert set(limits) == {"sdxl", "svd", "upscaler", "llm"}
     assert (limits["svd"].max_num_frames, limits["upscaler"].scale, limits["upscaler"].max_noise_level) == (25, 4, 350)
+
+
+@pytest.mark.parametrize("path", [p for p in (*CONFIGS, "configs/cluster.yaml") if "JobRunnerDeployment" in (REPO / p).read_text()])
+def test_a_configured_runner_outlasts_its_drain(path):
+    app = yaml.safe_load((REPO / path).read_text())["applications"][0]
+    drain = app["args"]["queue"].get("drain_s", JobQueueConfig.model_fields["drain_s"].default)
+    runner = next(d for d in app.get("deployments", []) if d["name"] == "JobRunnerDeployment")
+    assert runner.get("graceful_shutdown_timeout_s", drain + 15) > drain

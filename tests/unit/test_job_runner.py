@@ -545,3 +545,45 @@ def test_an_enqueue_to_a_dead_redis_broker_fails_within_seconds(redis_broker):
     import redis
 
     assert redis.Redis(port=redis_broker.port).llen(config.queue_name) == 5
+
+
+def test_a_stopping_runner_lets_its_running_job_finish(runner):
+    """Serve stops a runner on scale-down without regard to the jobs it runs (they are not Serve
+    requests): its destructor waits for them, up to queue.drain_s."""
+    release, started = threading.Event(), threading.Event()
+
+    def pipeline(ctx, handles):
+        started.set()
+        assert release.wait(10)
+
+    record = with_pipeline(runner, pipeline)
+    job = threading.Thread(target=runner.run_job, args=(record.id,))
+    job.start()
+    assert started.wait(10)
+    stopping = threading.Thread(target=runner.__del__)
+    stopping.start()
+    stopping.join(0.5)
+    assert stopping.is_alive()  # still waiting for the job
+    release.set()
+    stopping.join(10)
+    job.join(10)
+    assert not stopping.is_alive() and runner.store.get(record.id).status == "completed"
+
+
+def test_a_stopping_runner_waits_at_most_drain_s(runner):
+    release = threading.Event()
+    runner.queue.drain_s = 0.3
+    record = with_pipeline(runner, lambda ctx, handles: release.wait(10))
+    job = threading.Thread(target=runner.run_job, args=(record.id,))
+    job.start()
+    try:
+        deadline = time.monotonic() + 10
+        while runner._running == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        assert runner.drain() == 1  # one job still running: the reaper re-enqueues it when its heartbeat stops
+        assert 0.25 < time.monotonic() - started < 2
+    finally:
+        release.set()
+        job.join(10)
+
