@@ -97,6 +97,9 @@ class JobQueueConfig(BaseModel):
         )
 
 
+RUNNING_JOBS_METRIC = "running_jobs"  # each runner's, for the autoscaling policy
+
+
 class JobQueueAutoscalingPolicy:
     """Ray's async-inference policy (queue length in the broker + Serve requests, against
     `target_ongoing_requests` per replica), with `${VARS}` in the broker URL expanded.
@@ -119,7 +122,14 @@ class JobQueueAutoscalingPolicy:
             broker_url=os.path.expandvars(broker_url), queue_name=queue_name, **kwargs)
 
     def __call__(self, ctx):
-        return self._policy(ctx)
+        """Ray's answer, plus the jobs the replicas run (`record_autoscaling_stats`): Celery holds a
+        running job's message outside the queue, so Ray's policy alone sees an empty queue as no
+        work and scales busy runners down."""
+        desired, state = self._policy(ctx)
+        running = sum((ctx.aggregated_metrics or {}).get(RUNNING_JOBS_METRIC, {}).values())
+        if ctx.current_num_replicas and running:
+            desired += running / ctx.config.get_target_ongoing_requests()
+        return desired, {**state, "running_jobs": running}
 
 
 def check_broker(broker_url: str, timeout_s: float = 5.0) -> None:
@@ -547,6 +557,10 @@ class JobRunnerDeployment:
         except Exception:
             logger.exception("asset retention sweep failed")
             return None
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: the jobs this replica runs now."""
+        return {RUNNING_JOBS_METRIC: float(self._running)}
 
     def check_health(self) -> None:
         if not self._reaper.is_alive():

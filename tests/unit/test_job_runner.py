@@ -587,3 +587,42 @@ def test_a_stopping_runner_waits_at_most_drain_s(runner):
         release.set()
         job.join(10)
 
+
+
+def test_the_autoscaling_policy_counts_running_jobs_beside_the_queue(runner, redis_broker):
+    """A running job's message is outside the Redis list (Celery holds it unacked), so the queue
+    alone reads as no work: the policy adds the jobs the replicas report running."""
+    import asyncio
+
+    import redis
+    from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+    from graphs.job_runner import RUNNING_JOBS_METRIC, JobQueueAutoscalingPolicy
+
+    url = redis_broker.url + "/0"
+    redis.Redis.from_url(url).rpush("atelier-jobs", *[b"{}"] * 4)  # 4 jobs waiting
+    policy = JobQueueAutoscalingPolicy(url, "atelier-jobs", poll_interval_s=0)
+    runner._running = 3
+    assert runner.record_autoscaling_stats() == {RUNNING_JOBS_METRIC: 3.0}
+
+    def ask(running_by_replica: dict) -> tuple[float, dict]:
+        ctx = AutoscalingContext(
+            deployment_id=None, deployment_name="JobRunnerDeployment", app_name="atelier",
+            current_num_replicas=2, target_num_replicas=2, running_replicas=[], total_num_requests=0,
+            total_queued_requests=0, aggregated_metrics={RUNNING_JOBS_METRIC: running_by_replica},
+            raw_metrics=None, capacity_adjusted_min_replicas=1, capacity_adjusted_max_replicas=4,
+            policy_state={}, last_scale_up_time=None, last_scale_down_time=None, current_time=time.time(),
+            config=AutoscalingConfig(min_replicas=1, max_replicas=4, target_ongoing_requests=4))
+
+        async def twice():  # the first call starts the broker poll, the second sees its answer
+            policy(ctx)
+            await asyncio.sleep(0.5)
+            return policy(ctx)
+
+        return asyncio.run(twice())
+
+    desired, state = ask({"a": 4.0, "b": 4.0})  # 8 running on 2 replicas, 4 queued: 3 replicas' worth
+    assert (state["queue_length"], state["running_jobs"]) == (4, 8.0) and desired == pytest.approx(3.0)
+    redis.Redis.from_url(url).delete("atelier-jobs")
+    desired, state = ask({"a": 4.0, "b": 3.0})  # queue empty, both busy: stay at 2, not down to 0
+    assert state["queue_length"] == 0 and desired == pytest.approx(7 / 4)
