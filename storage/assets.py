@@ -16,8 +16,10 @@ Design (several ingress replicas on several nodes share one storage; none shares
   it holds as unfinished, read again), so a job seen running is seen finishing at once. What can
   be up to ``sync_interval_s`` late: a job made *and* finished on another replica between two
   searches here, a tag or a delete made on another replica. This replica's own edits, deletes
-  and new jobs reach its index at once.
-* **User edits are small shared records.** Tags and the favourite flag of a job live in
+  and new jobs reach its index at once. The job listing (GET /v1/jobs) answers from the index
+  too, once it is built (api/jobs/service.py).
+* **User edits are small shared records.** Tags and the favourite flag of a job, and of each of
+  its outputs by output index (:class:`AssetMeta`), live in
   ``assets/meta/<job id>.<version id>.json`` (version ids are :func:`storage.keys.new_id`, so
   time-ordered). A write puts a new version, then deletes the older ones; the newest version is
   the state (last writer wins, as for :meth:`JobStore.update`). The sync lists ``assets/meta/``
@@ -27,11 +29,15 @@ Design (several ingress replicas on several nodes share one storage; none shares
   shared input stays while anything uses it: an output another job's request names is kept (it
   becomes an orphan of the deleted job); an input of the deleted job (an upload, or such an
   orphaned output) is deleted only when no other job names it. "Names it" is answered from the
-  index's ``inputs`` table after a forced sync (request inputs never change after a job is made).
+  index's ``inputs`` table (request inputs never change after a job is made) after
+  :meth:`AssetIndex.catch_up`: the quick sync, plus the jobs made since the last full sync began
+  (less an hour of clock skew), listed by their id prefixes, so no delete lists every job id. Only
+  the deleted job leaves the index.
 * **Retention** (:class:`RetentionConfig`, per job kind): a sweeper on the job runners' reaper
   timer (graphs/job_runner.py) plans from the index (terminal jobs of a kind older than
-  ``max_age_days``, favourites kept unless told otherwise), re-reads each candidate's record and
-  meta before deleting it, and writes its report to ``assets/retention/last.json``. With
+  ``max_age_days``; a job that is, or has an output that is, a favourite is kept unless told
+  otherwise), re-reads each candidate's record and meta before deleting it, and writes its
+  report to ``assets/retention/last.json``. With
   ``dry_run`` (the default) it only reports what would go. One runner sweeps per period: it
   takes the period's lease with :meth:`Storage.put_if_absent`.
 """
@@ -50,7 +56,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, field_validator
 
 from storage.fs import InvalidKeyError, ObjectNotFoundError, Storage
 from storage.jobs import TERMINAL_STATUSES, JobNotFoundError, JobRecord, JobStore
@@ -59,6 +65,7 @@ from storage.keys import JOBS_PREFIX, OUTPUTS_PREFIX, new_id, output_owner, vali
 __all__ = [
     "ASSET_META_PREFIX",
     "RETENTION_REPORT_KEY",
+    "AssetMarks",
     "AssetMeta",
     "AssetMetaStore",
     "AssetIndex",
@@ -80,6 +87,8 @@ ASSET_META_PREFIX = "assets/meta/"
 RETENTION_REPORT_KEY = "assets/retention/last.json"
 SWEEP_LEASE_PREFIX = "assets/sweeps/"
 UPLOADS_PREFIX = "uploads/"
+# How far replicas' clocks may disagree: a job's id time is at most this far from when it was made.
+CLOCK_SKEW_S = 3600.0
 
 MAX_TAGS = 20
 MAX_TAG_LENGTH = 40
@@ -100,12 +109,13 @@ def check_tag(tag: object) -> str:
 # --- tags and favourites: the shared records ---------------------------------------------------
 
 
-class AssetMeta(BaseModel):
+class AssetMarks(BaseModel):
+    """Tags and the favourite flag of a job, or of one of its outputs."""
+
     model_config = ConfigDict(extra="ignore")
 
     tags: list[str] = Field(default_factory=list)
     favorite: bool = False
-    updated_at: float = 0.0
 
     @field_validator("tags")
     @classmethod
@@ -114,6 +124,41 @@ class AssetMeta(BaseModel):
         if len(out) > MAX_TAGS:
             raise ValueError(f"at most {MAX_TAGS} tags")
         return out
+
+
+class AssetMeta(AssetMarks):
+    """A job's marks, and its outputs' by output index (their place in ``JobRecord.outputs``). A
+    favourite job counts as every output a favourite; in the index a job is a favourite when it or
+    any output is one, and it has the tags of all of them."""
+
+    outputs: dict[NonNegativeInt, AssetMarks] = Field(default_factory=dict)
+    updated_at: float = 0.0
+
+    @property
+    def any_favorite(self) -> bool:
+        return self.favorite or any(m.favorite for m in self.outputs.values())
+
+    @property
+    def all_tags(self) -> list[str]:
+        return list(dict.fromkeys([*self.tags, *(t for m in self.outputs.values() for t in m.tags)]))
+
+    def output(self, index: int) -> AssetMarks:
+        """Output ``index`` as shown: its own tags, a favourite when it or its job is one."""
+        own = self.outputs.get(index) or AssetMarks()
+        return AssetMarks(tags=own.tags, favorite=self.favorite or own.favorite)
+
+    def with_output(self, index: int, marks: AssetMarks, count: int) -> AssetMeta:
+        """This meta with output ``index`` (of ``count``) shown as ``marks`` (see :meth:`output`).
+        Un-favouriting one output of a favourite job leaves the job's other outputs favourites."""
+        outputs = dict(self.outputs)
+        favorite = self.favorite
+        if favorite and not marks.favorite:
+            favorite = False
+            for i in range(count):
+                outputs[i] = (outputs.get(i) or AssetMarks()).model_copy(update={"favorite": True})
+        outputs[index] = marks.model_copy(update={"favorite": marks.favorite and not favorite})
+        return AssetMeta(tags=self.tags, favorite=favorite,
+                         outputs={i: m for i, m in sorted(outputs.items()) if m.tags or m.favorite})
 
 
 class AssetMetaStore:
@@ -247,8 +292,10 @@ class RetentionRule(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_age_days: float = Field(gt=0, description="Jobs of this kind older than this (since created) go.")
-    keep_favorites: bool = Field(True, description="A favourite is kept whatever its age.")
-    keep_tagged: bool = Field(False, description="A job with any tag is kept whatever its age.")
+    keep_favorites: bool = Field(True, description="A favourite job, or a job with a favourite output, is kept "
+                                                   "whatever its age.")
+    keep_tagged: bool = Field(False, description="A job with any tag (its own or an output's) is kept whatever "
+                                                 "its age.")
     statuses: list[str] = Field(default_factory=lambda: sorted(TERMINAL_STATUSES),
                                 description="Which finished statuses the rule applies to.")
 
@@ -279,8 +326,9 @@ class AssetsConfig(BaseModel):
 
     index_dir: str | None = Field(None, description="Local folder of the derived search index (rebuilt from the "
                                                     "records if missing); default: the system temp folder.")
-    sync_interval_s: float = Field(2.0, ge=0, description="A search first syncs the index when it is older "
-                                                          "than this (changes made on other replicas).")
+    sync_interval_s: float = Field(2.0, ge=0, description="How often a background thread runs the full sync "
+                                                          "(jobs finished, edits and deletes on other replicas); "
+                                                          "a search runs only the quick sync of unfinished jobs.")
     retention: RetentionConfig = Field(default_factory=RetentionConfig)
 
 
@@ -311,7 +359,7 @@ CREATE TABLE IF NOT EXISTS assets (
     status TEXT NOT NULL, terminal INTEGER NOT NULL, prompt TEXT NOT NULL DEFAULT '', model TEXT,
     lora TEXT, lora_name TEXT, created_at REAL NOT NULL, outputs INTEGER NOT NULL DEFAULT 0,
     bytes INTEGER NOT NULL DEFAULT 0, tags TEXT NOT NULL DEFAULT '', favorite INTEGER NOT NULL DEFAULT 0,
-    meta_version TEXT, record TEXT NOT NULL);
+    meta_version TEXT, meta TEXT, record TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS assets_owner_id ON assets(owner, id);
 CREATE INDEX IF NOT EXISTS assets_kind_id ON assets(kind, id);
 CREATE INDEX IF NOT EXISTS assets_created ON assets(created_at);
@@ -330,7 +378,7 @@ CREATE TRIGGER IF NOT EXISTS assets_au AFTER UPDATE OF prompt, tags ON assets BE
     INSERT INTO assets_fts(assets_fts, rowid, prompt, tags) VALUES ('delete', old.rowid, old.prompt, old.tags);
     INSERT INTO assets_fts(rowid, prompt, tags) VALUES (new.rowid, new.prompt, new.tags); END;
 """
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the meta column (per-output marks)
 _JOB_ID_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,199}")
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 
@@ -359,8 +407,11 @@ class AssetIndex:
         self._db = sqlite3.connect(path, check_same_thread=False, timeout=30.0, isolation_level=None)
         self._db_lock = threading.RLock()
         self._sync_lock = threading.Lock()
-        self._last_sync = 0.0
+        self._last_sync = 0.0  # monotonic end of the last full sync (0: none yet)
+        self._sync_began = 0.0  # wall clock start of the last full sync's listing
+        self._fresh_at = 0.0  # monotonic end of the last full sync or catch-up
         self._syncer: threading.Thread | None = None
+        self._syncer_lock = threading.Lock()  # not _sync_lock: starting it never waits for a sync
         self._quick_lock = threading.Lock()
         self._note_lock = threading.Lock()
         self._noted: set[str] = set()
@@ -388,47 +439,94 @@ class AssetIndex:
 
     # -- sync -------------------------------------------------------------------------------
 
-    def refresh(self) -> None:
+    def refresh(self, build: bool = True) -> bool:
         """What a search runs first: the quick sync (unfinished jobs: new ones from the
         ``jobs/active/`` markers and from :meth:`note`, and those it holds as unfinished, read
         again). The full sync runs on a background thread every ``sync_interval_s``, started by the
-        first call, which waits for the first full sync (the build); with ``sync_interval_s == 0``
-        every call runs a full sync instead (tests)."""
-        if self.sync_interval_s == 0 or not self._last_sync:
+        first call, which waits for the first full sync (the build), or with ``build=False`` leaves
+        it to that thread and returns False (the caller answers from the records meanwhile). With
+        ``sync_interval_s == 0`` every call runs a full sync instead (tests). True: the index is
+        up to date as described in the module docstring."""
+        if self.sync_interval_s == 0:
             self.sync()
-            if self.sync_interval_s == 0:
-                return
-        if self._syncer is None:
-            with self._sync_lock:
-                if self._syncer is None:
-                    self._syncer = threading.Thread(target=self._sync_forever, name="asset-index-sync", daemon=True)
-                    self._syncer.start()
+            return True
+        if not self._last_sync:
+            if not build:
+                self._start_syncer()
+                return False
+            self.sync()
+        self._start_syncer()
         # its own lock: a search never waits for a full sync running in the background (their
         # writes are upserts of what each read; a record the full sync read before it finished is
         # read again by the next quick sync, as it is then held as unfinished)
         with self._quick_lock:
             self._quick_sync_locked()
+        return True
+
+    def catch_up(self, max_age_s: float = 0.0) -> None:
+        """Make the index hold every job that can name a file made so far (before a delete decides
+        whether a file is shared), without listing every job id: the quick sync, then the jobs made
+        since the last full sync began (less :data:`CLOCK_SKEW_S`), found by listing only the id
+        prefixes of that span. The first call builds the index instead. Skipped when the last full
+        sync or catch-up ended under ``max_age_s`` ago (a retention sweep deleting many jobs)."""
+        if not self._last_sync or self.sync_interval_s == 0:
+            self.sync()
+            return
+        if max_age_s > 0 and time.monotonic() - self._fresh_at <= max_age_s:
+            return
+        since = self._sync_began - CLOCK_SKEW_S
+        self.refresh()
+        new = [i for i in self._recent_ids(since) if i not in self._known and _JOB_ID_RE.fullmatch(i)]
+        self._write_records(self._read_records(new))
+        self._fresh_at = time.monotonic()
+
+    def _recent_ids(self, since: float) -> set[str]:
+        """Ids of the jobs made from ``since`` (epoch seconds) to :data:`CLOCK_SKEW_S` from now: a
+        listing of the one to four ``jobs/job_<time hex>`` prefixes that cover the span (job ids are
+        :func:`storage.keys.new_id`: ``job_`` and 12 hex digits of milliseconds first)."""
+        lo, hi = max(0, int(since * 1000)), int((time.time() + CLOCK_SKEW_S) * 1000)
+        digits = next(d for d in range(12, -1, -1) if (hi >> 4 * (12 - d)) - (lo >> 4 * (12 - d)) < 4)
+        shift = 4 * (12 - digits)
+        prefixes = [f"{JOBS_PREFIX}job_{p:0{digits}x}" if digits else f"{JOBS_PREFIX}job_"
+                    for p in range(lo >> shift, (hi >> shift) + 1)]
+        start = len(JOBS_PREFIX)
+        return {key[start:-5] for prefix in prefixes for key in self.storage.list(prefix, recursive=False)
+                if key.endswith(".json") and "/" not in key[start:]}
 
     def note(self, job_id: str) -> None:
         """A job this process just made: the next quick sync reads it (until it is terminal)."""
         with self._note_lock:
             self._noted.add(job_id)
 
+    def _start_syncer(self) -> None:
+        if self._syncer is None:
+            with self._syncer_lock:
+                if self._syncer is None:
+                    self._syncer = threading.Thread(target=self._sync_forever, name="asset-index-sync", daemon=True)
+                    self._syncer.start()
+
     def _sync_forever(self) -> None:
-        while not self._closed.wait(self.sync_interval_s):
-            try:
-                self.sync()
-            except Exception:  # a storage hiccup: the next pass tries again
-                log.exception("asset index sync failed")
+        while True:
+            if not self._last_sync or time.monotonic() - self._last_sync >= self.sync_interval_s:
+                try:
+                    self.sync()
+                except Exception:  # a storage hiccup: the next pass tries again
+                    log.exception("asset index sync failed")
+            if self._closed.wait(self.sync_interval_s):
+                return
 
     def _quick_sync_locked(self) -> None:
         with self._note_lock:
             noted, self._noted = self._noted, set()
         new = [i for i in self.jobs.active_ids() if i not in self._known]
         to_read = sorted({*new, *noted, *self._unfinished})
-        if not to_read:
+        if to_read:
+            self._write_records(self._read_records(to_read))
+        # a new job's meta (tagged before this index saw it) comes with the next full sync
+
+    def _write_records(self, records: dict[str, tuple[JobRecord, int] | None]) -> None:
+        if not records:
             return
-        records = self._read_records(to_read)
         with self._db_lock:
             self._db.execute("BEGIN")
             try:
@@ -442,7 +540,6 @@ class AssetIndex:
                 self._db.execute("ROLLBACK")
                 self._reload_known()
                 raise
-        # a new job's meta (tagged before this index saw it) comes with the next full sync
 
     def sync(self) -> dict[str, int]:
         """Bring the index up to the records and the meta; returns counts of what changed."""
@@ -450,7 +547,7 @@ class AssetIndex:
             return self._sync_locked()
 
     def _sync_locked(self) -> dict[str, int]:
-        started = time.monotonic()
+        started, began = time.monotonic(), time.time()
         listed = self._listed_ids()
         gone = [i for i in self._known if i not in listed]
         to_read = [i for i in listed if (i not in self._known and _JOB_ID_RE.fullmatch(i)) or i in self._unfinished]
@@ -479,7 +576,8 @@ class AssetIndex:
                 # what this process knows may now be ahead of the database: start again next time
                 self._reload_known()
                 raise
-        self._last_sync = time.monotonic()
+        self._last_sync = self._fresh_at = time.monotonic()
+        self._sync_began = began
         counts = {"listed": len(listed), "read": len(records), "removed": len(gone),
                   "meta": len(metas) + len(meta_dropped)}
         log.debug("asset index sync in %.3f s: %s", self._last_sync - started, counts)
@@ -549,11 +647,13 @@ class AssetIndex:
             self._unfinished.add(record.id)
 
     def _set_meta(self, job_id: str, meta: AssetMeta, version: str | None) -> None:
-        self._db.execute("UPDATE assets SET tags=?, favorite=?, meta_version=? WHERE id=?",
-                         ("\x1f".join(meta.tags), int(meta.favorite), version, job_id))
+        tags = meta.all_tags  # the job is found by its own tags and its outputs'
+        self._db.execute("UPDATE assets SET tags=?, favorite=?, meta_version=?, meta=? WHERE id=?",
+                         ("\x1f".join(tags), int(meta.any_favorite), version,
+                          meta.model_dump_json(exclude={"updated_at"}), job_id))
         self._db.execute("DELETE FROM asset_tags WHERE id=?", (job_id,))
         self._db.executemany("INSERT OR IGNORE INTO asset_tags (tag, id) VALUES (?, ?)",
-                             [(t, job_id) for t in meta.tags])
+                             [(t, job_id) for t in tags])
         if version is None or job_id not in self._known:  # not indexed yet: the sync reads its meta then
             self._meta_known.pop(job_id, None)
         else:
@@ -583,18 +683,23 @@ class AssetIndex:
     # -- reads --------------------------------------------------------------------------------
 
     def search(self, query: AssetQuery) -> list[dict[str, Any]]:
-        """Newest first, at most ``query.limit``: rows with ``record`` (the JobRecord JSON), ``tags``,
-        ``favorite`` and ``bytes``."""
+        """Newest first, at most ``query.limit``: rows with ``record`` (the JobRecord JSON), ``meta``
+        (its :class:`AssetMeta`), ``tags`` and ``favorite`` (the job's own) and ``bytes``. A
+        ``favorite`` or ``tag`` query matches the job's own marks or any output's."""
         where, params = self._where(query)
         if query.after is not None:
             where.append("a.id < ?")
             params.append(query.after)
-        sql = (f"SELECT a.record, a.tags, a.favorite, a.bytes FROM assets a WHERE {' AND '.join(where) or '1'} "
+        sql = (f"SELECT a.record, a.meta, a.bytes FROM assets a WHERE {' AND '.join(where) or '1'} "
                "ORDER BY a.id DESC LIMIT ?")
         with self._db_lock:
             rows = self._db.execute(sql, [*params, query.limit]).fetchall()
-        return [{"record": json.loads(r[0]), "tags": r[1].split("\x1f") if r[1] else [], "favorite": bool(r[2]),
-                 "bytes": r[3]} for r in rows]
+        out = []
+        for record, meta_json, size in rows:
+            meta = AssetMeta.model_validate_json(meta_json) if meta_json else AssetMeta()
+            out.append({"record": json.loads(record), "meta": meta, "tags": meta.tags, "favorite": meta.favorite,
+                        "bytes": size})
+        return out
 
     def _where(self, query: AssetQuery) -> tuple[list[str], list[Any]]:
         where: list[str] = []
@@ -630,7 +735,7 @@ class AssetIndex:
         return where, params
 
     def stats(self, owner: str | None, all_owners: bool) -> dict[str, dict[str, int]]:
-        """Per job kind: jobs, outputs, bytes of their files, favourites."""
+        """Per job kind: jobs, outputs, bytes of their files, favourites (jobs with a favourite output)."""
         where, params = self._where(AssetQuery(owner=owner, all_owners=all_owners))
         sql = ("SELECT kind, COUNT(*), SUM(outputs), SUM(bytes), SUM(favorite) FROM assets a "
                f"WHERE {' AND '.join(where) or '1'} GROUP BY kind ORDER BY kind")
@@ -700,13 +805,12 @@ class DeleteReport(BaseModel):
 
 
 def delete_job_assets(index: AssetIndex, record: JobRecord, max_staleness_s: float = 0.0) -> DeleteReport:
-    """Delete a finished job's files, meta and record; a file another job names stays (see module doc).
-    The index is synced first unless its last full sync is under ``max_staleness_s`` old (a
-    retention sweep deleting many jobs does not list every record for each)."""
+    """Delete a finished job's files, meta and record, and drop just that job from the index; a file
+    another job names stays (see module doc). The index catches up first (:meth:`AssetIndex.catch_up`,
+    not a listing of every job), unless it did under ``max_staleness_s`` ago (a retention sweep)."""
     if not record.is_terminal:
         raise ValueError(f"job {record.id} is {record.status}; cancel it and delete it once it has stopped")
-    if max_staleness_s <= 0 or time.monotonic() - index._last_sync > max_staleness_s:
-        index.sync()  # every job made so far is in the inputs table
+    index.catch_up(max_staleness_s)  # every job that can name these files is in the inputs table
     report = DeleteReport(id=record.id)
     for key in sorted(output_keys(record)):
         (report.kept if index.referencing(key, exclude=[record.id]) else report.deleted).append(key)
@@ -789,7 +893,7 @@ class Retention:
         if record.created_at >= now - rule.max_age_days * 86400.0:
             return None
         meta, _ = self.index.meta.get(job_id)
-        if (rule.keep_favorites and meta.favorite) or (rule.keep_tagged and meta.tags):
+        if (rule.keep_favorites and meta.any_favorite) or (rule.keep_tagged and meta.all_tags):
             return None
         return record
 

@@ -7,12 +7,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.jobs.protocol import JobView
+from api.jobs.protocol import JobOutputView, JobView
+
+
+class AssetOutputView(JobOutputView):
+    tags: list[str] = Field(default_factory=list, description="This output's own tags.")
+    favorite: bool = Field(False, description="A favourite: this output, or its whole job.")
 
 
 class AssetView(JobView):
-    tags: list[str] = Field(default_factory=list)
-    favorite: bool = False
+    outputs: list[AssetOutputView] = []
+    tags: list[str] = Field(default_factory=list, description="The job's own tags (each output has its own too).")
+    favorite: bool = Field(False, description="The whole job is a favourite (each output says whether it is one).")
     bytes: int = Field(0, description="Bytes of the job's files (counted when the index read it).")
 
 
@@ -24,11 +30,14 @@ class AssetList(BaseModel):
 
 
 class AssetEditRequest(BaseModel):
-    """Any of: the whole tag list, tags to add or remove, the favourite flag."""
+    """Any of: the whole tag list, tags to add or remove, the favourite flag; of the job, or of one
+    output with `output`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tags: list[str] | None = Field(None, max_length=20, description="Replaces the job's tags.")
+    output: int | None = Field(None, ge=0, description="Edit this output's tags and favourite (its index in the "
+                                                       "job's outputs) instead of the job's.")
+    tags: list[str] | None = Field(None, max_length=20, description="Replaces the tags.")
     add_tags: list[str] = Field(default_factory=list, max_length=20)
     remove_tags: list[str] = Field(default_factory=list, max_length=20)
     favorite: bool | None = None
@@ -38,7 +47,7 @@ class KindStats(BaseModel):
     jobs: int
     outputs: int
     bytes: int
-    favorites: int
+    favorites: int = Field(description="Jobs that are, or have an output that is, a favourite.")
 
 
 class AssetStats(BaseModel):

@@ -15,7 +15,7 @@ from api.assets.protocol import (AssetEditRequest, AssetList, AssetStats, AssetV
 from api.auth import PermissionDeniedError, caller
 from api.jobs.service import JobsService
 from deployments.errors import ConflictError, InvalidRequestError
-from storage.assets import (AssetIndex, AssetMeta, AssetQuery, AssetsConfig, Retention, check_tag,
+from storage.assets import (AssetIndex, AssetMarks, AssetMeta, AssetQuery, AssetsConfig, Retention, check_tag,
                             default_index_path, delete_job_assets, last_retention_report)
 from storage.jobs import JobRecord
 
@@ -53,34 +53,46 @@ class AssetsService:
                            after=after, limit=limit + 1)
         self.index.refresh()
         rows = self.index.search(query)
-        views = [self._view(JobRecord.model_validate(r["record"]), r["tags"], r["favorite"], r["bytes"], base_url)
+        views = [self._view(JobRecord.model_validate(r["record"]), r["meta"], r["bytes"], base_url)
                  for r in rows[:limit]]
         return AssetList(data=views, has_more=len(rows) > limit, last_id=views[-1].id if views else None)
 
-    def _view(self, record: JobRecord, tags: list[str], favorite: bool, size: int, base_url: str) -> AssetView:
+    def _view(self, record: JobRecord, meta: AssetMeta, size: int, base_url: str) -> AssetView:
         data = self.jobs.view(record, base_url).model_dump()
-        return AssetView(**data, tags=tags, favorite=favorite, bytes=size)
+        for i, output in enumerate(data["outputs"]):
+            output.update(meta.output(i).model_dump())
+        return AssetView(**data, tags=meta.tags, favorite=meta.favorite, bytes=size)
 
     # -- one asset -----------------------------------------------------------------------------
 
     def get(self, job_id: str, base_url: str) -> AssetView:
         record = self.jobs.get(job_id)  # 404 for another tenant's
         meta, _ = self.index.meta.get(record.id)
-        return self._view(record, meta.tags, meta.favorite, 0, base_url)
+        return self._view(record, meta, 0, base_url)
 
     def edit(self, job_id: str, edit: AssetEditRequest, base_url: str) -> AssetView:
+        """Edit the job's marks, or output ``edit.output``'s (un-favouriting one output of a
+        favourite job leaves its other outputs favourites)."""
         record = self.jobs.get(job_id)
         meta, _ = self.index.meta.get(record.id)
-        tags = list(meta.tags) if edit.tags is None else [_tag(t, f"tags.{i}") for i, t in enumerate(edit.tags)]
+        if edit.output is not None and edit.output >= len(record.outputs):
+            raise InvalidRequestError(f"job {record.id} has {len(record.outputs)} outputs; output is an index "
+                                      "into them", "output")
+        marks = meta if edit.output is None else meta.output(edit.output)
+        tags = list(marks.tags) if edit.tags is None else [_tag(t, f"tags.{i}") for i, t in enumerate(edit.tags)]
         tags += [_tag(t, f"add_tags.{i}") for i, t in enumerate(edit.add_tags)]
         removed = {_tag(t, f"remove_tags.{i}") for i, t in enumerate(edit.remove_tags)}
         try:
-            new = AssetMeta(tags=[t for t in tags if t not in removed],
-                            favorite=meta.favorite if edit.favorite is None else edit.favorite)
+            new = AssetMarks(tags=[t for t in tags if t not in removed],
+                             favorite=marks.favorite if edit.favorite is None else edit.favorite)
         except ValidationError as exc:
             raise InvalidRequestError(f"too many tags: {exc.errors()[0]['msg']}", "tags") from None
-        self.index.put_meta(record.id, new)
-        return self._view(record, new.tags, new.favorite, 0, base_url)
+        if edit.output is None:
+            meta = AssetMeta(tags=new.tags, favorite=new.favorite, outputs=meta.outputs)
+        else:
+            meta = meta.with_output(edit.output, new, len(record.outputs))
+        self.index.put_meta(record.id, meta)
+        return self._view(record, meta, 0, base_url)
 
     def delete(self, job_id: str, scopes: frozenset[str] | set[str]) -> JobDeleted:
         """A finished job, its files and its tags; shared inputs stay while another job uses them."""
@@ -134,4 +146,5 @@ class AssetsService:
 def build_assets_service(storage: Any, jobs: JobsService, config: AssetsConfig) -> AssetsService:
     index = AssetIndex(storage, default_index_path(storage, config.index_dir, "ingress"), config.sync_interval_s)
     jobs.on_create.append(index.note)  # a job made here is in this replica's next search
+    jobs.index = index  # GET /v1/jobs lists from it
     return AssetsService(index, jobs, config)

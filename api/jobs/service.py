@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -15,6 +16,7 @@ from api.ratelimit import NO_RATE_LIMITS, RateLimitedError, RateLimiter
 from deployments.errors import ConflictError, NotFoundError, OverloadedError
 from graphs.job_runner import JobQueueConfig, new_task_id, send_job
 from graphs.payloads import JobPayload, replay_payload, replay_seed_missing
+from storage.assets import AssetIndex, AssetQuery
 from storage.jobs import TERMINAL_STATUSES, JobNotFoundError, JobRecord, JobStore
 
 logger = logging.getLogger("ray.serve")
@@ -61,6 +63,7 @@ class JobsService:
         self._streams: dict[str, list[float]] = {}  # open event streams per API key (when each ends), here
         self.replay_checks: dict[str, ReplayCheck] = {}  # by job kind; see ReplayCheck
         self.on_create: list[Callable[[str], None]] = []  # told each new job's id (the asset index)
+        self.index: AssetIndex | None = None  # the asset index, when the ingress has one: the listing uses it
 
     def submit(self, payload: JobPayload, stages: list[str] | None = None) -> JobRecord:
         """Durably record a job (its kind and the payload as stored JSON) and enqueue it; 503 when the
@@ -139,9 +142,22 @@ class JobsService:
         return JobView.model_validate(data)
 
     def list(self, base_url: str, limit: int, after: str | None, status: str | None, kind: str | None) -> JobList:
+        """Newest first, the caller's own (admin: all). From the asset index once it is built (a
+        job made *and* finished on another replica shows up within its ``sync_interval_s``);
+        otherwise, or if the local index fails, from the records (``JobStore.list``)."""
         who = caller()
-        records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind,
-                                 visible=None if who.admin else (lambda r: who.sees(r.owner)))
+        records = None
+        if self.index is not None:
+            try:
+                if self.index.refresh(build=False):
+                    rows = self.index.search(AssetQuery(status=status, kind=kind, owner=who.owner,
+                                                        all_owners=who.admin, after=after, limit=limit + 1))
+                    records = [JobRecord.model_validate(row["record"]) for row in rows]
+            except sqlite3.Error:
+                logger.exception("job listing from the asset index failed; listing the records")
+        if records is None:
+            records = self.jobs.list(limit=limit + 1, after=after, status=status, kind=kind,
+                                     visible=None if who.admin else (lambda r: who.sees(r.owner)))
         views = [self.view(r, base_url) for r in records[:limit]]
         return JobList(data=views, has_more=len(records) > limit, last_id=views[-1].id if views else None)
 

@@ -12,7 +12,7 @@ import pytest
 from api.auth import PermissionDeniedError
 from graphs.job_runner import JobRunnerDeployment
 from storage.assets import AssetIndex, AssetQuery, Retention, RetentionConfig
-from storage.jobs import JobOutput
+from storage.jobs import JobOutput, JobStore
 from storage.keys import output_key
 from tests.keyed_app import keyed_app, png
 
@@ -148,6 +148,86 @@ def test_tags_and_favourites(app, tmp_path):
     assert error_param(client.put(url, headers=bearer("bob"), json={"favorite": True}), 404) == "job_id"
     assert error_param(client.get(url, headers=bearer("bob")), 404) == "job_id"
     assert client.put(url, headers=bearer("viewer"), json={"favorite": True}).status_code == 403
+
+
+def test_favourites_and_tags_of_one_output(app):
+    """An n=2 job: one output favourited and tagged alone; search, stats and retention see the job."""
+    client = app.client
+    pair, keys = make_job(app, "alice", "two boats", outputs=2, age_days=40)
+    single, _ = make_job(app, "alice", "one boat", age_days=40)
+    url = f"/v1/jobs/{pair}/asset"
+    edited = client.put(url, headers=bearer("alice"), json={"output": 1, "favorite": True, "add_tags": ["Pick"]})
+    assert edited.status_code == 200, edited.text
+    view = client.get(url, headers=bearer("alice")).json()
+    assert [(o["key"], o["favorite"], o["tags"]) for o in view["outputs"]] == [(keys[0], False, []),
+                                                                                (keys[1], True, ["pick"])]
+    assert view["favorite"] is False and view["tags"] == []  # the job's own marks are untouched
+
+    def search(**params):
+        return client.get("/v1/assets", headers=bearer("alice"), params=params).json()["data"]
+
+    [found] = search(favorite="true")  # a job with any favourite output
+    assert found["id"] == pair and [o["favorite"] for o in found["outputs"]] == [False, True]
+    assert [a["id"] for a in search(favorite="false")] == [single]
+    assert [a["id"] for a in search(tag="pick")] == [pair] and [a["id"] for a in search(q="pick")] == [pair]
+    assert client.get("/v1/assets/stats", headers=bearer("alice")).json()["total"]["favorites"] == 1
+    # the per-job form still works: a favourite job is every output a favourite ...
+    client.put(url, headers=bearer("alice"), json={"favorite": True})
+    assert [o["favorite"] for o in client.get(url, headers=bearer("alice")).json()["outputs"]] == [True, True]
+    # ... and un-favouriting one output of it leaves the other a favourite
+    view = client.put(url, headers=bearer("alice"), json={"output": 1, "favorite": False}).json()
+    assert view["favorite"] is False and [o["favorite"] for o in view["outputs"]] == [True, False]
+    assert view["outputs"][1]["tags"] == ["pick"]
+    # retention keeps a job with a favourite output, planning from the index and re-reading its meta
+    policy = RetentionConfig.model_validate({"dry_run": False, "kinds": {"images.generations": {"max_age_days": 30}}})
+    retention = Retention(app.services.assets.index, policy)
+    assert [j["id"] for j in retention.run(dry_run=True).jobs] == [single]
+    assert retention._still_due(pair, time.time()) is None and retention._still_due(single, time.time())
+    # bad inputs name the field
+    assert error_param(client.put(url, headers=bearer("alice"), json={"output": 2, "favorite": True})) == "output"
+    assert error_param(client.put(url, headers=bearer("alice"), json={"output": -1, "favorite": True})) == "output"
+
+
+def test_the_job_listing_answers_from_the_index(app, monkeypatch, tmp_path):
+    """GET /v1/jobs: the same pages (filters, `after`, tenants) from the index as from the records,
+    and the records while the index is not built or fails."""
+    client, jobs = app.client, app.services.jobs
+    made = [make_job(app, "alice", f"a{i}", kind="images.upscale" if i % 3 == 0 else "images.generations",
+                     status="failed" if i % 4 == 0 else "completed")[0] for i in range(7)]
+    make_job(app, "bob", "bob's")
+    app.store.create("images.generations", {"sdxl": {"prompt": "queued"}}, owner="alice")
+    cases = [("alice", {}), ("alice", {"limit": 2}), ("alice", {"limit": 2, "after": made[4]}),
+             ("alice", {"status": "failed"}), ("alice", {"kind": "images.upscale", "limit": 1}),
+             ("alice", {"status": "queued"}), ("bob", {}), ("root", {"limit": 4}), ("viewer", {})]
+
+    def pages() -> list[dict]:
+        out = []
+        for who, params in cases:
+            response = client.get("/v1/jobs", headers=bearer(who), params=params)
+            assert response.status_code == 200, response.text
+            out.append(response.json())
+        return out
+
+    index, jobs.index = jobs.index, None
+    from_records = pages()
+    assert [j["id"] for j in from_records[1]["data"]] != [] and from_records[1]["has_more"]
+    jobs.index = index
+    listed = []
+    real_list = JobStore.list
+    monkeypatch.setattr(JobStore, "list", lambda *a, **k: listed.append(1) or real_list(*a, **k))
+    assert pages() == from_records and not listed  # every page from the index
+    # a replica's first listing does not wait for the build: the records answer until it is done
+    fresh = AssetIndex(app.storage, str(tmp_path / "fresh.sqlite"), sync_interval_s=3600)
+    jobs.index = fresh
+    assert pages() == from_records and listed
+    deadline = time.monotonic() + 30
+    while not fresh._last_sync and time.monotonic() < deadline:
+        time.sleep(0.05)
+    listed.clear()
+    assert pages() == from_records and not listed
+    # a broken local index: the records answer
+    fresh.close()
+    assert pages() == from_records and listed
 
 
 def test_delete_keeps_a_shared_input_while_anything_uses_it(app):

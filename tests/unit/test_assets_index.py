@@ -3,7 +3,9 @@ sees of jobs made, finished, tagged and deleted by another, and a rebuild from n
 
 from __future__ import annotations
 
-from storage.assets import AssetIndex, AssetMeta, AssetQuery, fts_query
+import time
+
+from storage.assets import AssetIndex, AssetMeta, AssetQuery, delete_job_assets, fts_query
 from storage.fs import Storage
 from storage.jobs import JobStore
 
@@ -54,3 +56,36 @@ def test_a_replica_sees_another_replicas_jobs_edits_and_deletes(tmp_path):
 def test_text_queries_are_words_as_prefixes():
     assert fts_query('light "house" OR -x') == '"light"* AND "house"* AND "or"* AND "x"*'
     assert fts_query("  ¿? ") is None
+
+
+def test_a_delete_drops_one_job_without_listing_every_job(tmp_path, monkeypatch):
+    """A delete catches the index up on the recent job ids only; a job another replica made and
+    finished since the last full sync still keeps the input it shares."""
+    storage = Storage(str(tmp_path / "storage"))
+    store = JobStore(storage)
+    upload = storage.put_bytes("uploads/upload_0123456789ab01234567/image", b"img")
+    old = store.create("images.edits", {"image_key": upload}, owner="alice")
+    store.update(old.id, status="completed")
+    index = AssetIndex(storage, str(tmp_path / "a.sqlite"), sync_interval_s=3600)
+    assert ids(index) == [old.id]  # built
+    replay = store.create("images.edits", {"image_key": upload}, owner="alice")  # on another replica
+    store.update(replay.id, status="completed")
+
+    def full_listing():
+        raise AssertionError("a delete listed every job id")
+
+    monkeypatch.setattr(index, "_listed_ids", full_listing)
+    report = delete_job_assets(index, store.get(old.id))
+    assert upload not in report.deleted and storage.exists(upload)  # the replay uses it
+    assert ids(index) == [replay.id]  # the deleted job left the index, the replay came in
+    assert delete_job_assets(index, store.get(replay.id)).deleted == [upload] and not storage.exists(upload)
+
+
+def test_recent_job_ids_are_listed_by_time_prefix(tmp_path):
+    storage = Storage(str(tmp_path / "storage"))
+    store = JobStore(storage)
+    made = {store.create("images.generations", {}).id for _ in range(3)}
+    storage.put_json("jobs/job_000000000001aaaaaaaa.json", {})  # made in 1970
+    index = AssetIndex(storage, str(tmp_path / "a.sqlite"), sync_interval_s=3600)
+    assert index._recent_ids(time.time() - 60) == made
+    assert index._recent_ids(0) == {*made, "job_000000000001aaaaaaaa"}

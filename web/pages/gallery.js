@@ -1,6 +1,7 @@
 // Gallery: completed jobs' images and videos with their lineage, searched from the asset index
-// (GET /v1/assets: prompt words, kind, model, LoRA, tag, favourites, dates), tags and favourites
-// (PUT /v1/jobs/{id}/asset), delete (DELETE /v1/jobs/{id}), storage by kind (GET /v1/assets/stats),
+// (GET /v1/assets: prompt words, kind, model, LoRA, tag, favourites, dates), tags and favourites of
+// each output, i.e. each card (PUT /v1/jobs/{id}/asset with `output`), delete (DELETE /v1/jobs/{id}),
+// storage by kind (GET /v1/assets/stats),
 // reuse of a job's settings, and adding selected images to a dataset (POST /v1/datasets/{id}/imports).
 
 import { api } from "../api.js";
@@ -10,6 +11,7 @@ import {
 
 const PAGE_SIZE = 50;
 let after = null; // the `after` cursor of the next page
+let shown = {}; // the filters of the shown pages: a job matches by any output, a card only by its own
 const KINDS = [["", "Any kind"], ["images.generations", "Text to image"], ["images.edits", "Image edits"],
   ["images.upscale", "Upscales"], ["images.text_to_image_hd", "HD images"], ["videos.image_to_video", "Image to video"],
   ["videos.text_to_video", "Text to video"], ["workflows.run", "Workflow runs"]];
@@ -120,10 +122,13 @@ async function load(first) {
   const grid = $("#gallery-grid");
   const more = $("#gallery-more");
   clearError($("#gallery-error"));
-  if (first) after = null;
+  if (first) {
+    after = null;
+    shown = filters();
+  }
   more.disabled = true;
   try {
-    const page = await api("GET", "/v1/assets", { query: { status: "completed", limit: PAGE_SIZE, after, ...filters() } });
+    const page = await api("GET", "/v1/assets", { query: { status: "completed", limit: PAGE_SIZE, after, ...shown } });
     const cards = page.data.flatMap(cardsOf);
     if (first) {
       revokeBlobs(grid);
@@ -189,12 +194,19 @@ function reuseRoute(job) {
   return null;
 }
 
+/** Whether an output's card matches the favourite and tag filters (the job matched by any output). */
+function cardMatches(job, output) {
+  return (!shown.favorite || output.favorite) &&
+    (!shown.tag || job.tags.includes(shown.tag) || output.tags.includes(shown.tag));
+}
+
 function cardsOf(job) {
-  const shown = job.outputs.filter((o) => /^(image|video)\//.test(o.content_type) && o.extra?.role !== "thumbnail");
+  const media = job.outputs.filter((o) => /^(image|video)\//.test(o.content_type) && o.extra?.role !== "thumbnail");
   // A video job stores its poster (SVD's first frame) as a separate "thumbnail" output.
   const poster = job.outputs.find((o) => o.extra?.role === "thumbnail") || null;
   const reuse = reuseRoute(job);
-  return shown.map((output, i) => {
+  return media.filter((output) => cardMatches(job, output)).map((output) => {
+    const i = job.outputs.indexOf(output); // the output's index: its tags and favourite are its own
     const isVideo = output.content_type.startsWith("video/");
     const info = lineageOf(job, output);
     const rows = [["Prompt", info.prompt], ["Kind", info.kind], ["Node", info.node], ["Model", info.model],
@@ -202,7 +214,8 @@ function cardsOf(job) {
       ["FPS", info.fps], ["Seconds", info.seconds], ["Upscaled", info.upscaled], ["Steps", info.steps],
       ["Seed", info.seed], ["Made", formatTime(job.finished_at)]];
     const checkId = `gallery-check-${job.id}-${i}`;
-    return el("article", { class: isVideo ? "card video" : "card", dataset: { job: job.id, kind: isVideo ? "video" : "image" } },
+    return el("article", { class: isVideo ? "card video" : "card",
+      dataset: { job: job.id, output: String(i), kind: isVideo ? "video" : "image" } },
       outputFigure(output, "", { poster: isVideo ? poster : null }),
       // Datasets hold images only, so a video has nothing to select.
       isVideo ? null : el("div", { class: "check" },
@@ -210,7 +223,7 @@ function cardsOf(job) {
         el("label", { for: checkId }, "Select")),
       el("dl", { class: "lineage" }, ...rows.filter(([, v]) => v !== undefined && v !== null && v !== "")
         .flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, String(v))])),
-      assetControls(job),
+      assetControls(job, i),
       reuse
         ? el("button", { type: "button", class: "reuse", onclick: () => { location.hash = reuse; } }, "Reuse settings")
         : null,
@@ -252,36 +265,40 @@ async function addToDataset() {
   }
 }
 
-// --- tags, favourite, delete (one job: every card of its outputs shows the same) -------------------
+// --- tags and favourite of one output (its card), delete of the whole job -------------------------
 
 function cardsOfJob(id) {
   return [...document.querySelectorAll("#gallery-grid .card")].filter((c) => c.dataset.job === id);
 }
 
-function assetControls(job) {
+/** A card's controls: output `index`'s favourite and tags (with the job's own tags, if any). */
+function assetControls(job, index) {
   const tagList = el("ul", { class: "tags", "aria-label": "Tags" });
-  const renderTags = (tags) => tagList.replaceChildren(...tags.map((tag) => el("li", { class: "tag" }, tag,
-    el("button", { type: "button", class: "tag-remove", "aria-label": `Remove tag ${tag}`,
-      onclick: () => edit(job, { remove_tags: [tag] }) }, "×"))));
-  renderTags(job.tags || []);
+  const star = el("button", { type: "button", class: "favorite",
+    title: "Favourite (the retention policy keeps its job)",
+    onclick: () => edit(job, { output: index, favorite: !job.outputs[index].favorite }) });
   const input = el("input", { class: "tag-input", type: "text", maxlength: 40, placeholder: "add a tag", "aria-label": "New tag" });
-  const star = el("button", { type: "button", class: "favorite", "aria-pressed": String(!!job.favorite),
-    title: "Favourite (kept by the retention policy)", onclick: () => edit(job, { favorite: !job.favorite }) },
-  job.favorite ? "★ Favourite" : "☆ Favourite");
   const remove = el("button", { type: "button", class: "delete danger", onclick: () => removeJob(job, remove) }, "Delete");
   const controls = el("div", { class: "asset-controls" }, star, tagList,
     el("form", { class: "tag-form", onsubmit: (event) => {
       event.preventDefault();
       const tag = input.value.trim();
-      if (tag) edit(job, { add_tags: [tag] }).then((ok) => { if (ok) input.value = ""; });
+      if (tag) edit(job, { output: index, add_tags: [tag] }).then((ok) => { if (ok) input.value = ""; });
     } }, input, el("button", { type: "submit", class: "tag-add" }, "Tag")),
     remove);
   controls.render = (view) => {
-    Object.assign(job, { tags: view.tags, favorite: view.favorite });
-    renderTags(view.tags);
-    star.textContent = view.favorite ? "★ Favourite" : "☆ Favourite";
-    star.setAttribute("aria-pressed", String(view.favorite));
+    Object.assign(job, { tags: view.tags, favorite: view.favorite, outputs: view.outputs });
+    const output = view.outputs[index];
+    // A job tag (set through the API) is on every card of the job; removing it removes it from the job.
+    const tags = [...view.tags.map((tag) => [tag, {}]), ...output.tags.filter((t) => !view.tags.includes(t))
+      .map((tag) => [tag, { output: index }])];
+    tagList.replaceChildren(...tags.map(([tag, where]) => el("li", { class: "tag" }, tag,
+      el("button", { type: "button", class: "tag-remove", "aria-label": `Remove tag ${tag}`,
+        onclick: () => edit(job, { ...where, remove_tags: [tag] }) }, "×"))));
+    star.textContent = output.favorite ? "★ Favourite" : "☆ Favourite";
+    star.setAttribute("aria-pressed", String(output.favorite));
   };
+  controls.render(job);
   return controls;
 }
 
