@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from api.auth import AuthConfig
 from api.fine_tuning.service import FineTuningConfig
+from api.models.service import DEFAULT_MAX_LORA_IMPORT_BYTES
 from api.ratelimit import RateLimitConfig
 from api.security import DEFAULT_ALLOWED_HOSTS, DEFAULT_CSP
 from deployments.llm.contract import GemmaConfig
@@ -24,6 +25,10 @@ class IngressConfig(BaseModel):
     queue: JobQueueConfig
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
     max_upload_pixels: int = Field(4096 * 4096, gt=0)
+    max_lora_import_bytes: int = Field(
+        DEFAULT_MAX_LORA_IMPORT_BYTES, gt=0, description="The largest LoRA file POST /v1/models imports (SDXL LoRAs are "
+                                          "commonly 100-400 MB); past it a 413 naming `file`. It replaces "
+                                          "max_upload_bytes for that route.")
     presign_urls: bool = Field(True, description="With S3 storage, output URLs are presigned S3 URLs.")
     sse_poll_s: float = 0.25
     readiness_timeout_s: float = Field(5.0, gt=0)

@@ -121,7 +121,7 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        limit = allowed = self.limit_of()
+        limit = allowed = self.limit_of(scope)
         if headers.get(b"content-type", b"").startswith(b"multipart/form-data"):
             # max_upload_bytes is per file (Uploads.read checks it exactly); boundaries, part headers
             # and the small form fields come on top, so a file of exactly the limit still fits.
@@ -129,7 +129,7 @@ class BodySizeLimitMiddleware:
         path = scope.get("path", "")
         param = ("image" if path.endswith(("/images/edits", "/images/upscale"))
                  else "input_reference" if path.endswith("/v1/videos")
-                 else "files" if path.endswith("/images") else "body")
+                 else "files" if path.endswith("/images") else "file" if path == "/v1/models" else "body")
         declared = headers.get(b"content-length")
         if declared and declared.isdigit() and int(declared) > allowed:
             return await self._refuse(scope, receive, send, int(declared), limit, param)

@@ -69,7 +69,15 @@ def create_app(services: Services | None = None, api_keys: list | None = None,
         return app.router.routes
 
     app.state.max_body_bytes = max_body_bytes
-    app.add_middleware(BodySizeLimitMiddleware, limit_of=lambda: app.state.max_body_bytes)
+
+    def body_limit(scope) -> int:
+        """max_upload_bytes per file, except a LoRA import (POST /v1/models): its own bound."""
+        models = getattr(app.state, "models", None)
+        if scope.get("method") == "POST" and scope.get("path") == "/v1/models" and models is not None:
+            return models.max_import_bytes
+        return app.state.max_body_bytes
+
+    app.add_middleware(BodySizeLimitMiddleware, limit_of=body_limit)
     app.add_middleware(MediaTypeMiddleware, routes_of=routes)
     app.state.api_keys = api_keys
     app.add_middleware(AuthMiddleware, keys_of=lambda: app.state.api_keys, routes_of=routes,

@@ -119,7 +119,8 @@ def build_services(config: IngressConfig, handles: dict[str, DeploymentHandle], 
     rate = RateLimiter(config.rate_limits)
     jobs = JobsService(store, queue, config.queue, files, config.sse_poll_s, rate=rate,
                        sse_max_lifetime_s=config.sse_max_lifetime_s, sse_max_per_key=config.sse_max_per_key)
-    models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s)
+    models = ModelsService(handles, limits, LoraRegistry(storage), config.readiness_timeout_s,
+                           max_import_bytes=config.max_lora_import_bytes)
     llm = config.llm
     if config.moderation.enabled and "llm" not in handles:  # fail closed: a policy that cannot be checked
         raise ValueError("moderation is enabled but no language model (llm) is deployed to check it")

@@ -36,8 +36,9 @@ class Uploads:
         self.max_upload_pixels = max_upload_pixels
         self.readable = readable  # whether the caller may read a stored output (FilesService.readable)
 
-    async def read(self, upload: UploadFile, param: str) -> bytes:
-        limit = self.max_upload_bytes
+    async def read(self, upload: UploadFile, param: str, limit: int | None = None) -> bytes:
+        """The file's bytes; 413 naming `param` past `limit` (default: max_upload_bytes)."""
+        limit = limit or self.max_upload_bytes
         if upload.size is not None and upload.size > limit:
             raise PayloadTooLargeError(f"{param} is {upload.size} bytes, over the limit of {limit} bytes", param)
         data = await upload.read(limit + 1)

@@ -1,5 +1,5 @@
 """Presets users make: image styles (a prompt template, negative prompt, size, steps, guidance,
-category) and video settings (frames, rate, motion, size, steps), one JSON record each, per owner.
+category) and video settings (length in seconds or frames, rate, motion, size, steps), one JSON record each, per owner.
 
     presets/<owner tag or "_local">/<name>.json
 
@@ -37,6 +37,9 @@ class Preset(BaseModel):
     # video: motion
     seconds: float | None = Field(None, gt=0, le=60)
     fps: int | None = Field(None, ge=1, le=60)
+    num_frames: int | None = Field(None, ge=1, le=3600, description=(
+        "Video presets: the length in frames (one clip: up to the model's max_num_frames), instead of "
+        "seconds; with both, seconds x fps must round to it."))
     motion_bucket_id: int | None = Field(None, ge=0, le=255)
     noise_aug_strength: float | None = Field(None, ge=0, le=1)
     owner: str | None = None
@@ -53,8 +56,8 @@ class Preset(BaseModel):
             raise ValueError("a preset's prompt template must contain {prompt}")
         return prompt
 
-    @field_validator("prompt", "negative_prompt", "guidance_scale", "seconds", "fps", "motion_bucket_id",
-                     "noise_aug_strength")
+    @field_validator("prompt", "negative_prompt", "guidance_scale", "seconds", "fps", "num_frames",
+                     "motion_bucket_id", "noise_aug_strength")
     @classmethod
     def _of_its_kind(cls, value, info: ValidationInfo):
         kind = info.data.get("kind")
@@ -62,6 +65,19 @@ class Preset(BaseModel):
         if value is not None and kind is not None and (kind == "image") != image_only:
             raise ValueError(f"{info.field_name} is not a setting of a {kind} preset")
         return value
+
+    @field_validator("num_frames")
+    @classmethod
+    def _agrees_with_seconds(cls, num_frames: int | None, info: ValidationInfo) -> int | None:
+        seconds, fps = info.data.get("seconds"), info.data.get("fps")
+        if num_frames is None or seconds is None:
+            return num_frames
+        if fps is None:
+            raise ValueError("give either seconds or num_frames; with both, give fps too so that they can agree")
+        if round(seconds * fps) != num_frames:
+            raise ValueError(f"{num_frames} frames disagree with seconds={seconds:g} at {fps} fps "
+                             f"({round(seconds * fps)} frames); give one of them, or matching values")
+        return num_frames
 
     def apply(self, prompt: str) -> str:
         return (self.prompt or "{prompt}").replace("{prompt}", prompt)

@@ -291,6 +291,10 @@ class LoraRegistry:
             raise LoraNotFoundError(f"no LoRA named {name!r} is registered", "name") from None
         return LoraRecord.model_validate(data)
 
+    def is_registered(self, name: str, version: int) -> bool:
+        """Whether that version is registered now (False once it is deleted): one existence check."""
+        return self.storage.exists(self.manifest_key(name, version))
+
     def resolve(self, ref: str, param: str = "lora") -> LoraRecord:
         """The record a ``name`` / ``name:version`` reference means; errors name ``param``."""
         name, version = parse_lora_ref(ref, param)

@@ -49,8 +49,9 @@ async def import_model(
     models: ModelsService = Depends(models_service),
 ) -> ModelCard:
     """Import an external LoRA: converted through diffusers' loaders, checked against the base
-    model's layers, registered with a manifest that records its source. Usable at once."""
-    data = await request.app.state.uploads.read(file, "file")
+    model's layers, registered with a manifest that records its source. Usable at once. The file
+    may be up to `ingress.max_lora_import_bytes` (413 naming `file` past it)."""
+    data = await request.app.state.uploads.read(file, "file", limit=models.max_import_bytes)
     return await models.import_lora(data, name, file.filename, trigger_word, description, public)
 
 

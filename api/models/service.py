@@ -12,8 +12,9 @@ from api.models.protocol import ModelCard, ModelList
 from deployments.errors import AtelierError, ConflictError, InvalidRequestError
 from deployments.llm.contract import GemmaLimits
 from deployments.sdxl.contract import SDXLLimits
+from deployments.sdxl.lora import bad_lora_reference, unknown_lora
 from deployments.styles import StylePreset
-from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError
+from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError, check_safetensors
 
 
 class ModelNotDeployedError(AtelierError):
@@ -21,13 +22,17 @@ class ModelNotDeployedError(AtelierError):
     error_type = "model_not_found"
 
 
+DEFAULT_MAX_LORA_IMPORT_BYTES = 512 * 1024**2  # ingress.max_lora_import_bytes
+
+
 class ModelsService:
     def __init__(self, handles: dict[str, DeploymentHandle], limits: dict[str, Any], loras: LoraRegistry,
-                 readiness_timeout_s: float):
+                 readiness_timeout_s: float, max_import_bytes: int = DEFAULT_MAX_LORA_IMPORT_BYTES):
         self.handles = handles  # deployed models by name; a model not deployed has none
         self.limits = limits  # each deployed model's contract Limits, fixed when the app was built
         self.loras = loras
         self.readiness_timeout_s = readiness_timeout_s
+        self.max_import_bytes = max_import_bytes  # the largest LoRA file POST /v1/models takes
 
     @property
     def sdxl(self) -> SDXLLimits:
@@ -125,14 +130,16 @@ class ModelsService:
         it came from."""
         import hashlib
 
-        from storage.registry import LoraExistsError, MAX_WEIGHTS_BYTES, _valid_name
+        from storage.registry import LoraExistsError, _valid_name
 
         try:
             _valid_name(name)
         except LoraRegistryError as exc:
             raise InvalidRequestError(exc.message, "name") from None
-        if len(data) > MAX_WEIGHTS_BYTES:
-            raise InvalidRequestError(f"file is over {MAX_WEIGHTS_BYTES} bytes", "file")
+        try:  # the header, here: a file that is not a LoRA never travels to the GPU replica
+            check_safetensors(data)
+        except LoraRegistryError as exc:
+            raise InvalidRequestError(exc.message.replace("adapter", "file", 1), "file") from None
         if trigger_word is not None and not trigger_word.strip():
             trigger_word = None
         owner = caller().owner
@@ -168,17 +175,17 @@ class ModelsService:
         return styles[name]
 
     async def lora_record(self, ref: str | None) -> LoraRecord | None:
-        """The registered LoRA a request names (read from storage each time, so a new one is usable at once)."""
+        """The registered LoRA a request names (read from storage each time, so a new one is usable at
+        once, and a deleted one is not). None registered under that reference (or deleted, or another
+        owner's private one): 404 `model_not_found` naming `lora`; a malformed reference: 400."""
         if ref is None:
             return None
         try:
             record = await asyncio.to_thread(self.loras.resolve, ref)
         except LoraRegistryError as exc:
-            raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
-                                      "adapters", "lora") from None
+            raise bad_lora_reference(ref, exc) from None
         if not caller().sees(record.owner, record.public):  # another owner's private LoRA: unknown here
-            raise InvalidRequestError(f"unknown LoRA {ref!r}: no LoRA named {record.name!r} is registered; "
-                                      "GET /v1/models lists registered adapters", "lora")
+            raise unknown_lora(ref, f"no LoRA named {record.name!r} is registered")
         return record
 
     async def lora_trigger_word(self, ref: str | None) -> str | None:

@@ -100,9 +100,11 @@ class VideosService:
         `upload`: the `input_reference` file of a multipart request."""
         preset = await self.presets.video_preset(body.preset) if self.presets else None
         if preset is not None:  # the preset's settings, where the request does not give its own
-            given = body.model_fields_set
-            body = body.model_copy(update={field: getattr(preset, field) for field in
-                                           ("seconds", "fps", "motion_bucket_id", "noise_aug_strength", "size", "steps")
+            given = set(body.model_fields_set)
+            if given & {"seconds", "num_frames"}:  # the request's length, in either unit, wins whole
+                given |= {"seconds", "num_frames"}
+            fields = ("seconds", "num_frames", "fps", "motion_bucket_id", "noise_aug_strength", "size", "steps")
+            body = body.model_copy(update={field: getattr(preset, field) for field in fields
                                            if field not in given and getattr(preset, field) is not None})
         # 1. The video model's limits: frames, rate, size, steps.
         svd: SVDLimits = self.models.limits_of("svd")

@@ -6,7 +6,9 @@ loader keeps an LRU of model ids, calling `LoadedLora.__del__` on eviction. Adap
 the base pipeline (`load_lora_weights(adapter_name=...)`); a pipeline call activates its
 request's adapter (`set_adapters`) or none (`disable_lora`), and a released adapter is deleted
 (`delete_adapters`) once no model id and no running request use it. The base pipeline is never
-reloaded.
+reloaded. A version deleted from the registry (DELETE /v1/models/{id}) while a replica holds it:
+the requests running with it finish with it; the next request naming it finds it gone (a 404), and
+the adapter is deleted once those running requests end.
 
 `SDXLAdapters` holds that state for one pipeline; the deployment keeps one, and its multiplexed
 loader calls `SDXLAdapters.load`.
@@ -19,6 +21,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,9 +32,38 @@ from ray import serve
 from deployments import metrics
 from deployments.errors import InvalidRequestError
 from deployments.sdxl.contract import DEFAULT_MAX_LORAS_PER_REPLICA, SDXLRequest
-from storage.registry import LoraRecord, LoraRegistry, LoraRegistryError
+from storage.registry import LoraNotFoundError, LoraRecord, LoraRegistry, LoraRegistryError
 
 logger = logging.getLogger("ray.serve")
+
+LORA_RECHECK_S = 2.0
+
+
+class UnknownLoraError(InvalidRequestError):
+    """A request names a LoRA, or a version, that is not registered (never was, was deleted, or is
+    another owner's private one): a 404 with OpenAI's `model_not_found` code, naming `lora`. Still an
+    InvalidRequestError, so a workflow check lists it among the document's problems."""
+
+    status_code = 404
+    error_type = "model_not_found"
+    code = "model_not_found"
+
+    def to_body(self) -> dict:
+        body = super().to_body()
+        body["error"]["code"] = self.code
+        return body
+
+
+def unknown_lora(ref: str, why: str) -> UnknownLoraError:
+    return UnknownLoraError(f"unknown LoRA {ref!r}: {why}; GET /v1/models lists registered adapters", "lora")
+
+
+def bad_lora_reference(ref: object, exc: LoraRegistryError) -> InvalidRequestError:
+    """A reference the registry cannot even look up (a bad name or version): a 400; one it looked
+    up and did not find: a 404."""
+    if isinstance(exc, LoraNotFoundError):
+        return unknown_lora(ref, exc.message)
+    return InvalidRequestError(f"bad LoRA reference {ref!r}: {exc.message}", "lora")
 
 
 class LoadedLora:
@@ -64,6 +96,8 @@ class _AdapterState:
     record: LoraRecord
     refs: int = 0  # LoadedLora handles (model ids) holding it
     in_use: int = 0  # requests between loading it and finishing their pipeline call
+    deleted: bool = False  # its version left the registry: refused to new requests, deleted once unused
+    checked_at: float = 0.0  # when a request last found its version still registered (monotonic)
 
 
 class _LocalLoraLRU:
@@ -140,6 +174,10 @@ class SDXLAdapters:
         self._adapters: dict[str, _AdapterState] = {}
         self._pending_delete: set[str] = set()
         self.loads = 0  # adapter loads the multiplexer asked for (misses)
+        # A held adapter's version is checked against the registry at most this often: one storage
+        # read (an S3 HEAD in production) per adapter per period, not per request. The ingress checks
+        # every request itself; this catches a delete that raced past it.
+        self.recheck_s = LORA_RECHECK_S
 
     # --- per request ----------------------------------------------------------------------------
 
@@ -147,7 +185,9 @@ class SDXLAdapters:
                       ) -> LoadedLora | None:
         """The request's adapter through the multiplexed loader `get_lora`, marked in use until
         `release`: `request.lora`, else the multiplexed model id the request was routed with
-        (`handle.options(multiplexed_model_id=...)`)."""
+        (`handle.options(multiplexed_model_id=...)`). An adapter held from before is checked against
+        the registry: once its version is deleted, requests naming it are refused (404) and it goes
+        from the pipeline when the requests running with it end."""
         model_id = serve.get_multiplexed_model_id()
         if request.lora and model_id and request.lora != model_id:
             raise InvalidRequestError(
@@ -158,17 +198,31 @@ class SDXLAdapters:
         try:
             loads = self.loads
             lora = await get_lora(ref)
-            metrics.lora_cache(hit=self.loads == loads)  # the multiplexer loaded nothing: a hit
+            hit = self.loads == loads  # the multiplexer loaded nothing
+            metrics.lora_cache(hit=hit)
         except LoraRegistryError as exc:
-            raise InvalidRequestError(f"unknown LoRA {ref!r}: {exc.message}; GET /v1/models lists registered "
-                                      f"adapters", "lora") from None
-        self._use(lora.adapter_name, +1)  # no await since the load: it cannot be evicted between
+            raise bad_lora_reference(ref, exc) from None
+        if not self._use(lora.adapter_name, +1):  # no await since the load: it cannot be evicted between
+            raise unknown_lora(ref, f"LoRA {lora.record.id} was deleted")
+        if hit and self._recheck_due(lora.adapter_name):
+            try:
+                registered = await self._registered(lora.record)
+            except BaseException:  # the caller left
+                self.release(lora)
+                raise
+            if not registered:
+                self._mark_deleted(lora.adapter_name)
+                self.release(lora)
+                raise unknown_lora(ref, f"LoRA {lora.record.id} was deleted")
         return lora
 
     def release(self, lora: LoadedLora | None) -> None:
-        """The request that acquired `lora` is done with it (its pipeline call ended, or it left)."""
+        """The request that acquired `lora` is done with it (its pipeline call ended, or it left);
+        a deleted adapter nothing else uses goes now."""
         if lora is not None:
             self._use(lora.adapter_name, -1)
+            if self._pending_delete:
+                self._try_delete_pending()
 
     @contextmanager
     def activated(self, lora: LoadedLora | None, scale: float) -> Iterator[None]:
@@ -223,7 +277,7 @@ class SDXLAdapters:
                 raise InvalidRequestError(f"LoRA {record.id} does not fit model {self.model_name!r}: {exc}",
                                           "lora") from exc
             with self._lock:
-                self._adapters[name] = _AdapterState(record, refs=1)
+                self._adapters[name] = _AdapterState(record, refs=1, checked_at=time.monotonic())  # just read
         logger.info("loaded LoRA %s as adapter %s", record.id, name)
         return LoadedLora(lora_id, name, record, self._release_adapter)
 
@@ -233,12 +287,43 @@ class SDXLAdapters:
             if state is None:
                 return False
             state.refs += 1
-            self._pending_delete.discard(name)
+            if not state.deleted:
+                self._pending_delete.discard(name)
             return True
 
-    def _use(self, name: str, delta: int) -> None:
+    def _use(self, name: str, delta: int) -> bool:
+        """Counts a request in (+1) or out (-1); False, counting nothing, for one coming to a deleted adapter."""
         with self._lock:
-            self._adapters[name].in_use += delta
+            state = self._adapters.get(name)
+            if state is None or (delta > 0 and state.deleted):
+                return False
+            state.in_use += delta
+            return True
+
+    def _recheck_due(self, name: str) -> bool:
+        with self._lock:
+            state = self._adapters.get(name)
+            now = time.monotonic()
+            if state is None or now - state.checked_at < self.recheck_s:
+                return False
+            state.checked_at = now
+            return True
+
+    async def _registered(self, record: LoraRecord) -> bool:
+        """Whether a held adapter's version is still registered. Storage that does not answer keeps
+        it usable: the API checked the request against the registry already."""
+        try:
+            return await asyncio.to_thread(self.registry.is_registered, record.name, record.version)
+        except Exception as exc:
+            logger.warning("could not check that LoRA %s is still registered: %r", record.id, exc)
+            return True
+
+    def _mark_deleted(self, name: str) -> None:
+        with self._lock:
+            state = self._adapters.get(name)
+            if state is not None:
+                state.deleted = True
+                self._pending_delete.add(name)
 
     def _release_adapter(self, name: str) -> None:
         """A model id holding `name` was evicted: delete the adapter now if nothing else uses it and
@@ -250,6 +335,9 @@ class SDXLAdapters:
             state.refs -= 1
             if state.refs <= 0:
                 self._pending_delete.add(name)
+        self._try_delete_pending()
+
+    def _try_delete_pending(self) -> None:
         if self.pipe_lock.acquire(blocking=False):  # never wait here: the GC may run this on any thread
             try:
                 self._delete_pending_locked()
@@ -257,10 +345,10 @@ class SDXLAdapters:
                 self.pipe_lock.release()
 
     def _delete_pending_locked(self) -> None:
-        """Caller holds `pipe_lock`. Deletes released adapters that no request is using."""
+        """Caller holds `pipe_lock`. Deletes released (or deleted) adapters that no request is using."""
         with self._lock:
-            names = [n for n in self._pending_delete
-                     if self._adapters[n].refs <= 0 and self._adapters[n].in_use <= 0]
+            states = {n: self._adapters[n] for n in self._pending_delete}
+            names = [n for n, state in states.items() if (state.refs <= 0 or state.deleted) and state.in_use <= 0]
             if not names:
                 return
             self.pipe.delete_adapters(names)

@@ -94,7 +94,10 @@ def test_sdxl_and_job_runner_scale_up_and_down_and_broken_apps_name_their_cause(
             marks["job runner up to 2"] = time.monotonic() - t0
             wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] in ("completed", "failed") for j in jobs),
                      300, 2, "the backlog done")
-            statuses = [client.get(f"/v1/jobs/{j}").json()["status"] for j in jobs]
+            views = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
+            statuses = [v["status"] for v in views]
+            # no job was cut by a runner stopping under it (a cut job is re-run: a second attempt)
+            attempts = [v["attempts"] for v in views]
         wait_for(lambda: total(cluster, "JobRunnerDeployment") == 1, 180, 1, "job runner back to 1 when the queue is empty")
         marks["job runner back to 1"] = time.monotonic() - t0
 
@@ -118,5 +121,6 @@ def test_sdxl_and_job_runner_scale_up_and_down_and_broken_apps_name_their_cause(
         atelier.wait_running()
         wait_for(lambda: set(cluster.serve_status()["applications"]) == {"atelier"}, 120, 2, "broken apps removed")
     assert statuses.count("completed") == len(jobs), statuses
+    assert attempts == [1] * len(jobs), attempts
     counts = [sum(s.get("SDXLDeployment", {}).values()) for _, s in timeline.samples if "error" not in s]
     assert 2 in counts and counts.index(2) < len(counts) - 1 - counts[::-1].index(1)  # up, then down

@@ -25,13 +25,17 @@ VALID = {"prompt": "a cat", "size": "64x64", "steps": 2}
     ({"prompt": "   "}, "prompt"),
     ({"model": "dall-e-9"}, "model"),
     ({"style": "no-such-style"}, "style"),
-    ({"lora": "no-such-lora"}, "lora"),
     ({"seed": -5}, "seed"),
     ({"response_format": "gif"}, "response_format"),
     ({"unknown_field": 1}, "unknown_field"),
 ])
 def test_bad_generation_parameters(client, override, param):
     assert_error(client.post("/v1/images/generations", json={**VALID, **override}), 400, param)
+
+
+def test_an_unknown_lora_is_a_404_model_not_found(client):
+    error = assert_error(client.post("/v1/images/generations", json={**VALID, "lora": "no-such-lora"}), 404, "lora")
+    assert error["code"] == "model_not_found" and "no-such-lora" in error["message"]
 
 
 @pytest.mark.parametrize("async_", [False, True])

@@ -107,7 +107,7 @@ def test_cancel_stops_the_run_and_registers_nothing(client, eight_images):
     final = _wait(client, job["id"], timeout_s=60)
     assert final["status"] == "cancelled" and final["fine_tuned_model"] is None, final
     assert all(not m["id"].startswith(f"{name}:") for m in client.get("/v1/models").json()["data"])
-    assert_error(client.post("/v1/images/generations", json={"prompt": "x", "lora": name}), 400, "lora")
+    assert_error(client.post("/v1/images/generations", json={"prompt": "x", "lora": name}), 404, "lora")
 
 
 @pytest.mark.parametrize("override, param", [
@@ -149,4 +149,4 @@ def test_too_few_images_and_unknown_ids(client):
     error = assert_error(response, 400, "training_file")
     assert "fewer than min_images 5" in error["message"]
     assert_error(client.get("/v1/fine_tuning/jobs/ftjob-nope"), 404, "fine_tuning_job_id")
-    assert_error(client.post("/v1/images/generations", json={"prompt": "x", "lora": "never-trained"}), 400, "lora")
+    assert_error(client.post("/v1/images/generations", json={"prompt": "x", "lora": "never-trained"}), 404, "lora")

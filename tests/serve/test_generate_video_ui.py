@@ -187,7 +187,7 @@ def test_a_lora_changes_an_edit_and_a_workflow_image_to_image_node(atelier, clie
     assert np.abs(pixels(base_png) - pixels(lora_png)).mean() > 1.0
     assert Image.open(io.BytesIO(lora_png)).text["lora"] == lora  # the PNG's lineage
     missing = edit(lora="no-such-lora")
-    assert missing.status_code == 400 and missing.json()["error"]["param"] == "lora"
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "lora"
 
     # As a job: the output's lineage names the adapter, version and weights.
     job = client.post("/v1/images/edits", params={"async": "true"}, files={"image": ("in.png", image, "image/png")},

@@ -190,16 +190,29 @@ def test_video_presets_take_the_video_fields(page, client):
     assert "less than or equal to 255" in field_error(page, "motion")
 
     page.fill("#preset-motion", "100")
+    page.fill("#preset-frames", "12")  # 2 s at 8 fps is 16 frames
+    assert save_and_expect(page, 400)["error"]["param"] == "num_frames"
+    assert "disagree" in field_error(page, "frames")
+    assert not page.locator("#preset-motion-error").is_visible()
+
+    page.fill("#preset-frames", "16")
     save_and_expect(page, 201)
     page.wait_for_selector(f"#preset-own-video tr[data-preset='{name}']")
     assert row_cells(page, "preset-own-video", name) == {
-        "Name": name, "Category": "slow", "Seconds": "2", "FPS": "8", "Motion": "100", "Noise aug.": "0.05",
-        "Size": "64x64", "Steps": "4", "Actions": "Edit Delete"}
+        "Name": name, "Category": "slow", "Seconds": "2", "Frames": "16", "FPS": "8", "Motion": "100",
+        "Noise aug.": "0.05", "Size": "64x64", "Steps": "4", "Actions": "Edit Delete"}
     stored = client.get(f"/v1/presets/{name}").json()
-    assert {k: stored[k] for k in ("kind", "seconds", "fps", "motion_bucket_id", "noise_aug_strength", "size",
-                                   "steps", "prompt")} == {
-        "kind": "video", "seconds": 2.0, "fps": 8, "motion_bucket_id": 100, "noise_aug_strength": 0.05,
-        "size": "64x64", "steps": 4, "prompt": None}
+    assert {k: stored[k] for k in ("kind", "seconds", "num_frames", "fps", "motion_bucket_id", "noise_aug_strength",
+                                   "size", "steps", "prompt")} == {
+        "kind": "video", "seconds": 2.0, "num_frames": 16, "fps": 8, "motion_bucket_id": 100,
+        "noise_aug_strength": 0.05, "size": "64x64", "steps": 4, "prompt": None}
+    # Edited to a length in frames only.
+    page.fill("#preset-seconds", "")
+    page.fill("#preset-frames", "10")
+    save_and_expect(page, 200)
+    wait_for_row(page, "preset-own-video", name, Seconds="", Frames="10")
+    stored = client.get(f"/v1/presets/{name}").json()
+    assert (stored["seconds"], stored["num_frames"]) == (None, 10)
     # A video preset is not an image style: it is not offered on Generate.
     page.goto("/#/generate")
     page.wait_for_selector("#gen-style option[value='photographic']", state="attached")

@@ -59,8 +59,8 @@ def edit(app, who: str = "ann", mask: bool = False, **fields):
                            data={"prompt": "a boat", "seed": "3", **fields})
 
 
-def error_param(response) -> str:
-    assert response.status_code == 400, response.text
+def error_param(response, status: int = 400) -> str:
+    assert response.status_code == status, response.text
     return response.json()["error"]["param"]
 
 
@@ -86,11 +86,11 @@ def test_an_edit_without_a_lora_runs_the_base_model(app):
         assert sdxl["lora"] is None and sdxl["lora_scale"] == 1.0
 
 
-def test_a_bad_lora_on_an_edit_is_a_400_naming_the_field(app):
+def test_a_bad_lora_on_an_edit_is_a_4xx_naming_the_field(app):
     unknown = edit(app, lora="nope")
-    assert error_param(unknown) == "lora" and "nope" in unknown.json()["error"]["message"]
-    assert error_param(edit(app, lora="ink:7")) == "lora"  # no such version
-    assert error_param(edit(app, mask=True, lora="bens")) == "lora"  # ben's: as unknown to ann
+    assert error_param(unknown, 404) == "lora" and "nope" in unknown.json()["error"]["message"]
+    assert error_param(edit(app, lora="ink:7"), 404) == "lora"  # no such version
+    assert error_param(edit(app, mask=True, lora="bens"), 404) == "lora"  # ben's: as unknown to ann
     assert error_param(edit(app, lora="ink", lora_scale="5")) == "lora_scale"
     assert error_param(edit(app, lora="ink", lora_scale="much")) == "lora_scale"
     assert app.queue.sent == []  # nothing was enqueued

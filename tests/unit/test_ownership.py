@@ -268,7 +268,7 @@ def test_bob_cannot_use_alices_things_as_inputs(world):
         assert refused.status_code == 400 and refused.json()["error"]["param"] == f"{source}.0", refused.text
     lora = client.post("/v1/images/generations?async=true", headers=bearer("bob"),
                        json={"prompt": "x", "lora": ids["lora"]})
-    assert lora.status_code == 400 and lora.json()["error"]["param"] == "lora", lora.text
+    assert lora.status_code == 404 and lora.json()["error"]["param"] == "lora", lora.text
     missing = client.post("/v1/images/generations?async=true", headers=bearer("bob"),
                           json={"prompt": "x", "lora": "nobody-style:1"})
     # the same answer as for a LoRA that does not exist: existence does not leak

@@ -85,7 +85,35 @@ def test_an_image_preset_is_a_style_and_a_video_preset_sets_the_motion(app):
     assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "preset"
 
 
+def test_a_video_preset_may_give_its_length_in_frames(app):
+    client, store = app.client, app.services.jobs.jobs
+    made = client.post("/v1/presets", headers=bearer("ann"), json={
+        "name": "three", "kind": "video", "num_frames": 3, "fps": 6, "motion_bucket_id": 90})
+    assert made.status_code == 201 and made.json()["num_frames"] == 3, made.text
+    both = client.post("/v1/presets", headers=bearer("ann"), json={  # both, agreeing: 0.5 s at 8 fps
+        "name": "half", "kind": "video", "seconds": 0.5, "num_frames": 4, "fps": 8})
+    assert both.status_code == 201, both.text
+
+    def svd_of(**fields) -> dict:
+        video = client.post("/v1/videos", headers=bearer("ann"), json={"prompt": "waves", "image_steps": 2, **fields})
+        assert video.status_code in (200, 202), video.text
+        return store.get(video.json()["id"]).request["svd"]
+
+    svd = svd_of(preset="three")
+    assert (svd["num_frames"], svd["fps"], svd["motion_bucket_id"]) == (3, 6, 90)
+    assert svd_of(preset="half")["num_frames"] == 4
+    # the request's own length, in either unit, wins over the preset's
+    assert svd_of(preset="three", seconds=0.5)["num_frames"] == 3  # 0.5 s at the preset's 6 fps
+    assert svd_of(preset="three", fps=4, seconds=0.5)["num_frames"] == 2
+    assert svd_of(preset="three", num_frames=2)["num_frames"] == 2
+    assert svd_of(preset="half", num_frames=1)["num_frames"] == 1
+
+
 @pytest.mark.parametrize("body, param", [
+    ({"name": "x", "kind": "video", "seconds": 1, "fps": 8, "num_frames": 4}, "num_frames"),  # 8 frames, not 4
+    ({"name": "x", "kind": "video", "seconds": 1, "num_frames": 4}, "num_frames"),  # no fps: cannot agree
+    ({"name": "x", "kind": "video", "num_frames": 0}, "num_frames"),
+    ({"name": "x", "prompt": "{prompt}", "num_frames": 4}, "num_frames"),  # a video setting on an image preset
     ({"name": "x", "prompt": "no placeholder"}, "prompt"),
     ({"name": "x"}, "prompt"),  # an image preset needs a template
     ({"name": "x", "prompt": "{prompt}", "fps": 8}, "fps"),  # a video setting on an image preset

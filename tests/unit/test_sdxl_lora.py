@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from local.tiny_models import build_random_lora, ensure_tiny_models
 from deployments.errors import InvalidRequestError
 from deployments.sdxl.contract import SDXLRequest
 from deployments.sdxl.deployment import SDXLDeployment
+from deployments.sdxl.lora import UnknownLoraError
 from storage import Storage
 from storage.registry import LoraRegistry
 
@@ -95,10 +97,10 @@ def test_trigger_word_is_added_when_absent(sdxl, run):
 
 
 def test_unknown_or_bad_lora_names_the_field(sdxl, run):
-    for ref in ("nope", "corgi:9", "a/b", "corgi:zero"):
+    for ref, status in (("nope", 404), ("corgi:9", 404), ("a/b", 400), ("corgi:zero", 400)):
         with pytest.raises(InvalidRequestError) as raised:
             generate(sdxl, run, lora=ref)
-        assert raised.value.param == "lora", ref
+        assert (raised.value.param, raised.value.status_code) == ("lora", status), ref
 
 
 def test_lru_evicts_and_deletes_adapters(sdxl, run):
@@ -138,3 +140,47 @@ def test_multiplexed_model_id_selects_the_adapter(sdxl, run, monkeypatch):
     with pytest.raises(InvalidRequestError) as raised:
         generate(sdxl, run, lora="third")
     assert raised.value.param == "lora"
+
+
+def test_a_lora_deleted_while_a_generation_runs_with_it(sdxl, run, storage_root, model, tmp_path, monkeypatch):
+    """DELETE /v1/models/{id} while a replica holds the adapter and a request runs with it: that
+    request finishes with the adapter, the adapter goes after it, and new requests are refused."""
+    monkeypatch.setattr(sdxl.adapters, "recheck_s", 0.0)  # every request rechecks (2 s in service)
+    registry = LoraRegistry(Storage(str(storage_root)))
+    registry.register("doomed", {"base_model": str(model), "rank": 4}, build_random_lora(model, tmp_path, 4))
+    request = SDXLRequest(prompt="a dog", seed=7, width=64, height=64, lora="doomed:1")
+    undisturbed = run(sdxl.generate(request))  # also leaves the adapter loaded in this replica
+    assert "doomed:1" in sdxl.loaded_loras()
+    deleted, resume = threading.Event(), threading.Event()
+    beat = sdxl.stall_watch.beat
+
+    def delete_mid_run(token):  # the first denoising step, on the torch thread: the adapter is active
+        if not deleted.is_set():
+            registry.delete("doomed", 1)
+            deleted.set()
+            assert resume.wait(60)
+        beat(token)
+
+    monkeypatch.setattr(sdxl.stall_watch, "beat", delete_mid_run)
+
+    async def scenario():
+        in_flight = asyncio.ensure_future(sdxl.generate(request))
+        assert await asyncio.to_thread(deleted.wait, 60)
+        with pytest.raises(UnknownLoraError) as refused:  # a new request, while the first one runs
+            await sdxl.generate(request)
+        held = sdxl.loaded_loras()
+        resume.set()
+        return await in_flight, refused.value, held
+
+    finished, refused, held = run(scenario())
+    assert (refused.status_code, refused.param, refused.to_body()["error"]["code"]) == (404, "lora", "model_not_found")
+    assert "doomed:1" in held  # still in the pipeline while the first request ran with it
+    assert finished.lora == "doomed:1" and finished.images[0].png == undisturbed.images[0].png
+    assert not np.array_equal(pixels(finished), pixels(generate(sdxl, run)))  # the adapter was applied
+    # gone from the pipeline once that request ended, and refused under either reference since
+    assert "doomed:1" not in sdxl.loaded_loras()
+    assert not any(a.startswith("doomed") for names in sdxl.pipe.get_list_adapters().values() for a in names)
+    for ref in ("doomed:1", "doomed"):
+        with pytest.raises(UnknownLoraError):
+            generate(sdxl, run, lora=ref)
+    assert np.array_equal(pixels(generate(sdxl, run, lora="corgi")), pixels(generate(sdxl, run, lora="corgi")))

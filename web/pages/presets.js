@@ -19,6 +19,7 @@ const FIELDS = {
   guidance_scale: { id: "preset-guidance", kind: "image", number: true },
   seconds: { id: "preset-seconds", kind: "video", number: true },
   fps: { id: "preset-fps", kind: "video", number: true },
+  num_frames: { id: "preset-frames", kind: "video", number: true },
   motion_bucket_id: { id: "preset-motion", kind: "video", number: true },
   noise_aug_strength: { id: "preset-noise", kind: "video", number: true },
 };
@@ -56,8 +57,10 @@ export function init(section) {
         withError("Guidance", number("guidance_scale", { min: "0", max: "30", step: "0.5" })))),
     el("fieldset", { id: "preset-video-fields", class: "form", hidden: true },
       el("legend", {}, "Video settings"),
-      el("div", { class: "row" },
+      el("div", { class: "row three" },
         withError("Seconds", number("seconds", { min: "0", max: "60", step: "0.5" })),
+        withError("Frames", number("num_frames", { min: "1", max: "3600", step: "1" }),
+          "Instead of seconds; with both, seconds × fps must match."),
         withError("Frames per second", number("fps", { min: "1", max: "60", step: "1" }))),
       el("div", { class: "row" },
         withError("Motion bucket", number("motion_bucket_id", { min: "0", max: "255", step: "1" }),
@@ -113,9 +116,10 @@ async function load() {
   fill($("#preset-own-image"), ["Name", "Category", "Template", "Negative", "Size", "Steps", "Guidance"], own("image"),
     (p) => values(p, ["category", "prompt", "negative_prompt", "size", "steps", "guidance_scale"]),
     "No image presets of yours yet: make one with the form.", ownActions);
-  fill($("#preset-own-video"), ["Name", "Category", "Seconds", "FPS", "Motion", "Noise aug.", "Size", "Steps"],
-    own("video"),
-    (p) => values(p, ["category", "seconds", "fps", "motion_bucket_id", "noise_aug_strength", "size", "steps"]),
+  fill($("#preset-own-video"),
+    ["Name", "Category", "Seconds", "Frames", "FPS", "Motion", "Noise aug.", "Size", "Steps"], own("video"),
+    (p) => values(p, ["category", "seconds", "num_frames", "fps", "motion_bucket_id", "noise_aug_strength", "size",
+      "steps"]),
     "No video presets of yours yet.", ownActions);
   fill($("#preset-builtin"), ["Name", "Template", "Negative", "Steps", "Guidance"], presets.filter((p) => p.builtin),
     (p) => values(p, ["prompt", "negative_prompt", "steps", "guidance_scale"]), "No built-in styles.",

@@ -169,10 +169,12 @@ function showLength() {
 function applyPreset() {
   const preset = presets.find((p) => p.name === $("#video-preset").value);
   if (!preset) return;
-  const fields = { seconds: "#video-seconds", fps: "#video-fps", motion_bucket_id: "#video-motion",
-    noise_aug_strength: "#video-noise", steps: "#video-steps" };
+  const fields = { seconds: "#video-seconds", fps: "#video-fps", num_frames: "#video-frames",
+    motion_bucket_id: "#video-motion", noise_aug_strength: "#video-noise", steps: "#video-steps" };
   for (const [name, selector] of Object.entries(fields)) if (preset[name] != null) $(selector).value = preset[name];
-  if (preset.seconds != null) $("#video-frames").value = ""; // frames would override the preset's seconds
+  // the preset's length in its own unit: the other field would override it
+  if (preset.num_frames != null) $("#video-seconds").value = "";
+  else if (preset.seconds != null) $("#video-frames").value = "";
   if (preset.size) setSize(preset.size);
   showLength();
 }
