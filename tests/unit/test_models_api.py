@@ -176,12 +176,14 @@ def test_an_import_past_its_bound_is_a_413_naming_the_file(app):
 def test_the_import_bound_is_its_own_not_the_image_upload_limit(tmp_path):
     """max_upload_bytes bounds images; a LoRA file (commonly 100-400 MB) has max_lora_import_bytes."""
     from api.config import IngressConfig
+    from api.errors import MULTIPART_OVERHEAD_BYTES
 
     assert IngressConfig.model_fields["max_lora_import_bytes"].default == 512 * 1024**2
     app = keyed_app(tmp_path, KEYS, ingress={"max_upload_bytes": 1024})
+    app.client.app.state.max_body_bytes = 1024  # the body-size middleware's limit, as the ingress sets it
     app.services.models.handles["sdxl"] = FakeSDXL()
-    data = lora_file(40)
-    assert len(data) > 2048
+    data = lora_file(1500)
+    assert len(data) > 1024 + MULTIPART_OVERHEAD_BYTES  # past what the body limit lets through for an image
     made = app.client.post("/v1/models", headers=bearer("ann"), data={"name": "larger"},
                            files={"file": ("l.safetensors", data, "application/octet-stream")})
     assert made.status_code == 201, made.text
