@@ -58,6 +58,12 @@ class JobQueueConfig(BaseModel):
             "A runner with free slots while jobs wait in the Redis queue for this long has a consumer "
             "that stopped taking work (Celery's, after a broker outage): its health check fails and "
             "Serve replaces it. Redis only."))
+    stranded_s: float = Field(
+        60.0, gt=0, description=(
+            "A job still queued this long after it was sent, while the Redis queue is empty, has its "
+            "message held by a consumer that stopped without running it (Celery's unacknowledged "
+            "messages come back only after Kombu's one-hour visibility timeout): it is sent again "
+            "under a new task id. Redis only."))
     drain_s: float = Field(
         120.0, ge=0, description=(
             "On shutdown (a scale-down, a redeploy), how long a runner waits for the jobs it runs to "
@@ -511,7 +517,37 @@ class JobRunnerDeployment:
                 logger.warning("job %s lost its runner %d times; failed", record.id, record.attempts)
             recovered.append(record.id)
         self.resend_lost_messages()
+        self.resend_stranded_messages()
         return recovered
+
+    def resend_stranded_messages(self) -> list[str]:
+        """Send again each job left queued for `queue.stranded_s` while the Redis queue is empty.
+
+        With one message reserved per free slot (prefetch 1, late acks), a consumer takes a message
+        only to run it at once; so a job still queued while nothing waits in the list has its message
+        with a consumer that went away without running it (a runner stopped on scale-down, or its
+        Celery thread cut short), unacknowledged until Kombu's visibility timeout (an hour). Sent
+        again under a new task id, the old message is skipped if it ever comes back."""
+        url = os.path.expandvars(self.queue.broker_url)
+        if redis_queue_length(url, self.queue.queue_name) != 0:  # waiting in the list, or not Redis
+            return []
+        now, resent = time.time(), []
+        for record in self.store.list_active():
+            if record.status != "queued" or now - record.updated_at < self.queue.stranded_s:
+                continue
+            try:
+                record = self.store.get(record.id)  # a runner may have taken it since the listing
+                if record.status != "queued" or now - record.updated_at < self.queue.stranded_s:
+                    continue
+                enqueue_job(self._adapter, self.store, record)
+            except Exception as exc:  # gone, or the broker is down: the next pass looks again
+                logger.warning("could not send stranded job %s again: %s", record.id, exc)
+                continue
+            resent.append(record.id)
+        if resent:
+            logger.warning("%d jobs were queued for over %.0fs with the queue empty (their messages held by a "
+                           "consumer that stopped); sent again: %s", len(resent), self.queue.stranded_s, resent)
+        return resent
 
     def resend_lost_messages(self) -> list[str]:
         """After the broker lost its data (a Redis restarted without persistence), send every queued job

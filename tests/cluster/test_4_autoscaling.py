@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 
 import pytest
 
@@ -21,6 +22,11 @@ pytestmark = pytest.mark.serve
 def _broken_app(atelier, name: str, prefix: str, **args_update) -> dict:
     app = copy.deepcopy(atelier.config()["applications"][0])
     app["name"], app["route_prefix"] = name, prefix
+    # Its own queue and storage: a runner of this app (it deploys; only the broken part fails) must
+    # not take the good app's jobs (it did: 4 of them hung waiting for an SDXL that never came up),
+    # nor its reaper re-send them into this app's queue.
+    app["args"]["queue"]["queue_name"] = f"{name}-jobs"
+    app["args"]["storage_root"] = f"{app['args']['storage_root'].rstrip('/')}-{name}"
     for section, values in args_update.items():
         app["args"][section] = {**app["args"][section], **values}
     for deployment in app["deployments"]:  # one small replica each: these apps only have to fail
@@ -34,13 +40,14 @@ def _failed(cluster, app: str) -> dict | None:
     return status if status.get("status") in ("DEPLOY_FAILED", "UNHEALTHY") else None
 
 
-def queue_length(cluster) -> int:
-    """Messages waiting in the job queue's Redis list: what Ray's async-inference policy reads."""
+def queue_length(cluster, key: str = "atelier-jobs") -> int:
+    """Messages waiting in the job queue's Redis list (what Ray's async-inference policy reads), or
+    with key="unacked", those a consumer took and has not acknowledged (Kombu's hash)."""
     import redis
 
     client = redis.Redis(port=cluster.redis.port, socket_timeout=2)
     try:
-        return client.llen("atelier-jobs")
+        return client.hlen(key) if key == "unacked" else client.llen(key)
     except redis.RedisError:
         return -1
     finally:
@@ -85,15 +92,20 @@ def test_sdxl_and_job_runner_scale_up_and_down_and_broken_apps_name_their_cause(
                 jobs.append(r.json()["id"])
             lengths: list[tuple[float, int]] = []
             def up():
-                lengths.append((round(time.monotonic() - t0, 1), queue_length(cluster)))
+                lengths.append((round(time.monotonic() - t0, 1), queue_length(cluster), queue_length(cluster, "unacked")))
                 return total(cluster, "JobRunnerDeployment") == 2
             try:
                 wait_for(up, 180, 1, "job runner up to 2 on queue length")
             finally:
-                report(f"[autoscaling] the Redis queue's length while the backlog waited (s, messages): {lengths[::5]}")
+                report(f"[autoscaling] the Redis queue while the backlog waited (s, waiting, unacked): {lengths[::5]}")
             marks["job runner up to 2"] = time.monotonic() - t0
-            wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] in ("completed", "failed") for j in jobs),
-                     300, 2, "the backlog done")
+            try:
+                wait_for(lambda: all(client.get(f"/v1/jobs/{j}").json()["status"] in ("completed", "failed")
+                                     for j in jobs), 300, 2, "the backlog done")
+            finally:
+                left = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
+                report(f"[autoscaling] the backlog: {Counter((v['status'], v['attempts']) for v in left)}; "
+                       f"queue {queue_length(cluster)}, unacked {queue_length(cluster, 'unacked')}")
             views = [client.get(f"/v1/jobs/{j}").json() for j in jobs]
             statuses = [v["status"] for v in views]
             # no job was cut by a runner stopping under it (a cut job is re-run: a second attempt)

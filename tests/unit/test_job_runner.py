@@ -626,3 +626,27 @@ def test_the_autoscaling_policy_counts_running_jobs_beside_the_queue(runner, red
     redis.Redis.from_url(url).delete("atelier-jobs")
     desired, state = ask({"a": 4.0, "b": 3.0})  # queue empty, both busy: stay at 2, not down to 0
     assert state["queue_length"] == 0 and desired == pytest.approx(7 / 4)
+
+
+def test_a_job_whose_message_a_stopped_consumer_holds_is_sent_again(runner, redis_broker):
+    """A consumer takes a message only to run it at once (one per free slot), so a job still queued
+    while the Redis list is empty has its message with a consumer that stopped: after
+    queue.stranded_s it is sent again, under a new task id (the old message is stale if it returns)."""
+    import redis
+
+    runner.queue.broker_url = redis_broker.url + "/0"
+    runner.queue.stranded_s = 0.2
+    stranded = runner.store.create("test", {}, task_id="t-held")
+    running = runner.store.create("test", {})
+    runner.store.update(running.id, status="in_progress", attempts=1, heartbeat_at=time.time())
+    assert runner.resend_stranded_messages() == []  # queued only just now
+    time.sleep(0.3)
+    redis.Redis.from_url(runner.queue.broker_url).rpush(runner.queue.queue_name, b"{}")
+    assert runner.resend_stranded_messages() == []  # messages wait in the list: it may be one of them
+    redis.Redis.from_url(runner.queue.broker_url).delete(runner.queue.queue_name)
+    assert runner.resend_stranded_messages() == [stranded.id]
+    again = runner.store.get(stranded.id)
+    assert again.status == "queued" and again.task_id != "t-held"
+    assert runner._adapter.sent == [(RUN_JOB_TASK, {"job_id": stranded.id}, again.task_id)]
+    assert runner.resend_stranded_messages() == []  # just sent: not stranded again until stranded_s passes
+    assert runner.store.get(running.id).status == "in_progress"
