@@ -495,7 +495,8 @@ class JobRunnerDeployment:
         Then, if the broker lost its messages, send the queued jobs again (resend_lost_messages)."""
         now = time.time()
         recovered = []
-        for record in self.store.list_active():
+        active = self.store.list_active()
+        for record in active:
             if record.status != "in_progress":
                 continue
             last_seen = record.heartbeat_at or record.started_at or record.created_at
@@ -517,22 +518,23 @@ class JobRunnerDeployment:
                 logger.warning("job %s lost its runner %d times; failed", record.id, record.attempts)
             recovered.append(record.id)
         self.resend_lost_messages()
-        self.resend_stranded_messages()
+        self.resend_stranded_messages([r for r in active if r.status == "queued"])
         return recovered
 
-    def resend_stranded_messages(self) -> list[str]:
+    def resend_stranded_messages(self, queued: list[JobRecord] | None = None) -> list[str]:
         """Send again each job left queued for `queue.stranded_s` while the Redis queue is empty.
 
         With one message reserved per free slot (prefetch 1, late acks), a consumer takes a message
         only to run it at once; so a job still queued while nothing waits in the list has its message
         with a consumer that went away without running it (a runner stopped on scale-down, or its
         Celery thread cut short), unacknowledged until Kombu's visibility timeout (an hour). Sent
-        again under a new task id, the old message is skipped if it ever comes back."""
+        again under a new task id, the old message is skipped if it ever comes back. `queued`: the
+        queued jobs of this reaper pass's listing (default: listed here)."""
         url = os.path.expandvars(self.queue.broker_url)
         if redis_queue_length(url, self.queue.queue_name) != 0:  # waiting in the list, or not Redis
             return []
         now, resent = time.time(), []
-        for record in self.store.list_active():
+        for record in self.store.list_active() if queued is None else queued:
             if record.status != "queued" or now - record.updated_at < self.queue.stranded_s:
                 continue
             try:

@@ -635,11 +635,12 @@ def test_a_job_whose_message_a_stopped_consumer_holds_is_sent_again(runner, redi
     import redis
 
     runner.queue.broker_url = redis_broker.url + "/0"
-    runner.queue.stranded_s = 0.2
+    runner.queue.stranded_s = 60
     stranded = runner.store.create("test", {}, task_id="t-held")
     running = runner.store.create("test", {})
     runner.store.update(running.id, status="in_progress", attempts=1, heartbeat_at=time.time())
     assert runner.resend_stranded_messages() == []  # queued only just now
+    runner.queue.stranded_s = 0.2
     time.sleep(0.3)
     redis.Redis.from_url(runner.queue.broker_url).rpush(runner.queue.queue_name, b"{}")
     assert runner.resend_stranded_messages() == []  # messages wait in the list: it may be one of them
@@ -648,5 +649,6 @@ def test_a_job_whose_message_a_stopped_consumer_holds_is_sent_again(runner, redi
     again = runner.store.get(stranded.id)
     assert again.status == "queued" and again.task_id != "t-held"
     assert runner._adapter.sent == [(RUN_JOB_TASK, {"job_id": stranded.id}, again.task_id)]
+    runner.queue.stranded_s = 60
     assert runner.resend_stranded_messages() == []  # just sent: not stranded again until stranded_s passes
     assert runner.store.get(running.id).status == "in_progress"
