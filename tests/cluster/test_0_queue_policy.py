@@ -30,7 +30,7 @@ def test_policy_scales_on_queue_length(redis_server, monkeypatch):
     client.rpush("atelier-jobs", *[f"job-{i}" for i in range(20)])
     policy = JobQueueAutoscalingPolicy(broker_url="redis://${TEST_REDIS_HOST}/0", queue_name="atelier-jobs",
                                        poll_interval_s=0)
-    ctx = SimpleNamespace(current_num_replicas=1, total_num_requests=0,
+    ctx = SimpleNamespace(current_num_replicas=1, total_num_requests=0, aggregated_metrics={},
                           config=SimpleNamespace(get_target_ongoing_requests=lambda: 4))
 
     async def decide():
