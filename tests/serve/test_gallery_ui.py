@@ -24,12 +24,21 @@ def make_image(client, prompt: str, n: int = 1) -> dict:
     return job
 
 
+def submit(page) -> None:
+    """Search, and wait until its cards are in (the grid is aria-busy while a search runs): a card
+    read, or a delete confirmed, before that would be the old grid's (CI 2026-12-04: the rebuilt
+    grid took the delete's confirm button away)."""
+    with page.expect_response(lambda r: r.request.method == "GET" and "/v1/assets?" in r.url):
+        page.click("#gallery-search-submit")
+    page.wait_for_selector("#gallery-grid[aria-busy='false']", state="attached")
+
+
 def search(page, **fields: str) -> None:
     page.fill("#gallery-q", fields.get("q", ""))
     if "tag" in fields:
         page.locator("#gallery-tag option", has_text=fields["tag"]).first.wait_for(state="attached")
         page.select_option("#gallery-tag", fields["tag"])
-    page.click("#gallery-search-submit")
+    submit(page)
 
 
 def test_search_tag_favourite_and_delete_in_the_gallery(page, client):
@@ -62,7 +71,7 @@ def test_search_tag_favourite_and_delete_in_the_gallery(page, client):
     page.wait_for_selector(other, state="detached")
     assert page.locator(card).count() == 1
     page.check("#gallery-favorites")
-    page.click("#gallery-search-submit")
+    submit(page)
     page.wait_for_selector(card)
 
     # delete (two clicks): the card goes, and so do the job and its file
@@ -89,6 +98,6 @@ def test_search_tag_favourite_and_delete_in_the_gallery(page, client):
     assert asset["favorite"] is False and [o["favorite"] for o in asset["outputs"]] == [False, True]
     # favourites only: the job matches by its second image, and only that image's card shows
     page.check("#gallery-favorites")
-    page.click("#gallery-search-submit")
+    submit(page)
     page.wait_for_selector(first, state="detached")
     assert page.locator(second).count() == 1

@@ -170,6 +170,9 @@ async function runImport(event) {
       progress.textContent = `Importing: ${j.status}, ${Math.round(j.progress || 0)}%`;
     });
     const r = final.result || {};
+    if (final.status === "completed") chosen.clear();
+    showResults();
+    await loadDatasets(datasetId); // first, so the dataset select shows it once the outcome does
     progress.textContent = final.status === "completed"
       ? `Imported ${r.added} image${r.added === 1 ? "" : "s"} into version ${r.version} (${r.images} in all); ` +
         `${r.duplicates} duplicate${r.duplicates === 1 ? "" : "s"}, ${r.rejected} rejected.`
@@ -177,9 +180,6 @@ async function runImport(event) {
     // each item that did not land, with why (a download that failed, a host off the source's list)
     rejections.replaceChildren(...(r.rejections || []).map((x) => el("li", {}, `${x.filename}: ${x.reason}`)));
     rejections.hidden = !(r.rejections || []).length;
-    if (final.status === "completed") chosen.clear();
-    showResults();
-    await loadDatasets(datasetId);
   } catch (err) {
     showError(error, err);
   } finally {

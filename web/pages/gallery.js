@@ -127,6 +127,7 @@ async function load(first) {
     shown = filters();
   }
   more.disabled = true;
+  grid.setAttribute("aria-busy", "true"); // until this search's cards are in
   try {
     const page = await api("GET", "/v1/assets", { query: { status: "completed", limit: PAGE_SIZE, after, ...shown } });
     const cards = page.data.flatMap(cardsOf);
@@ -145,6 +146,7 @@ async function load(first) {
     showError($("#gallery-error"), err);
   } finally {
     more.disabled = false;
+    grid.setAttribute("aria-busy", "false");
     countSelected();
   }
 }
