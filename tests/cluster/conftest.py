@@ -84,6 +84,10 @@ class ClusterApp:
 
         return wait_for(running, timeout_s, 1, f"application {app} RUNNING")
 
+    def target_replicas(self, deployment: str, app: str = "atelier") -> int:
+        """How many replicas Serve wants of `deployment` now (its autoscaler's decision)."""
+        return int((self.app_status(app).get("deployments", {}).get(deployment) or {}).get("target_num_replicas") or 0)
+
     def wait_spread(self, deployment: str, per_node: dict[str, int], timeout_s: float = 180) -> dict[str, int]:
         return wait_for(lambda: (lambda c: c if c == per_node else None)(self.cluster.replicas_by_node(deployment)),
                         timeout_s, 1, f"{deployment} replicas {per_node}")
