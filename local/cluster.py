@@ -431,15 +431,14 @@ class LocalCluster:
         resp.raise_for_status()
         return resp.json()
 
-    def replicas_by_node(self, deployment: str, app: str = "atelier",
-                         states: tuple[str, ...] = ("RUNNING",)) -> dict[str, int]:
-        """Replicas of `deployment` in `states` (RUNNING by default) per node label: {'node_a': 1, 'node_b': 1}."""
+    def replicas_by_node(self, deployment: str, app: str = "atelier") -> dict[str, int]:
+        """RUNNING replicas of `deployment` per node label: {'node_a': 1, 'node_b': 1}."""
         labels = self.node_labels()
         details = self.serve_details()
         counts: dict[str, int] = {}
         dep = ((details.get("applications") or {}).get(app) or {}).get("deployments", {}).get(deployment) or {}
         for replica in dep.get("replicas", []):
-            if replica.get("state") in states and replica.get("node_id"):
+            if replica.get("state") == "RUNNING":
                 label = labels.get(replica.get("node_id"), "gone")
                 counts[label] = counts.get(label, 0) + 1
         return counts

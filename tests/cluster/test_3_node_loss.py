@@ -136,7 +136,7 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
         with Load(atelier.base_url, clients=6, steps=4):
             wanted = wait_for(lambda: (lambda n: n if n >= 3 else None)(atelier.target_replicas("SDXLDeployment")),
                               240, 1, "Serve scaling SDXL to 3 replicas under load")
-        t_placed = time.monotonic() - t_back
+        t_wanted = time.monotonic() - t_back
         spread_again = wait_for(lambda: (lambda c: c if c.get("node_b") else None)(
             cluster.replicas_by_node("SDXLDeployment")), 240, 1, "the SDXL replica on the returned node running")
         t_spread = time.monotonic() - t_back
@@ -150,7 +150,7 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
         for t, sample in timeline.samples:
             report(f"    {t:7.1f}  {sample}")
     report(f"[node loss] worker node rejoined in {t_rejoined:.1f}s; under load Serve wanted a 3rd SDXL replica "
-           f"(target {wanted}) after {t_placed:.1f}s, running there after {t_spread:.1f}s: SDXL {spread_again}, "
+           f"(target {wanted}) after {t_wanted:.1f}s, running there after {t_spread:.1f}s: SDXL {spread_again}, "
            f"ingress {ingress}; requests after: {served_after}")
 
     assert not lost, f"jobs lost (neither completed nor failed): {lost}"
