@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -68,8 +69,7 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     except TimeoutError:
         raise AssertionError(f"none of the 12 async jobs started in 120 s: {statuses}; replicas "
                              f"{timeline.samples[-3:]}") from None
-    report(f"[node loss] job states at the kill: "
-           f"{ {s: list(statuses.values()).count(s) for s in sorted(set(statuses.values()))} }")
+    report(f"[node loss] job states at the kill: {dict(Counter(statuses.values()))}")
     step_at_kill = client.get(f"/v1/fine_tuning/jobs/{run_id}").json().get("step") or run["step"]
     assert step_at_kill < TRAIN_STEPS, "the run finished before the kill: nothing to resume"
 
@@ -141,7 +141,7 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
             cluster.replicas_by_node("SDXLDeployment")), 240, 1, "the SDXL replica on the returned node running")
         t_spread = time.monotonic() - t_back
         ingress = atelier.wait_spread("IngressDeployment", {"node_a": 1, "node_b": 1}, 300)  # beside its proxy
-        # each node's proxy answers again: an image through whichever proxy the kernel picks, a few times
+        # the app serves again after the return: 6 images, each through whichever proxy the kernel picks
         served_after = [generate(atelier.base_url, 300 + i, steps=2)[0] for i in range(6)]
     finally:
         timeline.stop.set()
