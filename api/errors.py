@@ -8,6 +8,8 @@ Retry-After; anything else is a logged 500.
 from __future__ import annotations
 
 import logging
+import sys
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,10 +18,12 @@ from pydantic import ValidationError
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from vllm.exceptions import VLLMClientError
 
 from deployments import metrics
 from deployments.errors import AtelierError, InvalidRequestError, PayloadTooLargeError
+
+if TYPE_CHECKING:
+    from vllm.exceptions import VLLMClientError
 
 logger = logging.getLogger("ray.serve")
 
@@ -28,6 +32,13 @@ def error_response(status: int, type_: str, message: str, param: str | None = No
                    headers: dict | None = None) -> JSONResponse:
     body = {"error": {"type": type_, "message": message, "param": param}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _is_vllm_client_error(exc: Exception) -> bool:
+    """vLLM is imported only by an app with a language model (api/text/router.py): without it,
+    no vLLM error can arise."""
+    exceptions = sys.modules.get("vllm.exceptions")
+    return exceptions is not None and isinstance(exc, exceptions.VLLMClientError)
 
 
 def vllm_invalid_request(exc: VLLMClientError) -> InvalidRequestError:
@@ -87,7 +98,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     cause = getattr(exc, "cause", exc)
     if isinstance(cause, AtelierError):
         return await _atelier_error(request, cause)
-    if isinstance(cause, VLLMClientError):  # raised by vLLM's request models' validators
+    if _is_vllm_client_error(cause):  # raised by vLLM's request models' validators
         return await _atelier_error(request, vllm_invalid_request(cause))
     if isinstance(cause, BackPressureError):
         return await _backpressure(request, cause)

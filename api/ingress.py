@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse
 from fastapi.routing import APIRoute
@@ -91,8 +91,9 @@ def create_app(services: Services | None = None, api_keys: list | None = None,
     app.add_middleware(SecurityHeadersMiddleware, routes_of=routes, csp=content_security_policy,
                        docs_paths=(app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url))
     add_error_handlers(app)
-    for area_router, rule in ROUTERS:
-        app.include_router(area_router, dependencies=[Depends(rule)])
+    for area, rule in ROUTERS:
+        for area_router in [area] if isinstance(area, APIRouter) else area(services):
+            app.include_router(area_router, dependencies=[Depends(rule)])
     app.mount("/ui", StaticFiles(directory=WEB_ROOT), name="ui")
     app.add_api_route("/", web_ui, include_in_schema=False, dependencies=[Depends(PUBLIC)])
     for route in app.router.routes:

@@ -9,7 +9,7 @@ route when the app includes it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter
 from ray.serve.handle import DeploymentHandle
@@ -42,7 +42,7 @@ from api.ratelimit import RateLimiter
 from api.stats.router import router as stats_router
 from api.stats.service import StatsService
 from api.text.images import ImageInputs
-from api.text.router import router as text_router
+from api.text.router import routers as text_routers
 from api.text.service import TextService
 from api.upscale.router import router as upscale_router
 from api.upscale.service import UpscaleService
@@ -60,7 +60,9 @@ from storage.jobs import JobStore
 from storage.presets import PresetStore
 from storage.registry import LoraRegistry
 
-ROUTERS: list[tuple[APIRouter, RequireScope]] = [
+# A router, or a function of the app's services giving its routers (the text area's depend on
+# whether a language model is deployed: api/text/router.py).
+ROUTERS: list[tuple[APIRouter | Callable[[Any], list[APIRouter]], RequireScope]] = [
     (probes_router, PUBLIC),
     (models_router, RequireScope("train")),  # GETs: read; deleting a LoRA version: train (its owner)
     (images_router, RequireScope("generate")),
@@ -68,7 +70,7 @@ ROUTERS: list[tuple[APIRouter, RequireScope]] = [
     # service checks the scope of the job's own kind (api/jobs/service.py KIND_SCOPES).
     (jobs_router, RequireScope("generate", "train")),
     (files_router, READ_ONLY),
-    (text_router, RequireScope("generate")),
+    (lambda services: text_routers(getattr(services, "text", None)), RequireScope("generate")),
     (vision_router, RequireScope("generate")),
     (videos_router, RequireScope("generate")),
     (upscale_router, RequireScope("generate")),

@@ -1,53 +1,38 @@
-"""Text: POST /v1/chat/completions, POST /v1/completions (SSE with `stream: true`), POST /v1/prompts/refine.
+"""Text: POST /v1/prompts/refine here; POST /v1/chat/completions and POST /v1/completions in
+api/text/chat_router.py, typed with vLLM's request models.
 
-Requests go to the Gemma LLMServer (api/text/service.py). Engine errors come back as
-`ErrorResponse` items and leave in Atelier's error shape, naming the field. A chat's image parts
-are inline images or this server's own files, sent on as data: URLs (api/text/images.py).
+An app without a language model never imports vLLM (~10 s and a few hundred MB of vLLM, torch and
+transformers per ingress replica, on every start and scale-out): `routers` gives it the same two
+paths answering 404 `model_not_found`, as the typed routes do when no LLM is deployed.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from ray.serve.llm.openai_api_models import CompletionRequest
+from typing import Any
 
-from api.jobs.router import base_url
-from api.text.protocol import STREAMING_OR_JSON, ChatCompletionRequest, materialize
+from fastapi import APIRouter, Body, Depends, Request
+
 from api.text.service import TextService
 from api.vision.router import vision_service
 from api.vision.service import VisionService
-from deployments.llm.contract import RefinedPrompt, RefineRequest, check_messages
+from deployments.llm.contract import RefinedPrompt, RefineRequest
 
 router = APIRouter(tags=["text"])
+_absent = APIRouter(tags=["text"])
 
 
 def text_service(request: Request) -> TextService:
     return request.app.state.text
 
 
-async def _answer(text: TextService, method: str, body, prompt_field: str, stream: bool):
-    engine_stream, first, raw = await text.open_stream(method, body, prompt_field)
-    if not stream:
-        engine_stream.cancel()
-        return JSONResponse(first.model_dump(mode="json", exclude_none=True))
-    return StreamingResponse(text.events(engine_stream, raw), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def routers(text: TextService | None) -> list[APIRouter]:
+    """The text routes for an app whose text service is `text` (None: an app built without services,
+    e.g. for its OpenAPI document, gets the typed routes)."""
+    if text is not None and text.llm is None:
+        return [router, _absent]
+    from api.text.chat_router import router as chat_router  # imports vLLM
 
-
-@router.post("/v1/chat/completions", summary="OpenAI chat completions (stream with `stream: true`)",
-             responses=STREAMING_OR_JSON)
-async def chat_completions(body: ChatCompletionRequest, request: Request, text: TextService = Depends(text_service)):
-    check_messages(body.messages)
-    materialize(body.messages)
-    text.handle(body.model)  # 404 before any image is read when no language model is deployed
-    await text.images.resolve_messages(body.messages, base_url(request))  # image parts: checked data: URLs
-    return await _answer(text, "chat", body.for_engine(), "messages", body.stream)
-
-
-@router.post("/v1/completions", summary="OpenAI completions (stream with `stream: true`)",
-             responses=STREAMING_OR_JSON)
-async def completions(body: CompletionRequest, text: TextService = Depends(text_service)):
-    return await _answer(text, "completions", body, "prompt", body.stream)
+    return [router, chat_router]
 
 
 @router.post("/v1/prompts/refine", response_model=RefinedPrompt,
@@ -57,3 +42,9 @@ async def refine(body: RefineRequest, text: TextService = Depends(text_service),
     text.handle(body.model)
     await vision.check_prompt(body.prompt, "prompt")  # a refused prompt is a 400 (moderation, when on)
     return await text.refine(body)
+
+
+@_absent.post("/v1/chat/completions", summary="OpenAI chat completions: no language model is deployed")
+@_absent.post("/v1/completions", summary="OpenAI completions: no language model is deployed")
+async def no_language_model(body: dict[str, Any] = Body(...), text: TextService = Depends(text_service)):
+    text.handle(body.get("model"))  # raises LLMUnavailableError: 404 model_not_found, naming `model`

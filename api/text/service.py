@@ -6,11 +6,9 @@ and `refine` sends it and parses the answer.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from ray.serve.handle import DeploymentHandle
-from ray.serve.llm.openai_api_models import ChatCompletionRequest as EngineChatRequest
-from ray.serve.llm.openai_api_models import CompletionRequest
 
 from api.models.service import ModelsService
 from api.ratelimit import NO_RATE_LIMITS, RateLimiter, token_cost
@@ -19,6 +17,10 @@ from deployments.errors import AtelierError, InvalidRequestError, NotFoundError,
 from deployments.llm import contract as llm_contract
 from deployments.llm.contract import (GemmaConfig, GemmaLimits, RefinedPrompt, RefineRequest, RefineSettings,
                                       build_refine_chat, engine_error, refined_from_response)
+
+if TYPE_CHECKING:  # vLLM's request models: imported only where a language model is deployed
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest as EngineChatRequest
+    from ray.serve.llm.openai_api_models import CompletionRequest
 
 
 class LLMUnavailableError(AtelierError):
@@ -133,7 +135,10 @@ class TextService:
     async def answer(self, body: dict) -> Any:
         """Send one chat body (built by the server: refinement, the judge, moderation) and return the
         engine's first item: the whole answer, as the body does not stream."""
-        stream = self.handle(body.get("model")).chat.remote(EngineChatRequest.model_validate(body), None)
+        handle = self.handle(body.get("model"))
+        from ray.serve.llm.openai_api_models import ChatCompletionRequest as EngineChatRequest
+
+        stream = handle.chat.remote(EngineChatRequest.model_validate(body), None)
         try:
             first, _ = await first_item(stream)
         finally:

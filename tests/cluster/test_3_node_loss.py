@@ -43,8 +43,11 @@ def test_worker_node_loss_mid_load_and_mid_training(atelier, dataset_id):
     run_id = response.json()["id"]
     spread = wait_for(lambda: (lambda c: c if c == {"node_a": 1, "node_b": 1} else None)(train_workers_by_node(cluster)),
                       300, 1, "one Ray Train worker per node")
+    t_spread_train = time.monotonic() - t0
     run = wait_for(lambda: (lambda j: j if (j.get("step") or 0) >= 3 else None)(
         client.get(f"/v1/fine_tuning/jobs/{run_id}").json()), 300, 0.5, "training past the first checkpoint")
+    report(f"[node loss] training: a worker on each node {t_spread_train:.1f}s after the submit, "
+           f"past step 3 at {time.monotonic() - t0:.1f}s")
 
     # 2. ~20 image jobs in flight: 12 async jobs, 8 sync requests.
     accepted = []
