@@ -3,6 +3,7 @@ direct calls of the engine, measured in the same run with interleaved rounds.
 
     python benchmarks/bench_llm.py [--rounds 3] [--requests 16] [--max-tokens 64] [--concurrency 1 8]
     python benchmarks/bench_llm.py --stream-batching-interval-ms 50     # Ray LLM's own default
+    python benchmarks/bench_llm.py --stream-batching-max-interval-ms 10  # a fixed 10 ms per stream
     python benchmarks/bench_llm.py --gpu --model /models/gemma-2-2b-it [--max-model-len 4096] [--json out.json]
 
 Three paths, one engine configuration (the `llm:` section of configs/local.yaml, or --gpu's):
@@ -74,6 +75,8 @@ def bench_llm_args(args: argparse.Namespace) -> dict:
         llm["max_model_len"] = args.max_model_len
     if args.stream_batching_interval_ms is not FROM_SECTION:
         llm["stream_batching_interval_ms"] = args.stream_batching_interval_ms
+    if args.stream_batching_max_interval_ms is not None:
+        llm["stream_batching_max_interval_ms"] = args.stream_batching_max_interval_ms
     return llm
 
 
@@ -353,6 +356,9 @@ def main() -> None:
     parser.add_argument("--stream-batching-interval-ms", type=interval_arg, default=FROM_SECTION, metavar="MS",
                         help="Atelier's LLMServer stream batching (0: each chunk at once; none: Ray's 50 ms); "
                              "default: the llm section's")
+    parser.add_argument("--stream-batching-max-interval-ms", type=float, metavar="MS",
+                        help="the longest a stream waits between messages when streams share the replica "
+                             "(equal to the interval: a fixed interval per stream); default: the llm section's")
     parser.add_argument("--model", metavar="PATH_OR_ID", help="model folder or hub id (default: local.yaml's tiny Gemma)")
     parser.add_argument("--gpu", action="store_true", help="GPU engine settings instead of local.yaml's CPU ones")
     parser.add_argument("--max-model-len", type=int, help="context length (default: 4096 with --gpu, else local.yaml's)")
@@ -372,7 +378,8 @@ def main() -> None:
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     header = f"{datetime.datetime.now().isoformat(timespec='seconds')} · {device} · `{command}`"
     setting = (f"{config.model_source}, {args.requests} requests x {args.max_tokens} tokens per concurrency, "
-               f"{args.rounds} round(s), Atelier stream_batching_interval_ms={config.stream_batching_interval_ms}")
+               f"{args.rounds} round(s), Atelier stream_batching_interval_ms={config.stream_batching_interval_ms}, "
+               f"stream_batching_max_interval_ms={config.stream_batching_max_interval_ms}")
     print(header, flush=True)
 
     rounds: list[dict] = []

@@ -50,8 +50,13 @@ class GemmaConfig(BaseModel):
     stream_batching_interval_ms: float | None = Field(
         10, ge=0,
         description="A streamed answer sends its first chunk at once, then at most one message per this "
-                    "interval, holding what arrived meanwhile (deployments/llm/server.py). 0 sends each "
-                    "chunk as its own message; None keeps Ray's Batcher, whose first chunk waits 50 ms.")
+                    "interval times the streams in flight on the replica (up to stream_batching_max_interval_ms), "
+                    "holding what arrived meanwhile (deployments/llm/server.py): the replica sends about "
+                    "1000 / interval messages a second in all. 0 sends each chunk as its own message; None "
+                    "keeps Ray's Batcher, whose first chunk waits 50 ms.")
+    stream_batching_max_interval_ms: float = Field(
+        100, gt=0, description="The longest a streamed answer waits between messages however many streams share "
+                               "the replica (a chat UI stays smooth at 10 messages a second).")
     refine: RefineSettings = RefineSettings()
     judge: JudgeSettings = Field(JudgeSettings(), description="Bounds of a judgement (POST /v1/images/judge, best-of-n).")
     max_images: int = Field(4, ge=0, le=64, description="Image parts one chat request may carry (POST "
@@ -77,7 +82,8 @@ class GemmaConfig(BaseModel):
                 options[name] = getattr(self, name)
         if self.stream_batching_interval_ms is not None:
             # Read by LLMServer._get_batch_interval_ms; its Batcher streams each chunk as it comes at 0.
-            options["experimental_configs"] = {"stream_batching_interval_ms": self.stream_batching_interval_ms}
+            options["experimental_configs"] = {"stream_batching_interval_ms": self.stream_batching_interval_ms,
+                                               "stream_batching_max_interval_ms": self.stream_batching_max_interval_ms}
         return LLMConfig(**options)
 
     def describe(self) -> dict:

@@ -6,15 +6,20 @@ streamed answer is sent on.
 in each interval. At 0 it sends every token as its own Serve message: on a fast engine that flood
 of messages through two Serve hops (LLM replica → ingress → proxy) is what limits tokens/s
 (benchmarks/bench_llm.py). `FirstChunkBatcher` sends the first chunk at once and then at most
-one message per interval, holding whatever arrived meanwhile: time to first token as at 0, and
-at most 1000 / interval messages a second per stream.
+one message per interval, holding whatever arrived meanwhile: time to first token as at 0.
+
+The interval is the replica's, shared by its streams: with n streams in flight each one waits n
+intervals between messages (up to `stream_batching_max_interval_ms`), so the replica sends about
+1000 / interval messages a second however many clients stream. Every message costs CPU in three
+processes (this replica, the ingress, the proxy) whatever it carries; a lone stream still gets a
+message every interval, and eight share the same budget in larger messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import AsyncGenerator, TypeVar
+from typing import AsyncGenerator, Callable, TypeVar
 
 from ray.llm._internal.serve.engines.vllm.vllm_engine import VLLMEngine
 from ray.serve.llm.deployment import LLMServer
@@ -23,11 +28,12 @@ T = TypeVar("T")
 
 
 class FirstChunkBatcher:
-    """Lists of a generator's items: the first at once, later ones at most every `interval_s`."""
+    """Lists of a generator's items: the first at once, later ones at most every `interval_s`
+    (seconds, or a function giving the current interval)."""
 
-    def __init__(self, generator: AsyncGenerator[T, None], interval_s: float):
+    def __init__(self, generator: AsyncGenerator[T, None], interval_s: float | Callable[[], float]):
         self.generator = generator
-        self.interval_s = interval_s
+        self.interval_s = interval_s if callable(interval_s) else (lambda: interval_s)
 
     async def stream(self) -> AsyncGenerator[list[T], None]:
         queue: asyncio.Queue = asyncio.Queue()
@@ -46,7 +52,7 @@ class FirstChunkBatcher:
         try:
             while not finished:
                 pending = [await queue.get()]  # wait for something to send
-                wait = self.interval_s - (time.monotonic() - last_sent)
+                wait = self.interval_s() - (time.monotonic() - last_sent)
                 if wait > 0 and pending[0] is not done:
                     # the last message left less than an interval ago; the stream's end sends at once
                     await asyncio.wait({reader}, timeout=wait)
@@ -86,6 +92,7 @@ class GemmaServer(LLMServer):
 
     # Keys Ray Data LLM's ServeDeploymentStage adds to each request for its own bookkeeping.
     _STAGE_KEYS = frozenset({"idx_in_batch"})
+    _streams = 0  # streams in flight on this replica (their batchers share its message budget)
 
     async def chat_json(self, body: dict, raw_request_info=None):
         """`chat` in JSON: the request as a dict in, each answer (ChatCompletionResponse, ErrorResponse)
@@ -103,4 +110,18 @@ class GemmaServer(LLMServer):
         interval_ms = self._get_batch_interval_ms()
         if not interval_ms:
             return super()._batch_output_stream(generator)  # 0: every chunk on its own, as Ray does
-        return FirstChunkBatcher(generator, interval_ms / 1000).stream()
+        cap_ms = self._llm_config.experimental_configs.get("stream_batching_max_interval_ms") or interval_ms
+
+        def interval_s() -> float:
+            return min(cap_ms, interval_ms * max(1, self._streams)) / 1000
+
+        return self._counted(FirstChunkBatcher(generator, interval_s).stream())
+
+    async def _counted(self, batches: AsyncGenerator[list[T], None]) -> AsyncGenerator[list[T], None]:
+        self._streams += 1
+        try:
+            async for batch in batches:
+                yield batch
+        finally:
+            self._streams -= 1
+            await batches.aclose()

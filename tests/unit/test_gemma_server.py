@@ -86,3 +86,66 @@ def test_closing_the_stream_stops_the_engine_stream():
         return source.closed
 
     assert run(go()) is True
+
+
+def test_streams_in_flight_share_the_replicas_message_budget():
+    """With n streams on the replica each waits n intervals between messages (capped), so the
+    replica's message rate stays about 1000 / interval a second; first chunks still go at once."""
+    from types import SimpleNamespace
+
+    from deployments.llm.server import GemmaServer
+
+    server = GemmaServer.__new__(GemmaServer)  # only its stream batching: no engine
+    server._llm_config = SimpleNamespace(experimental_configs={"stream_batching_interval_ms": 50,
+                                                               "stream_batching_max_interval_ms": 120})
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        sources = [Source() for _ in range(3)]
+        streams = [server._batch_output_stream(source.stream()) for source in sources]
+        for source in sources:
+            source.queue.put_nowait("a")
+        started = loop.time()
+        firsts = [await stream.__anext__() for stream in streams]
+        first_s = loop.time() - started
+        in_flight = server._streams
+        sources[0].queue.put_nowait("b")
+        started = loop.time()
+        second = await streams[0].__anext__()
+        waited = loop.time() - started
+        for source in sources:
+            source.queue.put_nowait(None)
+        rest = [[batch async for batch in stream] for stream in streams]
+        return firsts, first_s, in_flight, second, waited, rest, server._streams
+
+    firsts, first_s, in_flight, second, waited, rest, after = run(go())
+    assert firsts == [["a"]] * 3 and first_s < 0.05 and in_flight == 3
+    assert second == ["b"] and 0.1 <= waited < 0.6  # 3 x 50 ms, capped at 120 ms (not 50 ms)
+    assert rest == [[], [], []] and after == 0
+
+
+def test_a_lone_stream_keeps_the_base_interval():
+    from types import SimpleNamespace
+
+    from deployments.llm.server import GemmaServer
+
+    server = GemmaServer.__new__(GemmaServer)
+    server._llm_config = SimpleNamespace(experimental_configs={"stream_batching_interval_ms": 300,
+                                                               "stream_batching_max_interval_ms": 5000})
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        source = Source()
+        stream = server._batch_output_stream(source.stream())
+        source.queue.put_nowait("a")
+        assert await stream.__anext__() == ["a"]
+        source.queue.put_nowait("b")
+        started = loop.time()
+        assert await stream.__anext__() == ["b"]
+        waited = loop.time() - started
+        source.queue.put_nowait(None)
+        await stream.aclose()
+        return waited, server._streams
+
+    waited, after = run(go())
+    assert 0.2 <= waited < 1.0 and after == 0  # one interval (300 ms), not a shared multiple
