@@ -43,6 +43,26 @@ class ReplicaTimeline(threading.Thread):
                 self.samples.append((round(time.monotonic() - self.t0, 1), sample))
 
 
+class TargetTimeline(threading.Thread):
+    """How many replicas Serve wants of one deployment (its autoscaler's decision), sampled every
+    second: [(t, n)], a sample on each change."""
+
+    def __init__(self, atelier, deployment: str, t0: float):
+        super().__init__(daemon=True)
+        self.atelier, self.deployment, self.t0 = atelier, deployment, t0
+        self.samples: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.wait(1.0):
+            try:
+                target = self.atelier.target_replicas(self.deployment)
+            except Exception:  # noqa: BLE001 - the dashboard can be slow under load; the next sample counts
+                continue
+            if not self.samples or self.samples[-1][1] != target:
+                self.samples.append((round(time.monotonic() - self.t0, 1), target))
+
+
 def generate(base_url: str, seed: int, steps: int = 4) -> tuple[int, str]:
     """One sync text-to-image on a new connection: ('ok', …) with a decoded 64x64 image, or the failure."""
     try:
