@@ -55,12 +55,16 @@ class TargetTimeline(threading.Thread):
 
     def run(self):
         while not self.stop.wait(1.0):
-            try:
-                target = self.atelier.target_replicas(self.deployment)
-            except Exception:  # noqa: BLE001 - the dashboard can be slow under load; the next sample counts
-                continue
-            if not self.samples or self.samples[-1][1] != target:
-                self.samples.append((round(time.monotonic() - self.t0, 1), target))
+            self.sample()
+
+    def sample(self) -> None:
+        """One sample now (the thread takes one a second; a test takes the last after stopping it)."""
+        try:
+            target = self.atelier.target_replicas(self.deployment)
+        except Exception:  # noqa: BLE001 - the dashboard can be slow under load; the next sample counts
+            return
+        if not self.samples or self.samples[-1][1] != target:
+            self.samples.append((round(time.monotonic() - self.t0, 1), target))
 
 
 def generate(base_url: str, seed: int, steps: int = 4) -> tuple[int, str]:

@@ -78,6 +78,7 @@ def test_a_broker_outage_loses_no_accepted_job(atelier):
     finally:
         runners.stop.set()
         runners.join()
+        runners.sample()  # the state the wait saw: the thread samples once a second
     report(f"\n[broker outage] {OUTAGE_S:.0f}s down; {queued_at_kill} jobs queued at the kill; submissions during "
           f"it (status, seconds): {during}; sync requests during it: {sync}")
     report(f"[broker outage] accepted={len(accepted)} completed={len(completed)} failed={len(failed)} lost={len(lost)}; "
