@@ -56,7 +56,7 @@ $(WEB_VENDOR) &: package.json package-lock.json web/vendor/xyflow.entry.js web/v
 serve: models web
 	$(PY) -m storage.sample_dataset --root var/storage >/dev/null
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" RAY_USAGE_STATS_ENABLED=0 RAY_OVERRIDE_RESOURCES='{"CPU": $(LOCAL_CPUS)}' \
-		$(VENV)/bin/serve run configs/local.yaml
+		$(VENV)/bin/dotenv -f configs/ray.env run --no-override -- $(VENV)/bin/serve run configs/local.yaml
 
 # Debian's chromium for the web UI tests (Playwright drives it; it never downloads a browser).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -5,10 +5,12 @@ direct calls of the engine, measured in the same run with interleaved rounds.
     python benchmarks/bench_llm.py --stream-batching-interval-ms 50     # Ray LLM's own default
     python benchmarks/bench_llm.py --stream-batching-max-interval-ms 10  # a fixed 10 ms per stream
     python benchmarks/bench_llm.py --gpu --model /models/gemma-2-2b-it [--max-model-len 4096] [--json out.json]
+    python benchmarks/bench_llm.py --variant serve-proxy:RAY_SERVE_ENABLE_HA_PROXY=0  # A/B of Ray settings
 
 Three paths, one engine configuration (the `llm:` section of configs/local.yaml, or --gpu's):
-- atelier: the app over HTTP (`serve run`, Ray LLM's LLMServer behind Atelier's ingress), with only
-  the LLM and one SDXL replica deployed (the app cannot run without SDXL);
+- atelier: the app over HTTP (`serve run` with configs/ray.env, Ray LLM's LLMServer behind Atelier's
+  ingress), with only the LLM and one SDXL replica deployed (the app cannot run without SDXL);
+  each --variant adds the same app started with other Ray variables, as atelier[NAME];
 - vllm-server: `python -m vllm.entrypoints.openai.api_server` with the same model, engine
   arguments and environment: what a user gets without Ray;
 - direct: `AsyncLLM.generate` in a child process, no HTTP at all: the engine's ceiling.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import json
 import os
 import platform
@@ -46,7 +49,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PROMPT = "Write a long story about a fox who paints"
-PATHS = ("atelier", "vllm-server", "direct")
 READY_TIMEOUT_S = 600
 FROM_SECTION = object()  # --stream-batching-interval-ms not given (None already means Ray's default)
 
@@ -182,14 +184,14 @@ async def direct(llm_args: dict, requests: int, max_tokens: int, concurrencies: 
 # --- the three paths, each started and stopped once per round ---------------------------------
 
 
-def measure_atelier(llm_args: dict, args, scratch: Path) -> dict[int, dict]:
+def measure_atelier(llm_args: dict, args, scratch: Path, ray_env: dict[str, str] | None = None) -> dict[int, dict]:
     from local.runner import LocalServeApp
 
     # Only the model under test and the one SDXL replica the app needs: on 2 cores every idle
     # replica's loop and health checks are CPU the engine does not get.
     one_sdxl = {"SDXLDeployment": {"autoscaling_config": None, "num_replicas": 1}}
     with LocalServeApp(scratch, args_update={"llm": llm_args, "svd": None, "upscaler": None},
-                       deployments_update=one_sdxl, ready_timeout_s=READY_TIMEOUT_S) as app:
+                       deployments_update=one_sdxl, ready_timeout_s=READY_TIMEOUT_S, ray_env_overrides=ray_env) as app:
         return asyncio.run(over_http(app.base_url, args.requests, args.max_tokens, args.concurrency))
 
 
@@ -282,6 +284,24 @@ def direct_worker(spec_path: str, out_path: str) -> None:
 MEASURE = {"atelier": measure_atelier, "vllm-server": measure_vllm_server, "direct": measure_direct}
 
 
+def variant_arg(text: str) -> tuple[str, dict[str, str]]:
+    """--variant NAME:VAR=VALUE[,VAR=VALUE]: Atelier once more per round, its Ray nodes started with
+    these variables over configs/ray.env, reported as atelier[NAME]."""
+    name, _, assignments = text.partition(":")
+    try:
+        env = dict(item.split("=", 1) for item in assignments.split(",") if item)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:VAR=VALUE[,VAR=VALUE]") from None
+    if not name or not env:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME:VAR=VALUE[,VAR=VALUE]")
+    return f"atelier[{name}]", env
+
+
+def measures(variants: list[tuple[str, dict[str, str]]]) -> dict:
+    extra = {path: functools.partial(measure_atelier, ray_env=env) for path, env in variants}
+    return {**MEASURE, **extra}
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -300,34 +320,40 @@ def paired(rounds: list[dict], a: str, b: str, c: int, key: str, combine) -> lis
     return [combine(r[a][c][key], r[b][c][key]) for r in rounds if a in r and b in r]
 
 
-def summary(rounds: list[dict], concurrencies: list[int]) -> dict:
+def summary(rounds: list[dict], concurrencies: list[int], paths: list[str]) -> dict:
     out: dict = {}
     for c in concurrencies:
         out[c] = {path: {key: per_round(rounds, path, c, key) for key in ("tokens_per_s", "ttft_p50_ms")}
-                  for path in PATHS}
-        out[c]["atelier/vllm-server tokens/s"] = paired(rounds, "atelier", "vllm-server", c, "tokens_per_s",
-                                                         lambda a, b: a / b)
-        out[c]["atelier-vllm-server ttft ms"] = paired(rounds, "atelier", "vllm-server", c, "ttft_p50_ms",
-                                                        lambda a, b: a - b)
-        out[c]["atelier/direct tokens/s"] = paired(rounds, "atelier", "direct", c, "tokens_per_s", lambda a, b: a / b)
+                  for path in paths}
+        for atelier in (path for path in paths if path.startswith("atelier")):
+            out[c][f"{atelier}/vllm-server tokens/s"] = paired(rounds, atelier, "vllm-server", c, "tokens_per_s",
+                                                               lambda a, b: a / b)
+            out[c][f"{atelier}-vllm-server ttft ms"] = paired(rounds, atelier, "vllm-server", c, "ttft_p50_ms",
+                                                              lambda a, b: a - b)
+            out[c][f"{atelier}/direct tokens/s"] = paired(rounds, atelier, "direct", c, "tokens_per_s",
+                                                          lambda a, b: a / b)
     return out
 
 
-def report(header: str, setting: str, table: dict, concurrencies: list[int], errors: list[str]) -> None:
+def report(header: str, setting: str, table: dict, concurrencies: list[int], paths: list[str],
+           errors: list[str]) -> None:
+    width = max(12, *(len(path) for path in paths))
     print(f"\n{header}\n{setting}; median (min–max) over rounds\n")
-    print(f"{'conc.':>5} {'path':<12} {'tokens/s':>26} {'TTFT p50 ms':>26}")
+    print(f"{'conc.':>5} {'path':<{width}} {'tokens/s':>26} {'TTFT p50 ms':>26}")
     for c in concurrencies:
-        for path in PATHS:
+        for path in paths:
             row = table[c][path]
-            print(f"{c:>5} {path:<12} {spread(row['tokens_per_s']):>26} {spread(row['ttft_p50_ms']):>26}")
-    print()
-    for c in concurrencies:
-        goal = "   (goal >= 0.6)" if c == 8 else ""
-        print(f"{c:>5} atelier / vllm-server tokens/s: {spread(table[c]['atelier/vllm-server tokens/s'], '{:.2f}')}")
-        print(f"{c:>5} atelier - vllm-server TTFT ms:  "
-              f"{spread(table[c]['atelier-vllm-server ttft ms'], '{:+.1f}')}   (goal <= +20)")
-        print(f"{c:>5} atelier / direct tokens/s:      "
-              f"{spread(table[c]['atelier/direct tokens/s'], '{:.2f}')}{goal}")
+            print(f"{c:>5} {path:<{width}} {spread(row['tokens_per_s']):>26} {spread(row['ttft_p50_ms']):>26}")
+    for atelier in (path for path in paths if path.startswith("atelier")):
+        print()
+        for c in concurrencies:
+            goal = "   (goal >= 0.6)" if c == 8 else ""
+            print(f"{c:>5} {atelier} / vllm-server tokens/s: "
+                  f"{spread(table[c][f'{atelier}/vllm-server tokens/s'], '{:.2f}')}   (goal >= 1)")
+            print(f"{c:>5} {atelier} - vllm-server TTFT ms:  "
+                  f"{spread(table[c][f'{atelier}-vllm-server ttft ms'], '{:+.1f}')}   (goal <= +20)")
+            print(f"{c:>5} {atelier} / direct tokens/s:      "
+                  f"{spread(table[c][f'{atelier}/direct tokens/s'], '{:.2f}')}{goal}")
     for error in errors:
         print(f"\nFAILED {error}")
 
@@ -364,9 +390,14 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, help="context length (default: 4096 with --gpu, else local.yaml's)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85,
                         help="with --gpu: the share of GPU memory vLLM takes (weights + KV cache)")
+    parser.add_argument("--variant", type=variant_arg, action="append", default=[],
+                        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+                        help="also run Atelier with these Ray variables over configs/ray.env, as atelier[NAME] "
+                             "(e.g. serve-proxy:RAY_SERVE_ENABLE_HA_PROXY=0); repeatable")
     parser.add_argument("--json", type=Path, help="write settings, per-round results and the summary here")
     args = parser.parse_args()
     llm_args = bench_llm_args(args)
+    from local.runner import ray_env
     if not args.model:
         from local.tiny_models import build_model
 
@@ -379,20 +410,24 @@ def main() -> None:
     header = f"{datetime.datetime.now().isoformat(timespec='seconds')} · {device} · `{command}`"
     setting = (f"{config.model_source}, {args.requests} requests x {args.max_tokens} tokens per concurrency, "
                f"{args.rounds} round(s), Atelier stream_batching_interval_ms={config.stream_batching_interval_ms}, "
-               f"stream_batching_max_interval_ms={config.stream_batching_max_interval_ms}")
+               f"stream_batching_max_interval_ms={config.stream_batching_max_interval_ms}, "
+               f"Atelier's Ray env {ray_env()}"
+               + "".join(f", {path} {env}" for path, env in args.variant))
     print(header, flush=True)
 
+    measure = measures(args.variant)
+    paths = list(measure)
     rounds: list[dict] = []
     errors: list[str] = []
     with tempfile.TemporaryDirectory() as scratch:
         for r in range(args.rounds):
             results: dict = {}
-            for path in (PATHS if r % 2 == 0 else PATHS[::-1]):
+            for path in (paths if r % 2 == 0 else paths[::-1]):
                 folder = Path(scratch) / f"round{r + 1}-{path}"
                 folder.mkdir()
                 start = time.monotonic()
                 try:
-                    results[path] = MEASURE[path](llm_args, args, folder)
+                    results[path] = measure[path](llm_args, args, folder)
                 except Exception as error:  # one path failing must not cost the others' numbers
                     errors.append(f"round {r + 1} {path}: {error}")
                     print(f"round {r + 1}/{args.rounds} {path}: FAILED ({type(error).__name__})", flush=True)
@@ -402,8 +437,8 @@ def main() -> None:
                                   for c, v in results[path].items()), flush=True)
             rounds.append(results)
 
-    table = summary(rounds, args.concurrency)
-    report(header, setting, table, args.concurrency, errors)
+    table = summary(rounds, args.concurrency, paths)
+    report(header, setting, table, args.concurrency, paths, errors)
     if args.json:
         args.json.write_text(json.dumps({"date": header.split(" · ")[0], "device": device, "command": command,
                                          "setting": setting, "llm_args": llm_args, "rounds": rounds,

@@ -38,6 +38,8 @@ from pathlib import Path
 import psutil
 import yaml
 
+from local.runner import ray_env
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -278,7 +280,8 @@ class LocalCluster:
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, **(extra_env or {}),
+        # configs/ray.env on every node, as ops start theirs (Serve's HAProxy ingress and gRPC data plane)
+        self.env = {**os.environ, **ray_env(), **(extra_env or {}),
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}",

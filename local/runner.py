@@ -62,6 +62,17 @@ def isolated_local_config(scratch: Path, port: int, args_update: dict | None = N
 # for Ray Data's internal tasks, which a 2-core machine would not have left.
 LOCAL_RAY_RESOURCES = json.dumps({"CPU": max(4, os.cpu_count() or 1)})
 
+RAY_ENV_FILE = REPO / "configs" / "ray.env"
+
+
+def ray_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """configs/ray.env (Serve's ingress and data-plane settings, read when Ray's processes start),
+    under what the environment already sets, under `overrides`: what every Ray node we start gets."""
+    from dotenv import dotenv_values
+
+    file = {name: value for name, value in dotenv_values(RAY_ENV_FILE).items() if value is not None}
+    return {**file, **{name: os.environ[name] for name in file if name in os.environ}, **(overrides or {})}
+
 
 def init_local_ray(num_cpus: int = 2, attempts: int = 6, for_training: bool = False) -> None:
     """`ray.init` of a throwaway local node for tests and benchmarks, quiet and without a dashboard.
@@ -93,8 +104,10 @@ class _RayStartFailed(RuntimeError):
 
 class LocalServeApp:
     def __init__(self, scratch: Path, args_update: dict | None = None,
-                 deployments_update: dict[str, dict] | None = None, ready_timeout_s: float = 600):
+                 deployments_update: dict[str, dict] | None = None, ready_timeout_s: float = 600,
+                 ray_env_overrides: dict[str, str] | None = None):
         scratch.mkdir(parents=True, exist_ok=True)
+        self.ray_env_overrides = ray_env_overrides
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.config_path = isolated_local_config(scratch, self.port, args_update, deployments_update)
@@ -126,7 +139,7 @@ class LocalServeApp:
         # fine-tuning job's driver joined that one instead (CI, 2026-12-04: "Authentication token is
         # missing or incorrect" from a token-auth cluster that was not ours).
         self.ray_tmpdir = tempfile.mkdtemp(prefix="atl-ray-", dir="/tmp")
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
+        env = {**os.environ, **ray_env(self.ray_env_overrides), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
                "RAY_TMPDIR": self.ray_tmpdir,
                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
                "RAY_OVERRIDE_RESOURCES": os.environ.get("RAY_OVERRIDE_RESOURCES", LOCAL_RAY_RESOURCES)}
