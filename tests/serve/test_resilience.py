@@ -171,12 +171,17 @@ def test_a_replica_with_a_blocked_event_loop_fails_health_checks_and_is_replaced
     assert decode_b64_png(response.json()["data"][0]["b64_json"]).size == (128, 128)
 
 
-def _hang_up_after(host: str, port: int, raw_request: bytes, read_bytes: int, counted: threading.Event) -> None:
-    """Send a request, read a little of the answer (or nothing), and close the socket."""
+def _hang_up_after(host: str, port: int, raw_request: bytes, read_bytes: int, counted: threading.Event,
+                   heard: list[str]) -> None:
+    """Send a request, read a little of the answer (or nothing), and close the socket; what was
+    read (its status line, or how the read ended) goes to `heard`."""
     with socket.create_connection((host, port), timeout=60) as sock:
         sock.sendall(raw_request)
         if read_bytes:
-            sock.recv(read_bytes)
+            try:
+                heard.append(sock.recv(read_bytes).split(b"\r\n", 1)[0].decode(errors="replace"))
+            except OSError as error:
+                heard.append(type(error).__name__)
         counted.wait(30)  # hold the request open until the counters have seen it
 
 
@@ -208,7 +213,9 @@ def test_fifty_clients_hanging_up_mid_request_leave_no_ongoing_requests(atelier,
            for _ in range(15)]
     )
     counted = threading.Event()
-    threads = [threading.Thread(target=_hang_up_after, args=(host, int(port), raw, 0 if i < 20 else 256, counted))
+    heard: list[list[str]] = [[] for _ in requests]
+    threads = [threading.Thread(target=_hang_up_after,
+                                args=(host, int(port), raw, 0 if i < 20 else 256, counted, heard[i]))
                for i, raw in enumerate(requests)]
     for thread in threads:
         thread.start()
@@ -233,5 +240,6 @@ def test_fifty_clients_hanging_up_mid_request_leave_no_ongoing_requests(atelier,
         time.sleep(0.5)
     print(f"peaks while connected: {live}; all back to 0")
     # the counters did see the requests, so their return to 0 means something
-    assert live["IngressDeployment"] >= 25 and live["SDXLDeployment"] >= 1 and live["GemmaDeployment"] >= 1, live
+    assert live["IngressDeployment"] >= 25 and live["SDXLDeployment"] >= 1 and live["GemmaDeployment"] >= 1, \
+        (live, "SSE streams heard", heard[20:35], "completions heard", heard[35:])
     assert client.get("/healthz").status_code == 200
