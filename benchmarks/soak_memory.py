@@ -1,8 +1,8 @@
 """Memory soak: many image requests through the ingress; does any process keep growing?
 
 Sends a mix of text-to-image (URL and b64_json answers, the URL fetched back) and image-edit
-uploads, and samples the resident memory (RSS) of the Serve proxy, the ingress and the SDXL
-replicas. The level after the warm-up is the baseline; each process must end within
+uploads, and samples the resident memory (RSS) of HAProxy (the app's port, configs/ray.env), the
+Serve proxy, the ingress and the SDXL replicas. The level after the warm-up is the baseline; each process must end within
 `--tolerance` (10%) of it. Exit 1 if one does not.
 
     .venv/bin/python benchmarks/soak_memory.py [--requests 2000] [--warmup 200] [--concurrency 8]
@@ -37,9 +37,20 @@ def _pid_of(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
 
 
-def watched_processes(ray) -> dict[str, int]:
-    """label -> pid of the Serve proxy and the watched replicas (all on this machine)."""
+def haproxy_on(port: int) -> int | None:
+    """The pid of the HAProxy listening on `port` (Serve's HAProxy ingress), if one is."""
+    import psutil
+
+    return next((conn.pid for conn in psutil.net_connections("tcp")
+                 if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid
+                 and psutil.Process(conn.pid).name() == "haproxy"), None)
+
+
+def watched_processes(ray, port: int | None = None) -> dict[str, int]:
+    """label -> pid of HAProxy on `port`, the Serve proxy and the watched replicas (all on this machine)."""
     processes = {}
+    if port is not None and (pid := haproxy_on(port)) is not None:
+        processes["haproxy"] = pid
     for entry in ray.util.list_named_actors(all_namespaces=True):
         name = entry["name"]
         label = ("proxy" if name.startswith("SERVE_PROXY_ACTOR")
@@ -104,9 +115,10 @@ async def send(base_url: str, count: int, concurrency: int, offset: int) -> list
 
 def soak(base_url: str, ray, requests: int, warmup: int, concurrency: int, samples: int = 8,
          log=print) -> dict:
-    """Runs the soak; returns {"baseline", "final", "ratios", "statuses", "elapsed_s"}."""
+    """Runs the soak; returns {"baseline", "final", "ratios", "statuses", "pids", "elapsed_s", "replaced",
+    "reloaded"}."""
     statuses = asyncio.run(send(base_url, warmup, concurrency, 0))
-    pids = watched_processes(ray)
+    pids = watched_processes(ray, httpx.URL(base_url).port)
     baseline = rss_mib(pids)
     log(f"after {warmup} warm-up requests: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in baseline.items() if v))
     started, sent, history = time.monotonic(), 0, []
@@ -121,8 +133,11 @@ def soak(base_url: str, ray, requests: int, warmup: int, concurrency: int, sampl
     final = {label: statistics.median([h[label] for h in history[-3:] if h[label] is not None] or [0])
              for label in pids}
     ratios = {label: final[label] / baseline[label] for label in pids if baseline[label] and final[label]}
-    return {"baseline": baseline, "final": final, "ratios": ratios, "statuses": statuses,
-            "elapsed_s": time.monotonic() - started, "replaced": [k for k, v in history[-1].items() if v is None]}
+    gone = [label for label, rss in history[-1].items() if rss is None]
+    # HAProxy reloads into a new process when its config changes: not a replaced replica
+    return {"baseline": baseline, "final": final, "ratios": ratios, "statuses": statuses, "pids": pids,
+            "elapsed_s": time.monotonic() - started, "replaced": [label for label in gone if label != "haproxy"],
+            "reloaded": "haproxy" in gone}
 
 
 def main() -> int:

@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from local.runner import ray_env
+from local.runner import haproxy_ports, ray_env, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -142,7 +142,8 @@ class RayNode:
 
     def start(self) -> "RayNode":
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(self.command(), env=self.env, cwd=self.temp_dir.parent,
+        # each node's HAProxy its own metrics and stats ports (both nodes share this machine)
+        self.process = subprocess.Popen(self.command(), env={**self.env, **haproxy_ports()}, cwd=self.temp_dir.parent,
                                         stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         return self
@@ -154,6 +155,7 @@ class RayNode:
         pids = _processes_naming(str(self.temp_dir))
         if self.process is not None:
             pids.add(self.process.pid)
+            pids |= session_pids(self.process.pid)
             try:
                 pids |= {p.pid for p in psutil.Process(self.process.pid).children(recursive=True)}
             except psutil.NoSuchProcess:

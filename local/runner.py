@@ -74,6 +74,37 @@ def ray_env(overrides: dict[str, str] | None = None) -> dict[str, str]:
     return {**file, **{name: os.environ[name] for name in file if name in os.environ}, **(overrides or {})}
 
 
+def haproxy_ports() -> dict[str, str]:
+    """HAProxy's metrics and stats listeners on free ports: Serve binds them on 0.0.0.0:9101 and
+    :8404 on every node, so a second Ray node or instance on this machine (a two-node test
+    cluster, `make serve` beside the tests) would fail to start its HAProxy."""
+    return {"RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()), "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port())}
+
+
+def session_pids(session_id: int) -> set[int]:
+    """Every live process of a session (a process started with start_new_session=True, and all it
+    started). Ray moves some of its processes into process groups of their own, and HAProxy
+    outlives the Serve actor that started it, so killing the group alone can leave them running."""
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == session_id:
+                pids.add(proc.pid)
+        except OSError:
+            pass
+    return pids
+
+
+def kill_session(session_id: int) -> None:
+    for pid in session_pids(session_id):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def init_local_ray(num_cpus: int = 2, attempts: int = 6, for_training: bool = False) -> None:
     """`ray.init` of a throwaway local node for tests and benchmarks, quiet and without a dashboard.
 
@@ -139,7 +170,7 @@ class LocalServeApp:
         # fine-tuning job's driver joined that one instead (CI, 2026-12-04: "Authentication token is
         # missing or incorrect" from a token-auth cluster that was not ours).
         self.ray_tmpdir = tempfile.mkdtemp(prefix="atl-ray-", dir="/tmp")
-        env = {**os.environ, **ray_env(self.ray_env_overrides), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
+        env = {**os.environ, **ray_env(self.ray_env_overrides), **haproxy_ports(), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
                "RAY_TMPDIR": self.ray_tmpdir,
                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
                "RAY_OVERRIDE_RESOURCES": os.environ.get("RAY_OVERRIDE_RESOURCES", LOCAL_RAY_RESOURCES)}
@@ -201,6 +232,8 @@ class LocalServeApp:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self.process is not None:
+            kill_session(self.process.pid)  # what left the group: Ray's own groups, HAProxy
 
     @classmethod
     def attached(cls, spec: str) -> "LocalServeApp":
