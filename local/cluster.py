@@ -38,7 +38,7 @@ from pathlib import Path
 import psutil
 import yaml
 
-from local.runner import ray_env, session_pids
+from local.runner import session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -284,9 +284,9 @@ class LocalCluster:
         # Not configs/ray.env (Serve's HAProxy ingress and gRPC data plane): under it this suite
         # failed (2026-12-04): both nodes' HAProxies bind the one HTTP port of this machine and the
         # worker's could not, the job runner did not scale on the queue, and node loss gave 500s.
-        # Its variables are set to Serve's defaults, whatever the shell has.
-        self.env = {**os.environ, **{name: "0" for name in ray_env() if name.startswith("RAY_SERVE_ENABLE")
-                                     or name == "RAY_SERVE_THROUGHPUT_OPTIMIZED"}, **(extra_env or {}),
+        # Serve's defaults for its two switches, whatever the shell has.
+        self.env = {**os.environ, "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                    **(extra_env or {}),
                     "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
                     "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
                     "PATH": f"{BIN}:{os.environ.get('PATH', '')}",

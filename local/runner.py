@@ -170,7 +170,9 @@ class LocalServeApp:
         # fine-tuning job's driver joined that one instead (CI, 2026-12-04: "Authentication token is
         # missing or incorrect" from a token-auth cluster that was not ours).
         self.ray_tmpdir = tempfile.mkdtemp(prefix="atl-ray-", dir="/tmp")
-        env = {**os.environ, **ray_env(self.ray_env_overrides), **haproxy_ports(), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
+        # configs/ray.env, with HAProxy's metrics and stats on ports of this instance's own
+        env = {**os.environ, **ray_env(self.ray_env_overrides), **haproxy_ports(),
+               "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "disabled",
                "RAY_TMPDIR": self.ray_tmpdir,
                "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
                "RAY_OVERRIDE_RESOURCES": os.environ.get("RAY_OVERRIDE_RESOURCES", LOCAL_RAY_RESOURCES)}
