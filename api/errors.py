@@ -7,6 +7,7 @@ Retry-After; anything else is a logged 500.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from typing import TYPE_CHECKING
@@ -174,8 +175,6 @@ async def _linger(receive) -> None:
     lingering close does, so that it reads the 413 instead of a reset: answered early behind HAProxy,
     a client still uploading 50 MB had its connection closed under it (httpx: a write error, no
     status)."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     end, drained = loop.time() + LINGER_S, 0
     while drained < LINGER_BYTES and (left := end - loop.time()) > 0:
